@@ -1,0 +1,1239 @@
+//! The site configuration: TOML text → [`RawConfig`] (serde, unknown keys refused, spans kept) →
+//! [`Config`] (validated; every later module trusts it and never checks again).
+//!
+//! The contract is `../shared/spec/config.md`. Every problem found is reported as a [`ConfigIssue`]
+//! with file, line, field and what is allowed; validation collects *all* issues before failing, so a
+//! commissioning engineer fixes a file in one pass. The mapping file is loaded here too, because
+//! "meter missing from the mapping" is a config error.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::FixedOffset;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::mapping::Mapping;
+use crate::point::{ByteOrder, PointSpec, Table, ValueType, WordOrder};
+
+/// The name of the environment variable that may carry the Panda password.
+pub const PASSWORD_ENV: &str = "FIELDGATE_PANDA_PASSWORD";
+
+/// One problem in a config or mapping file, located for a person to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The field (dotted path, e.g. `meter[3].unit`), when known.
+    pub field: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every issue found in one load; `run` refuses to start on it, `check` prints it and exits 2.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError {
+    /// All issues, in file order as far as known.
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.issues.len();
+        writeln!(f, "{n} configuration error{}:", if n == 1 { "" } else { "s" })?;
+        for issue in &self.issues {
+            writeln!(f, "  {issue}")?;
+        }
+        Ok(())
+    }
+}
+
+// === raw form (what serde reads) ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site: Spanned<RawSite>,
+    panda: Spanned<RawPanda>,
+    #[serde(default)]
+    admin: Option<Spanned<RawAdmin>>,
+    #[serde(default)]
+    outbox: Option<Spanned<RawOutbox>>,
+    #[serde(default)]
+    bus: Vec<Spanned<RawBus>>,
+    #[serde(default)]
+    profile: BTreeMap<String, Spanned<RawProfile>>,
+    #[serde(default)]
+    meter: Vec<Spanned<RawMeter>>,
+    #[serde(default)]
+    event: Vec<Spanned<RawEvent>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    name: String,
+    state_dir: String,
+    mapping: String,
+    #[serde(default)]
+    timezone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPanda {
+    base_url: String,
+    project: String,
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    password_file: Option<String>,
+    user_id: i64,
+    #[serde(default)]
+    to_user_ids: String,
+    #[serde(default)]
+    opinion: String,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    max_batch: Option<i64>,
+    #[serde(default)]
+    retry_min: Option<String>,
+    #[serde(default)]
+    retry_max: Option<String>,
+    #[serde(default)]
+    refresh_before: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default)]
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    #[serde(default)]
+    max_records: Option<i64>,
+    #[serde(default)]
+    max_bytes: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBus {
+    name: String,
+    #[serde(default)]
+    tcp: Option<String>,
+    #[serde(default)]
+    serial: Option<String>,
+    #[serde(default)]
+    rtu_over_tcp: Option<String>,
+    #[serde(default)]
+    baud: Option<i64>,
+    #[serde(default)]
+    parity: Option<String>,
+    #[serde(default)]
+    data_bits: Option<i64>,
+    #[serde(default)]
+    stop_bits: Option<i64>,
+    #[serde(default)]
+    poll_interval: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    offline_after: Option<i64>,
+    #[serde(default)]
+    offline_retry: Option<String>,
+    #[serde(default)]
+    frame_gap: Option<String>,
+    #[serde(default)]
+    guard: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawPoint {
+    table: String,
+    address: i64,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    word_order: Option<String>,
+    #[serde(default)]
+    byte_order: Option<String>,
+    #[serde(default)]
+    scale: Option<f64>,
+    #[serde(default)]
+    decimals: Option<i64>,
+    #[serde(default)]
+    states: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    field: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    #[serde(default)]
+    valve: Option<RawPoint>,
+    #[serde(default)]
+    readings: Option<Vec<RawPoint>>,
+    #[serde(default)]
+    confirm: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeter {
+    meter_no: String,
+    bus: String,
+    unit: i64,
+    #[serde(default)]
+    profile: Option<String>,
+    #[serde(default)]
+    valve: Option<RawPoint>,
+    #[serde(default)]
+    readings: Option<Vec<RawPoint>>,
+    #[serde(default)]
+    confirm: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    name: String,
+    point: String,
+    to: String,
+    #[serde(default)]
+    from: Option<String>,
+}
+
+// === validated form ===
+
+/// A validated site configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (relative paths inside resolve against its folder).
+    pub path: PathBuf,
+    /// `[site]`.
+    pub site: SiteConfig,
+    /// `[panda]`.
+    pub panda: PandaConfig,
+    /// `[admin]`.
+    pub admin: AdminConfig,
+    /// `[outbox]`.
+    pub outbox: OutboxConfig,
+    /// `[[bus]]`, in file order.
+    pub buses: Vec<BusConfig>,
+    /// `[[meter]]`, in file order, profiles applied.
+    pub meters: Vec<MeterConfig>,
+    /// `[[event]]`, in file order.
+    pub events: Vec<EventRule>,
+    /// The loaded meter → customer table.
+    pub mapping: Mapping,
+}
+
+/// `[site]`.
+#[derive(Debug, Clone)]
+pub struct SiteConfig {
+    /// Shows in logs, metrics and /healthz.
+    pub name: String,
+    /// The sled database folder (absolute).
+    pub state_dir: PathBuf,
+    /// The mapping CSV (absolute).
+    pub mapping: PathBuf,
+    /// Zone of the server's `expirationTime` and of detection times.
+    pub timezone: FixedOffset,
+}
+
+/// How the gateway authenticates to Panda.
+#[derive(Clone)]
+pub enum Auth {
+    /// External URL with a `panda-token` header from GenerateToken.
+    Token {
+        /// GenerateToken `username`.
+        username: String,
+        /// GenerateToken `password`; never logged.
+        password: String,
+    },
+    /// Internal URL, no token.
+    None,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::Token { username, .. } => f
+                .debug_struct("Token")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+            Auth::None => f.write_str("None"),
+        }
+    }
+}
+
+/// `[panda]`.
+#[derive(Debug, Clone)]
+pub struct PandaConfig {
+    /// `scheme://host:port`, no trailing slash.
+    pub base_url: String,
+    /// The `{projectName}` path segment.
+    pub project: String,
+    /// Token or internal.
+    pub auth: Auth,
+    /// `userId` of every request.
+    pub user_id: i64,
+    /// `FlowDatas[].toUserIds`.
+    pub to_user_ids: String,
+    /// `FlowDatas[].opinion`.
+    pub opinion: String,
+    /// One HTTP request, connect included.
+    pub timeout: Duration,
+    /// FlowDatas per request.
+    pub max_batch: usize,
+    /// First retry delay after a failed delivery (full jitter up to the current cap).
+    pub retry_min: Duration,
+    /// Largest retry delay.
+    pub retry_max: Duration,
+    /// Fetch a new token this long before it expires.
+    pub refresh_before: Duration,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where the admin HTTP API listens.
+    pub listen: SocketAddr,
+}
+
+/// `[outbox]`.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Most records queued before new states stop being committed.
+    pub max_records: u64,
+    /// Most bytes of queued records.
+    pub max_bytes: u64,
+}
+
+/// Serial line parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parity {
+    /// No parity bit.
+    None,
+    /// Even parity.
+    Even,
+    /// Odd parity.
+    Odd,
+}
+
+/// Where a bus's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// Modbus TCP to `host:port`.
+    Tcp(String),
+    /// Modbus RTU on a local serial device.
+    Serial {
+        /// Device path, e.g. `/dev/serial/by-id/...`.
+        path: String,
+        /// Baud rate.
+        baud: u32,
+        /// Parity.
+        parity: Parity,
+        /// 7 or 8.
+        data_bits: u8,
+        /// 1 or 2.
+        stop_bits: u8,
+    },
+    /// Modbus RTU frames over a TCP socket (RS-485 device server).
+    RtuOverTcp(String),
+}
+
+impl Transport {
+    /// Where it goes, for logs and metrics.
+    pub fn endpoint(&self) -> &str {
+        match self {
+            Transport::Tcp(a) | Transport::RtuOverTcp(a) => a,
+            Transport::Serial { path, .. } => path,
+        }
+    }
+
+    /// Whether frames are RTU (needs frame gaps and a guard time after errors).
+    pub fn is_rtu(&self) -> bool {
+        !matches!(self, Transport::Tcp(_))
+    }
+}
+
+/// `[[bus]]`.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// Unique bus name.
+    pub name: String,
+    /// Where requests go.
+    pub transport: Transport,
+    /// One full round over the bus's meters.
+    pub poll_interval: Duration,
+    /// One Modbus request.
+    pub timeout: Duration,
+    /// Consecutive failures before a meter counts as offline.
+    pub offline_after: u32,
+    /// How often an offline meter is tried again.
+    pub offline_retry: Duration,
+    /// Silence after every answer on RTU (at least t3.5 for the baud rate).
+    pub frame_gap: Duration,
+    /// Silence after a timeout or error on RTU before the input is cleared, so late answers die.
+    pub guard: Duration,
+}
+
+/// A valve point: where its raw value is and what each value means.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValveSpec {
+    /// Where the raw value is.
+    pub point: PointSpec,
+    /// Raw value → label.
+    pub states: BTreeMap<i64, String>,
+}
+
+impl ValveSpec {
+    /// The label of a raw value: its mapped label or `未知(<raw>)`.
+    pub fn label(&self, raw: i64) -> String {
+        self.states.get(&raw).cloned().unwrap_or_else(|| format!("未知({raw})"))
+    }
+}
+
+/// A reading written into BizData.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadingSpec {
+    /// The BizData key.
+    pub field: String,
+    /// Where the value is.
+    pub point: PointSpec,
+}
+
+/// `[[meter]]`, with its profile applied.
+#[derive(Debug, Clone)]
+pub struct MeterConfig {
+    /// The meter number (key into the mapping).
+    pub meter_no: String,
+    /// Index into [`Config::buses`].
+    pub bus: usize,
+    /// Modbus unit id, 1..=247.
+    pub unit: u8,
+    /// The valve.
+    pub valve: ValveSpec,
+    /// Readings, in order.
+    pub readings: Vec<ReadingSpec>,
+    /// Equal consecutive samples needed before a new state counts.
+    pub confirm: u32,
+}
+
+/// `[[event]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRule {
+    /// `eventName` sent to Panda.
+    pub name: String,
+    /// Label the valve must reach.
+    pub to: String,
+    /// Label the valve must come from, if given.
+    pub from: Option<String>,
+}
+
+impl EventRule {
+    /// Whether a valve transition `from → to` fires this rule.
+    pub fn matches(&self, from: &str, to: &str) -> bool {
+        self.to == to && self.from.as_deref().is_none_or(|f| f == from)
+    }
+}
+
+// === loading ===
+
+/// Read, parse and validate the config at `path`, the mapping it names, and the password source.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| single(path, None, "", &read_error(&e)))?;
+    parse(path, &text, &std::env::var(PASSWORD_ENV).ok())
+}
+
+/// Parse and validate config text as if it were read from `path` (relative paths resolve
+/// against its folder). `env_password` stands for `FIELDGATE_PANDA_PASSWORD`.
+pub fn parse(path: &Path, text: &str, env_password: &Option<String>) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        single(path, line, "", e.message().trim())
+    })?;
+    Validator::new(path, text).validate(raw, env_password)
+}
+
+fn single(path: &Path, line: Option<usize>, field: &str, message: &str) -> ConfigError {
+    ConfigError {
+        issues: vec![ConfigIssue {
+            file: path.to_path_buf(),
+            line,
+            field: field.to_string(),
+            message: message.to_string(),
+        }],
+    }
+}
+
+/// A file error in words that say what to do.
+pub fn read_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "file not found: check the path".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied: the fieldgate user cannot read it".to_string(),
+        _ => format!("cannot read: {e}"),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// Collects issues while turning the raw form into the validated one.
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    dir: PathBuf,
+    issues: Vec<ConfigIssue>,
+}
+
+impl<'a> Validator<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Self {
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        Validator {
+            path,
+            text,
+            dir,
+            issues: Vec::new(),
+        }
+    }
+
+    fn at<T>(&self, s: &Spanned<T>) -> usize {
+        line_of(self.text, s.span().start)
+    }
+
+    fn issue(&mut self, line: usize, field: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue {
+            file: self.path.to_path_buf(),
+            line: Some(line),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    fn duration(&mut self, line: usize, field: &str, v: &Option<String>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => match humantime::parse_duration(s.trim()) {
+                Ok(d) if !d.is_zero() => d,
+                _ => {
+                    self.issue(
+                        line,
+                        field,
+                        format!("`{s}` is not a duration: use a number with a unit, e.g. \"300ms\", \"1s\", \"5m\""),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn ranged(&mut self, line: usize, field: &str, v: Option<i64>, default: i64, lo: i64, hi: i64) -> i64 {
+        match v {
+            None => default,
+            Some(n) if (lo..=hi).contains(&n) => n,
+            Some(n) => {
+                self.issue(line, field, format!("{n} is out of range: allowed {lo}..={hi}"));
+                default
+            }
+        }
+    }
+
+    fn validate(mut self, raw: RawConfig, env_password: &Option<String>) -> Result<Config, ConfigError> {
+        let site = self.site(&raw.site);
+        let panda = self.panda(&raw.panda, env_password);
+        let admin = self.admin(raw.admin.as_ref());
+        let outbox = self.outbox(raw.outbox.as_ref());
+        let buses = self.buses(&raw.bus);
+        let meters = self.meters(&raw.meter, &raw.profile, &buses);
+        let events = self.events(&raw.event, &meters);
+        let mapping = match Mapping::load(&site.mapping) {
+            Ok(m) => m,
+            Err(e) => {
+                self.issues.extend(e.issues);
+                Mapping::default()
+            }
+        };
+        if !mapping.is_empty() {
+            for (m, rm) in meters.iter().zip(raw.meter.iter()) {
+                if mapping.get(&m.meter_no).is_none() {
+                    let line = self.at(rm);
+                    self.issue(
+                        line,
+                        "meter.meter_no",
+                        format!(
+                            "meter `{}` is not in the mapping file {} (column 水表表号)",
+                            m.meter_no,
+                            site.mapping.display()
+                        ),
+                    );
+                }
+            }
+        }
+        if !self.issues.is_empty() {
+            self.issues.sort_by_key(|i| (i.file.clone(), i.line));
+            return Err(ConfigError { issues: self.issues });
+        }
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            site,
+            panda,
+            admin,
+            outbox,
+            buses,
+            meters,
+            events,
+            mapping,
+        })
+    }
+
+    fn site(&mut self, s: &Spanned<RawSite>) -> SiteConfig {
+        let line = self.at(s);
+        let r = s.get_ref();
+        let timezone = match &r.timezone {
+            None => FixedOffset::east_opt(8 * 3600),
+            Some(tz) => parse_offset(tz),
+        };
+        let timezone = timezone.unwrap_or_else(|| {
+            self.issue(line, "site.timezone", "not a UTC offset: use the form \"+08:00\"");
+            FixedOffset::east_opt(0).unwrap_or_else(|| unreachable!("zero offset is valid"))
+        });
+        if r.name.trim().is_empty() {
+            self.issue(line, "site.name", "must not be empty");
+        }
+        SiteConfig {
+            name: r.name.clone(),
+            state_dir: self.resolve(&r.state_dir),
+            mapping: self.resolve(&r.mapping),
+            timezone,
+        }
+    }
+
+    fn panda(&mut self, p: &Spanned<RawPanda>, env_password: &Option<String>) -> PandaConfig {
+        let line = self.at(p);
+        let r = p.get_ref();
+        let base_url = r.base_url.trim_end_matches('/').to_string();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+            || base_url.splitn(4, '/').nth(3).is_some()
+        {
+            self.issue(
+                line,
+                "panda.base_url",
+                format!(
+                    "`{}` must be scheme://host:port with no path, e.g. \"http://10.0.0.5:8080\"",
+                    r.base_url
+                ),
+            );
+        }
+        let auth = match r.auth.as_deref().unwrap_or("token") {
+            "none" => Auth::None,
+            "token" => {
+                let username = r.username.clone().unwrap_or_default();
+                if username.is_empty() {
+                    self.issue(line, "panda.username", "required when auth = \"token\"");
+                }
+                let password = self.password(line, r, env_password);
+                Auth::Token { username, password }
+            }
+            other => {
+                self.issue(
+                    line,
+                    "panda.auth",
+                    format!("`{other}` is not allowed: use \"token\" or \"none\""),
+                );
+                Auth::None
+            }
+        };
+        let timeout = self.duration(line, "panda.timeout", &r.timeout, Duration::from_secs(10));
+        let max_batch = self.ranged(line, "panda.max_batch", r.max_batch, 50, 1, 1000) as usize;
+        let retry_min = self.duration(line, "panda.retry_min", &r.retry_min, Duration::from_secs(1));
+        let retry_max = self.duration(line, "panda.retry_max", &r.retry_max, Duration::from_secs(300));
+        if retry_min > retry_max {
+            self.issue(line, "panda.retry_min", "must not be larger than panda.retry_max");
+        }
+        let refresh_before = self.duration(line, "panda.refresh_before", &r.refresh_before, Duration::from_secs(60));
+        PandaConfig {
+            base_url,
+            project: r.project.clone(),
+            auth,
+            user_id: r.user_id,
+            to_user_ids: r.to_user_ids.clone(),
+            opinion: r.opinion.clone(),
+            timeout,
+            max_batch,
+            retry_min,
+            retry_max,
+            refresh_before,
+        }
+    }
+
+    fn password(&mut self, line: usize, r: &RawPanda, env_password: &Option<String>) -> String {
+        if let Some(file) = &r.password_file {
+            let path = self.resolve(file);
+            return match std::fs::read_to_string(&path) {
+                Ok(s) => s.trim_end_matches(['\r', '\n']).to_string(),
+                Err(e) => {
+                    self.issue(
+                        line,
+                        "panda.password_file",
+                        format!("{}: {}", path.display(), read_error(&e)),
+                    );
+                    String::new()
+                }
+            };
+        }
+        if let Some(p) = r.password.as_ref().filter(|p| !p.is_empty()) {
+            return p.clone();
+        }
+        if let Some(p) = env_password.as_ref().filter(|p| !p.is_empty()) {
+            return p.clone();
+        }
+        self.issue(
+            line,
+            "panda.password",
+            format!("no password: set password_file (preferred), password, or the environment variable {PASSWORD_ENV}"),
+        );
+        String::new()
+    }
+
+    fn admin(&mut self, a: Option<&Spanned<RawAdmin>>) -> AdminConfig {
+        let default: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9898));
+        let Some(a) = a else {
+            return AdminConfig { listen: default };
+        };
+        let line = self.at(a);
+        let listen = match &a.get_ref().listen {
+            None => default,
+            Some(s) => s.parse().unwrap_or_else(|_| {
+                self.issue(
+                    line,
+                    "admin.listen",
+                    format!("`{s}` is not ip:port, e.g. \"127.0.0.1:9898\""),
+                );
+                default
+            }),
+        };
+        AdminConfig { listen }
+    }
+
+    fn outbox(&mut self, o: Option<&Spanned<RawOutbox>>) -> OutboxConfig {
+        // A large station: 2000 meters, each moving its valve 4 times a day, for 7 days = 56,000
+        // records; ~1 KiB each with BizData. Defaults leave ~3.5x head room.
+        let (records, bytes) = (200_000i64, 256 * 1024 * 1024i64);
+        let Some(o) = o else {
+            return OutboxConfig {
+                max_records: records as u64,
+                max_bytes: bytes as u64,
+            };
+        };
+        let line = self.at(o);
+        let r = o.get_ref();
+        OutboxConfig {
+            max_records: self.ranged(line, "outbox.max_records", r.max_records, records, 1, i64::MAX) as u64,
+            max_bytes: self.ranged(line, "outbox.max_bytes", r.max_bytes, bytes, 1024, i64::MAX) as u64,
+        }
+    }
+
+    fn buses(&mut self, raw: &[Spanned<RawBus>]) -> Vec<BusConfig> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for (i, b) in raw.iter().enumerate() {
+            let line = self.at(b);
+            let r = b.get_ref();
+            let f = |name: &str| format!("bus[{i}].{name}");
+            if !seen.insert(r.name.clone()) {
+                self.issue(line, f("name"), format!("bus name `{}` is used twice", r.name));
+            }
+            let transport = self.transport(line, i, r);
+            let poll_interval = self.duration(line, &f("poll_interval"), &r.poll_interval, Duration::from_secs(1));
+            let timeout = self.duration(line, &f("timeout"), &r.timeout, Duration::from_millis(300));
+            let offline_after = self.ranged(line, &f("offline_after"), r.offline_after, 3, 1, 1000) as u32;
+            let offline_retry = self.duration(line, &f("offline_retry"), &r.offline_retry, Duration::from_secs(30));
+            let default_gap = match &transport {
+                Transport::Serial { baud, .. } => frame_gap_for(*baud),
+                Transport::RtuOverTcp(_) => Duration::from_millis(4),
+                Transport::Tcp(_) => Duration::ZERO,
+            };
+            let frame_gap = self.duration(line, &f("frame_gap"), &r.frame_gap, default_gap);
+            let guard = self.duration(line, &f("guard"), &r.guard, timeout);
+            out.push(BusConfig {
+                name: r.name.clone(),
+                transport,
+                poll_interval,
+                timeout,
+                offline_after,
+                offline_retry,
+                frame_gap,
+                guard,
+            });
+        }
+        out
+    }
+
+    fn transport(&mut self, line: usize, i: usize, r: &RawBus) -> Transport {
+        let kinds = [&r.tcp, &r.serial, &r.rtu_over_tcp]
+            .iter()
+            .filter(|k| k.is_some())
+            .count();
+        if kinds != 1 {
+            self.issue(
+                line,
+                format!("bus[{i}]"),
+                "give exactly one of: tcp, serial, rtu_over_tcp",
+            );
+        }
+        let serial_only = r.baud.is_some() || r.parity.is_some() || r.data_bits.is_some() || r.stop_bits.is_some();
+        if let Some(path) = &r.serial {
+            let baud = self.ranged(line, &format!("bus[{i}].baud"), r.baud, 9600, 300, 4_000_000) as u32;
+            let parity = match r.parity.as_deref().unwrap_or("none") {
+                "none" => Parity::None,
+                "even" => Parity::Even,
+                "odd" => Parity::Odd,
+                other => {
+                    self.issue(
+                        line,
+                        format!("bus[{i}].parity"),
+                        format!("`{other}` is not allowed: use \"none\", \"even\" or \"odd\""),
+                    );
+                    Parity::None
+                }
+            };
+            let data_bits = self.ranged(line, &format!("bus[{i}].data_bits"), r.data_bits, 8, 7, 8) as u8;
+            let stop_bits = self.ranged(line, &format!("bus[{i}].stop_bits"), r.stop_bits, 1, 1, 2) as u8;
+            return Transport::Serial {
+                path: path.clone(),
+                baud,
+                parity,
+                data_bits,
+                stop_bits,
+            };
+        }
+        if serial_only {
+            self.issue(
+                line,
+                format!("bus[{i}]"),
+                "baud, parity, data_bits and stop_bits are for serial buses only",
+            );
+        }
+        let (addr, is_tcp) = match (&r.tcp, &r.rtu_over_tcp) {
+            (Some(a), _) => (a.clone(), true),
+            (None, Some(a)) => (a.clone(), false),
+            (None, None) => (String::new(), true),
+        };
+        if kinds == 1 && !valid_host_port(&addr) {
+            let key = if is_tcp { "tcp" } else { "rtu_over_tcp" };
+            self.issue(
+                line,
+                format!("bus[{i}].{key}"),
+                format!("`{addr}` is not host:port, e.g. \"192.168.1.20:502\""),
+            );
+        }
+        if is_tcp {
+            Transport::Tcp(addr)
+        } else {
+            Transport::RtuOverTcp(addr)
+        }
+    }
+
+    fn meters(
+        &mut self,
+        raw: &[Spanned<RawMeter>],
+        profiles: &BTreeMap<String, Spanned<RawProfile>>,
+        buses: &[BusConfig],
+    ) -> Vec<MeterConfig> {
+        let mut numbers: HashMap<String, usize> = HashMap::new();
+        let mut units: HashMap<(usize, u8), usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, m) in raw.iter().enumerate() {
+            let line = self.at(m);
+            let r = m.get_ref();
+            let f = |name: &str| format!("meter[{i}].{name}");
+            if let Some(first) = numbers.insert(r.meter_no.clone(), line) {
+                self.issue(
+                    line,
+                    f("meter_no"),
+                    format!("meter `{}` is already defined at line {first}", r.meter_no),
+                );
+            }
+            let bus = match buses.iter().position(|b| b.name == r.bus) {
+                Some(b) => b,
+                None => {
+                    let names: Vec<_> = buses.iter().map(|b| b.name.as_str()).collect();
+                    self.issue(
+                        line,
+                        f("bus"),
+                        format!("no bus named `{}`; defined: {}", r.bus, names.join(", ")),
+                    );
+                    0
+                }
+            };
+            let unit = self.ranged(line, &f("unit"), Some(r.unit), 1, 1, 247) as u8;
+            if let Some(first) = units.insert((bus, unit), line) {
+                self.issue(
+                    line,
+                    f("unit"),
+                    format!(
+                        "unit {unit} on bus `{}` is already used by the meter at line {first}",
+                        r.bus
+                    ),
+                );
+            }
+            let profile = match &r.profile {
+                None => None,
+                Some(p) => match profiles.get(p) {
+                    Some(p) => Some(p.get_ref().clone()),
+                    None => {
+                        let names: Vec<_> = profiles.keys().map(String::as_str).collect();
+                        self.issue(
+                            line,
+                            f("profile"),
+                            format!("no profile named `{p}`; defined: {}", names.join(", ")),
+                        );
+                        None
+                    }
+                },
+            };
+            let valve_raw = r
+                .valve
+                .clone()
+                .or_else(|| profile.as_ref().and_then(|p| p.valve.clone()));
+            let readings_raw = r
+                .readings
+                .clone()
+                .or_else(|| profile.as_ref().and_then(|p| p.readings.clone()))
+                .unwrap_or_default();
+            let confirm_raw = r.confirm.or(profile.as_ref().and_then(|p| p.confirm));
+            let confirm = self.ranged(line, &f("confirm"), confirm_raw, 1, 1, 100) as u32;
+            let Some(valve_raw) = valve_raw else {
+                self.issue(
+                    line,
+                    f("valve"),
+                    "no valve: give valve = {...} or a profile that has one",
+                );
+                continue;
+            };
+            let valve = self.valve(line, &f("valve"), &valve_raw);
+            let mut readings = Vec::new();
+            let mut fields = HashSet::new();
+            for (k, rr) in readings_raw.iter().enumerate() {
+                let name = format!("meter[{i}].readings[{k}]");
+                let point = self.point(line, &name, rr, false);
+                let field = rr.field.clone().unwrap_or_default();
+                if field.trim().is_empty() {
+                    self.issue(
+                        line,
+                        format!("{name}.field"),
+                        "a reading needs field = \"<BizData key>\"",
+                    );
+                } else if !fields.insert(field.clone()) || field == "水表表号" || field == "阀门当前状态" {
+                    self.issue(
+                        line,
+                        format!("{name}.field"),
+                        format!("field `{field}` is used twice in BizData"),
+                    );
+                }
+                readings.push(ReadingSpec { field, point });
+            }
+            out.push(MeterConfig {
+                meter_no: r.meter_no.clone(),
+                bus,
+                unit,
+                valve,
+                readings,
+                confirm,
+            });
+        }
+        out
+    }
+
+    fn valve(&mut self, line: usize, name: &str, r: &RawPoint) -> ValveSpec {
+        let point = self.point(line, name, r, true);
+        let mut states = BTreeMap::new();
+        match &r.states {
+            None => self.issue(
+                line,
+                format!("{name}.states"),
+                "a valve needs states = { 0 = \"关闭\", 1 = \"开启\" }",
+            ),
+            Some(map) => {
+                for (k, v) in map {
+                    match k.trim().parse::<i64>() {
+                        Ok(n) => {
+                            states.insert(n, v.clone());
+                        }
+                        Err(_) => self.issue(
+                            line,
+                            format!("{name}.states"),
+                            format!("key `{k}` is not an integer raw value"),
+                        ),
+                    }
+                }
+            }
+        }
+        if r.field.is_some() {
+            self.issue(
+                line,
+                format!("{name}.field"),
+                "field is for readings; the valve's key is 阀门当前状态",
+            );
+        }
+        ValveSpec { point, states }
+    }
+
+    fn point(&mut self, line: usize, name: &str, r: &RawPoint, is_valve: bool) -> PointSpec {
+        let table = match r.table.as_str() {
+            "coil" => Table::Coil,
+            "discrete" => Table::Discrete,
+            "holding" => Table::Holding,
+            "input" => Table::Input,
+            other => {
+                self.issue(
+                    line,
+                    format!("{name}.table"),
+                    format!("`{other}` is not allowed: use coil, discrete, holding or input"),
+                );
+                Table::Holding
+            }
+        };
+        let address = self.ranged(line, &format!("{name}.address"), Some(r.address), 0, 0, 65535) as u16;
+        let kind = match r.kind.as_deref() {
+            None | Some("u16") => ValueType::U16,
+            Some("i16") => ValueType::I16,
+            Some("u32") => ValueType::U32,
+            Some("i32") => ValueType::I32,
+            Some("f32") => ValueType::F32,
+            Some("u64") => ValueType::U64,
+            Some("f64") => ValueType::F64,
+            Some(other) => {
+                self.issue(
+                    line,
+                    format!("{name}.type"),
+                    format!("`{other}` is not allowed: use u16, i16, u32, i32, f32, u64 or f64"),
+                );
+                ValueType::U16
+            }
+        };
+        if table.is_bit() && r.kind.is_some() {
+            self.issue(
+                line,
+                format!("{name}.type"),
+                "coils and discrete inputs are single bits: remove type",
+            );
+        }
+        if is_valve && matches!(kind, ValueType::F32 | ValueType::F64) {
+            self.issue(line, format!("{name}.type"), "a valve state must be an integer type");
+        }
+        let word_order = match r.word_order.as_deref() {
+            None | Some("big") => WordOrder::Big,
+            Some("little") => WordOrder::Little,
+            Some(other) => {
+                self.issue(
+                    line,
+                    format!("{name}.word_order"),
+                    format!("`{other}` is not allowed: use big or little"),
+                );
+                WordOrder::Big
+            }
+        };
+        let byte_order = match r.byte_order.as_deref() {
+            None | Some("big") => ByteOrder::Big,
+            Some("little") => ByteOrder::Little,
+            Some(other) => {
+                self.issue(
+                    line,
+                    format!("{name}.byte_order"),
+                    format!("`{other}` is not allowed: use big or little"),
+                );
+                ByteOrder::Big
+            }
+        };
+        if let Some(s) = r.scale {
+            if !s.is_finite() || s == 0.0 {
+                self.issue(
+                    line,
+                    format!("{name}.scale"),
+                    "must be a finite non-zero number, e.g. 0.01",
+                );
+            }
+        }
+        let decimals = r
+            .decimals
+            .map(|d| self.ranged(line, &format!("{name}.decimals"), Some(d), 0, 0, 12) as u32);
+        let spec = PointSpec {
+            table,
+            address,
+            kind,
+            word_order,
+            byte_order,
+            scale: r.scale,
+            decimals,
+        };
+        if u32::from(address) + u32::from(spec.count()) > 65536 {
+            self.issue(line, format!("{name}.address"), "the value runs past address 65535");
+        }
+        if r.states.is_some() && !is_valve {
+            self.issue(line, format!("{name}.states"), "states are for the valve only");
+        }
+        spec
+    }
+
+    fn events(&mut self, raw: &[Spanned<RawEvent>], meters: &[MeterConfig]) -> Vec<EventRule> {
+        let labels: BTreeMap<&str, ()> = meters
+            .iter()
+            .flat_map(|m| m.valve.states.values())
+            .map(|l| (l.as_str(), ()))
+            .collect();
+        let known: Vec<&str> = labels.keys().copied().collect();
+        let mut out = Vec::new();
+        for (i, e) in raw.iter().enumerate() {
+            let line = self.at(e);
+            let r = e.get_ref();
+            if r.name.trim().is_empty() {
+                self.issue(
+                    line,
+                    format!("event[{i}].name"),
+                    "must not be empty (it is the Panda eventName)",
+                );
+            }
+            if r.point != "valve" {
+                self.issue(
+                    line,
+                    format!("event[{i}].point"),
+                    format!("`{}` is not allowed: use \"valve\"", r.point),
+                );
+            }
+            for (key, label) in [("to", Some(&r.to)), ("from", r.from.as_ref())] {
+                if let Some(label) = label {
+                    if !labels.contains_key(label.as_str()) && !label.starts_with("未知(") {
+                        self.issue(
+                            line,
+                            format!("event[{i}].{key}"),
+                            format!(
+                                "no valve can take the label `{label}`; labels in use: {}",
+                                known.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+            out.push(EventRule {
+                name: r.name.clone(),
+                to: r.to.clone(),
+                from: r.from.clone(),
+            });
+        }
+        out
+    }
+}
+
+/// t3.5 for a baud rate, as the Modbus serial line spec fixes it (1.75 ms above 19200).
+pub fn frame_gap_for(baud: u32) -> Duration {
+    if baud > 19200 {
+        Duration::from_micros(1750)
+    } else {
+        // 3.5 characters of 11 bits.
+        Duration::from_micros((3.5 * 11.0 * 1_000_000.0 / f64::from(baud.max(1))).ceil() as u64)
+    }
+}
+
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+/// Parse `+08:00`, `-05:30`, `Z` or `UTC`.
+pub fn parse_offset(s: &str) -> Option<FixedOffset> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("z") || s.eq_ignore_ascii_case("utc") {
+        return FixedOffset::east_opt(0);
+    }
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    if !(0..=14).contains(&h) || !(0..60).contains(&m) {
+        return None;
+    }
+    FixedOffset::east_opt(sign * (h * 3600 + m * 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_parse_in_the_forms_people_write() {
+        assert_eq!(parse_offset("+08:00"), FixedOffset::east_opt(8 * 3600));
+        assert_eq!(parse_offset("-05:30"), FixedOffset::east_opt(-(5 * 3600 + 1800)));
+        assert_eq!(parse_offset("Z"), FixedOffset::east_opt(0));
+        assert_eq!(parse_offset("8"), None);
+        assert_eq!(parse_offset("+25:00"), None);
+    }
+
+    #[test]
+    fn frame_gap_follows_the_serial_line_spec() {
+        assert_eq!(frame_gap_for(9600), Duration::from_micros(4011));
+        assert_eq!(frame_gap_for(115200), Duration::from_micros(1750));
+    }
+
+    #[test]
+    fn host_port_needs_both_parts() {
+        assert!(valid_host_port("10.0.0.1:502"));
+        assert!(valid_host_port("gw.local:4001"));
+        assert!(!valid_host_port("10.0.0.1"));
+        assert!(!valid_host_port(":502"));
+        assert!(!valid_host_port("a:0"));
+    }
+}

@@ -1,0 +1,24 @@
+//! fieldgate: an edge gateway for water pump stations.
+//!
+//! It polls valves and water meters over Modbus (RTU on serial lines, Modbus TCP, RTU over TCP),
+//! notices when a valve opens or closes, fills in the customer from the site's mapping file, keeps
+//! each such event in a crash-safe outbox, and delivers it to the Panda WorkFlow API as a work order.
+//!
+//! # Layout
+//! - [`config`]: the site TOML, validated into [`config::Config`]; every error located.
+//! - [`mapping`]: the meter → customer CSV (UTF-8, BOM, GB18030).
+//! - [`point`]: where a value sits in a Modbus table and how registers decode and render.
+//! - [`detect`]: the pure transition rules (baseline, debounce).
+//! - [`record`]: a queued work order and its BizData.
+//! - [`outbox`]: the sled store: states, outbox, dead letters; commit + fsync.
+//! - [`station`]: applies poll cycles to the store and wakes the sender.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod detect;
+pub mod mapping;
+pub mod outbox;
+pub mod point;
+pub mod record;
+pub mod station;

@@ -1,0 +1,616 @@
+//! The durable store (sled 0.34.7): last accepted valve states and the outbox of records waiting for
+//! delivery.
+//!
+//! Layout, one sled database in `site.state_dir`:
+//! - tree `state`: meter number (UTF-8) → [`StoredState`] (JSON).
+//! - tree `outbox`: record id (big-endian u64, so iteration order is detection order) → [`Record`] (JSON).
+//! - tree `dead`: record id → [`DeadLetter`] (JSON): records the server refused too often.
+//!
+//! Invariants:
+//! - A valve's new state and its records are committed in one transaction ([`Outbox::commit`]). If a
+//!   crash loses the commit, it loses the state with it, and the transition is detected again.
+//! - "Stored" means committed *and* [`Outbox::sync`]ed: sled's `flush()` is followed by `fsync` of the
+//!   database files and the folder, because `flush()` alone does not survive a power cut.
+//! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`) or moved by an
+//!   operator. Nothing here ever drops a record to make room: when the bounds are reached, `commit`
+//!   refuses ([`OutboxError::Full`]) and the caller keeps the old state so the change is seen again.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::record::Record;
+
+/// The last accepted state of a meter's valve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredState {
+    /// Raw value read.
+    pub raw: i64,
+    /// Its label.
+    pub label: String,
+    /// When it was accepted (RFC 3339).
+    pub since: String,
+}
+
+/// A record the server refused too often, kept for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The record as it was queued.
+    pub record: Record,
+    /// The server's last `msg`.
+    pub reason: String,
+    /// When it was moved here (RFC 3339).
+    pub died_at: String,
+}
+
+/// What can go wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// Another process has the database open.
+    #[error("the state directory {0} is in use by another fieldgate process (sled allows one); stop it, or use its admin API")]
+    Locked(PathBuf),
+    /// The database could not be opened or written.
+    #[error("state database {path}: {source}")]
+    Db {
+        /// The state directory.
+        path: PathBuf,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// fsync failed: the data may not be on disk.
+    #[error("cannot sync {path} to disk: {source}")]
+    Sync {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A stored value could not be read back.
+    #[error("corrupt entry in tree {tree}: {detail}")]
+    Corrupt {
+        /// The tree.
+        tree: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// The bounds are reached; nothing was committed.
+    #[error("outbox full: {records} records, {bytes} bytes (limits {max_records} records, {max_bytes} bytes)")]
+    Full {
+        /// Records queued.
+        records: u64,
+        /// Bytes queued.
+        bytes: u64,
+        /// Limit.
+        max_records: u64,
+        /// Limit.
+        max_bytes: u64,
+    },
+}
+
+impl OutboxError {
+    /// A bounded label for metrics.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            OutboxError::Locked(_) => "locked",
+            OutboxError::Db { .. } => "db",
+            OutboxError::Sync { .. } => "sync",
+            OutboxError::Corrupt { .. } => "corrupt",
+            OutboxError::Full { .. } => "full",
+        }
+    }
+}
+
+/// Bounds of the outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most records.
+    pub max_records: u64,
+    /// Most bytes (sum of stored record sizes).
+    pub max_bytes: u64,
+}
+
+/// Counters of the outbox (shared by clones).
+#[derive(Debug, Default)]
+struct Counts {
+    records: AtomicU64,
+    bytes: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// Handle to the store; cheap to clone, all clones share one database.
+#[derive(Clone)]
+pub struct Outbox {
+    dir: PathBuf,
+    db: sled::Db,
+    state: sled::Tree,
+    queue: sled::Tree,
+    dead: sled::Tree,
+    limits: Limits,
+    counts: Arc<Counts>,
+}
+
+/// A record before it has an id.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// `eventName`.
+    pub event_name: String,
+    /// When detected (RFC 3339).
+    pub detected_at: String,
+    /// Label before.
+    pub from: String,
+    /// Label after.
+    pub to: String,
+    /// Rendered BizData.
+    pub biz_data: String,
+}
+
+impl Outbox {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
+        std::fs::create_dir_all(dir).map_err(|e| OutboxError::Sync {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(16 * 1024 * 1024)
+            .open()
+            .map_err(|e| open_error(dir, e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
+        let (state, queue, dead) = (tree("state")?, tree("outbox")?, tree("dead")?);
+        let counts = Counts::default();
+        for item in queue.iter() {
+            let (_, v) = item.map_err(|e| open_error(dir, e))?;
+            counts.records.fetch_add(1, Ordering::Relaxed);
+            counts.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+        }
+        Ok(Outbox {
+            dir: dir.to_path_buf(),
+            db,
+            state,
+            queue,
+            dead,
+            limits,
+            counts: Arc::new(counts),
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The last accepted state of a meter.
+    pub fn state(&self, meter_no: &str) -> Result<Option<StoredState>, OutboxError> {
+        match self.state.get(meter_no.as_bytes()).map_err(|e| self.db_error(e))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| OutboxError::Corrupt {
+                tree: "state",
+                detail: format!("{meter_no}: {e}"),
+            }),
+        }
+    }
+
+    /// Store a meter's first state (its baseline); no record.
+    pub fn set_baseline(&self, meter_no: &str, state: &StoredState) -> Result<(), OutboxError> {
+        let v = encode(state);
+        self.state
+            .insert(meter_no.as_bytes(), v)
+            .map_err(|e| self.db_error(e))?;
+        Ok(())
+    }
+
+    /// Commit a meter's new state and its records in one transaction. Returns the records with
+    /// their ids. Refuses with [`OutboxError::Full`] (committing nothing) when the bounds would be
+    /// passed. Not durable until [`Outbox::sync`].
+    pub fn commit(&self, meter_no: &str, state: &StoredState, drafts: Vec<Draft>) -> Result<Vec<Record>, OutboxError> {
+        let mut records = Vec::with_capacity(drafts.len());
+        for d in drafts {
+            let id = self.db.generate_id().map_err(|e| self.db_error(e))?;
+            records.push(Record {
+                id,
+                event_name: d.event_name,
+                meter_no: meter_no.to_string(),
+                detected_at: d.detected_at,
+                from: d.from,
+                to: d.to,
+                biz_data: d.biz_data,
+                attempts: 0,
+                last_error: None,
+            });
+        }
+        let encoded: Vec<(u64, Vec<u8>)> = records.iter().map(|r| (r.id, encode(r))).collect();
+        let new_bytes: u64 = encoded.iter().map(|(_, v)| v.len() as u64).sum();
+        self.check_room(encoded.len() as u64, new_bytes)?;
+        let state_value = encode(state);
+        let result: Result<(), TransactionError<()>> = (&self.state, &self.queue).transaction(|(s, q)| {
+            s.insert(meter_no.as_bytes(), state_value.as_slice())?;
+            for (id, v) in &encoded {
+                q.insert(&id.to_be_bytes(), v.as_slice())?;
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Storage(e)) => return Err(self.db_error(e)),
+            Err(TransactionError::Abort(())) => unreachable!("the closure never aborts"),
+        }
+        self.counts.records.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+        self.counts.bytes.fetch_add(new_bytes, Ordering::Relaxed);
+        Ok(records)
+    }
+
+    fn check_room(&self, records: u64, bytes: u64) -> Result<(), OutboxError> {
+        let (have_records, have_bytes) = (self.len(), self.bytes());
+        if records > 0
+            && (have_records + records > self.limits.max_records || have_bytes + bytes > self.limits.max_bytes)
+        {
+            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(OutboxError::Full {
+                records: have_records,
+                bytes: have_bytes,
+                max_records: self.limits.max_records,
+                max_bytes: self.limits.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Make everything committed so far durable: sled flush, then fsync of its files and folder.
+    /// Blocking; call from `spawn_blocking` in async code (or use [`Outbox::sync`]).
+    pub fn sync_blocking(&self) -> Result<(), OutboxError> {
+        self.db.flush().map_err(|e| self.db_error(e))?;
+        sync_dir_files(&self.dir)
+    }
+
+    /// [`Outbox::sync_blocking`] off the async threads.
+    pub async fn sync(&self) -> Result<(), OutboxError> {
+        let me = self.clone();
+        match tokio::task::spawn_blocking(move || me.sync_blocking()).await {
+            Ok(r) => r,
+            Err(e) => Err(OutboxError::Sync {
+                path: self.dir.clone(),
+                source: std::io::Error::other(e),
+            }),
+        }
+    }
+
+    /// Records queued.
+    pub fn len(&self) -> u64 {
+        self.counts.records.load(Ordering::Relaxed)
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of queued records.
+    pub fn bytes(&self) -> u64 {
+        self.counts.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Commits refused because the outbox was full, since open.
+    pub fn refused(&self) -> u64 {
+        self.counts.refused.load(Ordering::Relaxed)
+    }
+
+    /// All queued records, oldest first (for the admin API and tests).
+    pub fn list(&self, limit: usize) -> Result<Vec<Record>, OutboxError> {
+        self.queue
+            .iter()
+            .take(limit)
+            .map(|item| self.decode_record(item))
+            .collect()
+    }
+
+    /// The next batch to send: the oldest record, plus later records with the same `eventName`, up
+    /// to `max`. A meter whose older record has another event is skipped from then on, so records of
+    /// one meter are always sent in detection order.
+    pub fn next_batch(&self, max: usize) -> Result<Vec<Record>, OutboxError> {
+        let mut batch: Vec<Record> = Vec::new();
+        let mut blocked: HashSet<String> = HashSet::new();
+        // Bound the scan: a backlog of other events must not make each batch read the whole queue.
+        for item in self.queue.iter().take(max.saturating_mul(20).max(100)) {
+            let r = self.decode_record(item)?;
+            match batch.first() {
+                None => batch.push(r),
+                Some(first) if first.event_name == r.event_name && !blocked.contains(&r.meter_no) => batch.push(r),
+                Some(_) => {
+                    blocked.insert(r.meter_no);
+                }
+            }
+            if batch.len() >= max {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Remove delivered records (the server answered `code: 0`), then sync.
+    pub async fn ack(&self, ids: &[u64]) -> Result<(), OutboxError> {
+        for id in ids {
+            if let Some(v) = self.queue.remove(id.to_be_bytes()).map_err(|e| self.db_error(e))? {
+                self.counts.records.fetch_sub(1, Ordering::Relaxed);
+                self.counts.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+            }
+        }
+        self.sync().await
+    }
+
+    /// Count a failed attempt on each record and keep the reason; returns the updated records.
+    pub fn note_failure(&self, ids: &[u64], error: &str) -> Result<Vec<Record>, OutboxError> {
+        let mut out = Vec::new();
+        for id in ids {
+            let key = id.to_be_bytes();
+            let Some(v) = self.queue.get(key).map_err(|e| self.db_error(e))? else {
+                continue;
+            };
+            let mut r: Record = serde_json::from_slice(&v).map_err(|e| OutboxError::Corrupt {
+                tree: "outbox",
+                detail: format!("{id}: {e}"),
+            })?;
+            r.attempts = r.attempts.saturating_add(1);
+            r.last_error = Some(error.chars().take(500).collect());
+            let nv = encode(&r);
+            // Compare-and-swap so an ack that raced this update is not undone.
+            if let Ok(Ok(())) = self.queue.compare_and_swap(key, Some(v.clone()), Some(nv.clone())) {
+                let (old, new) = (v.len() as u64, nv.len() as u64);
+                self.counts.bytes.fetch_add(new, Ordering::Relaxed);
+                self.counts.bytes.fetch_sub(old, Ordering::Relaxed);
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Move a record to the dead letters with the server's reason (one transaction), then sync.
+    pub async fn bury(&self, id: u64, reason: &str, died_at: &str) -> Result<(), OutboxError> {
+        let key = id.to_be_bytes();
+        let Some(v) = self.queue.get(key).map_err(|e| self.db_error(e))? else {
+            return Ok(());
+        };
+        let record: Record = serde_json::from_slice(&v).map_err(|e| OutboxError::Corrupt {
+            tree: "outbox",
+            detail: format!("{id}: {e}"),
+        })?;
+        let dead = encode(&DeadLetter {
+            record,
+            reason: reason.to_string(),
+            died_at: died_at.to_string(),
+        });
+        let result: Result<(), TransactionError<()>> = (&self.queue, &self.dead).transaction(|(q, d)| {
+            q.remove(&key)?;
+            d.insert(&key, dead.as_slice())?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        if let Err(TransactionError::Storage(e)) = result {
+            return Err(self.db_error(e));
+        }
+        self.counts.records.fetch_sub(1, Ordering::Relaxed);
+        self.counts.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+        self.sync().await
+    }
+
+    /// Dead letters, oldest first.
+    pub fn dead(&self) -> Result<Vec<DeadLetter>, OutboxError> {
+        self.dead
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.db_error(e))?;
+                serde_json::from_slice(&v).map_err(|e| OutboxError::Corrupt {
+                    tree: "dead",
+                    detail: format!("{k:?}: {e}"),
+                })
+            })
+            .collect()
+    }
+
+    /// Put dead letters back in the outbox under their old ids (attempts reset); `None` = all.
+    /// Returns how many moved. Syncs.
+    pub async fn requeue(&self, id: Option<u64>) -> Result<usize, OutboxError> {
+        let letters: Vec<DeadLetter> = self
+            .dead()?
+            .into_iter()
+            .filter(|d| id.is_none_or(|i| d.record.id == i))
+            .collect();
+        for d in &letters {
+            let key = d.record.id.to_be_bytes();
+            let mut record = d.record.clone();
+            record.attempts = 0;
+            let v = encode(&record);
+            let result: Result<(), TransactionError<()>> = (&self.queue, &self.dead).transaction(|(q, dt)| {
+                dt.remove(&key)?;
+                q.insert(&key, v.as_slice())?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
+            if let Err(TransactionError::Storage(e)) = result {
+                return Err(self.db_error(e));
+            }
+            self.counts.records.fetch_add(1, Ordering::Relaxed);
+            self.counts.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+        }
+        self.sync().await?;
+        Ok(letters.len())
+    }
+
+    fn decode_record(&self, item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Record, OutboxError> {
+        let (k, v) = item.map_err(|e| self.db_error(e))?;
+        serde_json::from_slice(&v).map_err(|e| OutboxError::Corrupt {
+            tree: "outbox",
+            detail: format!("{k:?}: {e}"),
+        })
+    }
+
+    fn db_error(&self, e: sled::Error) -> OutboxError {
+        OutboxError::Db {
+            path: self.dir.clone(),
+            source: e,
+        }
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising our own plain structs to JSON cannot fail (no maps with non-string keys).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn open_error(dir: &Path, e: sled::Error) -> OutboxError {
+    let text = e.to_string();
+    if text.contains("lock") || text.contains("WouldBlock") || text.contains("temporarily unavailable") {
+        OutboxError::Locked(dir.to_path_buf())
+    } else {
+        OutboxError::Db {
+            path: dir.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
+/// fsync every regular file sled keeps in `dir` (and `dir/blobs`), then the folders themselves.
+fn sync_dir_files(dir: &Path) -> Result<(), OutboxError> {
+    let sync = |p: &Path| -> Result<(), OutboxError> {
+        std::fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| OutboxError::Sync {
+                path: p.to_path_buf(),
+                source: e,
+            })
+    };
+    for folder in [dir.to_path_buf(), dir.join("blobs")] {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                sync(&entry.path())?;
+            }
+        }
+        sync(&folder)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draft(event: &str) -> Draft {
+        Draft {
+            event_name: event.into(),
+            detected_at: "2026-01-01T00:00:00+08:00".into(),
+            from: "关闭".into(),
+            to: "开启".into(),
+            biz_data: "{}".into(),
+        }
+    }
+
+    fn state(raw: i64) -> StoredState {
+        StoredState {
+            raw,
+            label: format!("L{raw}"),
+            since: String::new(),
+        }
+    }
+
+    const BIG: Limits = Limits {
+        max_records: 1000,
+        max_bytes: 1 << 30,
+    };
+
+    #[tokio::test]
+    async fn commit_survives_reopen_and_ack_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u64> = {
+            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap();
+            let b = o.commit("M2", &state(0), vec![draft("关")]).unwrap();
+            o.sync().await.unwrap();
+            vec![a[0].id, b[0].id]
+        };
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.state("M1").unwrap(), Some(state(1)));
+        assert_eq!(o.list(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+        o.ack(&ids[..1]).await.unwrap();
+        assert_eq!(o.list(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), ids[1..]);
+        assert!(o.bytes() > 0);
+    }
+
+    #[tokio::test]
+    async fn batches_group_one_event_and_keep_each_meters_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let b = o.commit("M2", &state(0), vec![draft("关")]).unwrap()[0].id;
+        let c = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let d = o.commit("M3", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let batch: Vec<u64> = o.next_batch(10).unwrap().iter().map(|r| r.id).collect();
+        // M2's "开" waits behind its older "关".
+        assert_eq!(batch, vec![a, d]);
+        assert_eq!(
+            o.next_batch(1).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![a]
+        );
+        o.ack(&[a, d]).await.unwrap();
+        assert_eq!(
+            o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![b]
+        );
+        o.ack(&[b]).await.unwrap();
+        assert_eq!(
+            o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![c]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_refuses_and_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(
+            dir.path(),
+            Limits {
+                max_records: 1,
+                max_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
+        o.commit("M1", &state(1), vec![draft("开")]).unwrap();
+        let err = o.commit("M1", &state(0), vec![draft("关")]).unwrap_err();
+        assert!(matches!(err, OutboxError::Full { records: 1, .. }), "{err}");
+        assert_eq!(
+            o.state("M1").unwrap(),
+            Some(state(1)),
+            "state must not move when the record is refused"
+        );
+        assert_eq!(o.refused(), 1);
+    }
+
+    #[tokio::test]
+    async fn failures_count_and_dead_letters_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let id = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let r = o.note_failure(&[id], "事件【开】不存在").unwrap();
+        assert_eq!(r[0].attempts, 1);
+        o.bury(id, "事件【开】不存在", "t").await.unwrap();
+        assert_eq!(o.len(), 0);
+        assert_eq!(o.dead().unwrap()[0].record.id, id);
+        assert_eq!(o.requeue(None).await.unwrap(), 1);
+        assert_eq!(o.list(10).unwrap()[0].id, id);
+        assert!(o.dead().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_open_says_the_directory_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Outbox::open(dir.path(), BIG).unwrap();
+        let err = Outbox::open(dir.path(), BIG).err().unwrap();
+        assert!(matches!(err, OutboxError::Locked(_)), "{err}");
+    }
+}

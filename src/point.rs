@@ -1,0 +1,358 @@
+//! Point definitions and decoding: where a value sits in a Modbus table, and how raw registers or bits
+//! become a number and the decimal string written into BizData.
+//!
+//! Pure: no I/O. Decoding is total: a register slice of the wrong length is a [`DecodeError`], never a
+//! panic, because the slice comes from a device.
+
+use std::fmt;
+
+/// A Modbus table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// Read coils (fc 1).
+    Coil,
+    /// Read discrete inputs (fc 2).
+    Discrete,
+    /// Read holding registers (fc 3).
+    Holding,
+    /// Read input registers (fc 4).
+    Input,
+}
+
+impl Table {
+    /// Coils and discrete inputs hold bits, the others 16-bit registers.
+    pub fn is_bit(self) -> bool {
+        matches!(self, Table::Coil | Table::Discrete)
+    }
+
+    /// The most items one read request may ask for (Modbus application protocol limits).
+    pub fn max_count(self) -> u16 {
+        if self.is_bit() {
+            2000
+        } else {
+            125
+        }
+    }
+}
+
+impl fmt::Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Table::Coil => "coil",
+            Table::Discrete => "discrete",
+            Table::Holding => "holding",
+            Table::Input => "input",
+        })
+    }
+}
+
+/// How the registers of a value are interpreted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    /// One register, unsigned.
+    U16,
+    /// One register, two's complement.
+    I16,
+    /// Two registers, unsigned.
+    U32,
+    /// Two registers, two's complement.
+    I32,
+    /// Two registers, IEEE 754 single.
+    F32,
+    /// Four registers, unsigned.
+    U64,
+    /// Four registers, IEEE 754 double.
+    F64,
+}
+
+impl ValueType {
+    /// Registers the type spans.
+    pub fn registers(self) -> u16 {
+        match self {
+            ValueType::U16 | ValueType::I16 => 1,
+            ValueType::U32 | ValueType::I32 | ValueType::F32 => 2,
+            ValueType::U64 | ValueType::F64 => 4,
+        }
+    }
+}
+
+/// Order of the 16-bit words of a multi-register value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WordOrder {
+    /// High word first (the default).
+    Big,
+    /// Low word first.
+    Little,
+}
+
+/// Order of the two bytes inside each register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteOrder {
+    /// High byte first (the Modbus default).
+    Big,
+    /// Low byte first (swapped).
+    Little,
+}
+
+/// Where a value is and how to read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointSpec {
+    /// The table.
+    pub table: Table,
+    /// First address (0-based protocol address).
+    pub address: u16,
+    /// Register type (ignored for bit tables).
+    pub kind: ValueType,
+    /// Word order for multi-register types.
+    pub word_order: WordOrder,
+    /// Byte order within each register.
+    pub byte_order: ByteOrder,
+    /// Multiplier applied to the raw value.
+    pub scale: Option<f64>,
+    /// Decimals in the rendered string; default: as many as `scale` has.
+    pub decimals: Option<u32>,
+}
+
+impl PointSpec {
+    /// Items (bits or registers) the point spans.
+    pub fn count(&self) -> u16 {
+        if self.table.is_bit() {
+            1
+        } else {
+            self.kind.registers()
+        }
+    }
+
+    /// Decimals to render with.
+    pub fn render_decimals(&self) -> Option<u32> {
+        self.decimals.or_else(|| self.scale.map(decimals_of))
+    }
+}
+
+/// A raw value read from a point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Raw {
+    /// Integer types and bits.
+    Int(i128),
+    /// Float types.
+    Float(f64),
+}
+
+/// The items read did not fit the point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected {expected} items for the point, got {got}")]
+pub struct DecodeError {
+    /// Items the point needs.
+    pub expected: usize,
+    /// Items that were there.
+    pub got: usize,
+}
+
+/// Decode a register value from exactly `spec.count()` registers.
+pub fn decode_registers(spec: &PointSpec, words: &[u16]) -> Result<Raw, DecodeError> {
+    let n = usize::from(spec.kind.registers());
+    if words.len() != n {
+        return Err(DecodeError {
+            expected: n,
+            got: words.len(),
+        });
+    }
+    let mut ordered: Vec<u16> = words
+        .iter()
+        .map(|w| match spec.byte_order {
+            ByteOrder::Big => *w,
+            ByteOrder::Little => w.swap_bytes(),
+        })
+        .collect();
+    if spec.word_order == WordOrder::Little {
+        ordered.reverse();
+    }
+    let wide = ordered.iter().fold(0u64, |acc, w| (acc << 16) | u64::from(*w));
+    Ok(match spec.kind {
+        ValueType::U16 | ValueType::U32 | ValueType::U64 => Raw::Int(i128::from(wide)),
+        ValueType::I16 => Raw::Int(i128::from(wide as u16 as i16)),
+        ValueType::I32 => Raw::Int(i128::from(wide as u32 as i32)),
+        ValueType::F32 => Raw::Float(f64::from(f32::from_bits(wide as u32))),
+        ValueType::F64 => Raw::Float(f64::from_bits(wide)),
+    })
+}
+
+/// The raw value as an integer for a valve state map (floats are refused by config validation; a
+/// non-finite or fractional float maps to `None`).
+pub fn as_state(raw: Raw) -> Option<i64> {
+    match raw {
+        Raw::Int(i) => i64::try_from(i).ok(),
+        Raw::Float(f) if f.is_finite() && f.fract() == 0.0 => Some(f as i64),
+        Raw::Float(_) => None,
+    }
+}
+
+/// Render a raw value with the point's scale as the decimal string BizData carries: never exponent
+/// form, never binary float noise.
+pub fn render(spec: &PointSpec, raw: Raw) -> String {
+    let decimals = spec.render_decimals();
+    match (raw, spec.scale) {
+        (Raw::Int(i), None) => match decimals {
+            Some(d) if d > 0 => format!("{i}.{}", "0".repeat(d as usize)),
+            _ => i.to_string(),
+        },
+        (Raw::Int(i), Some(scale)) => fixed(i as f64 * scale, decimals.unwrap_or(0)),
+        (Raw::Float(f), scale) => {
+            let v = f * scale.unwrap_or(1.0);
+            match decimals {
+                Some(d) => fixed(v, d),
+                None if !v.is_finite() => v.to_string(),
+                // Shortest representation that round-trips as f32 avoids `0.30000001192092896`.
+                None if spec.kind == ValueType::F32 => (v as f32).to_string(),
+                None => v.to_string(),
+            }
+        }
+    }
+}
+
+fn fixed(v: f64, decimals: u32) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    let s = format!("{:.*}", decimals as usize, v);
+    // `-0.00` reads as a fault to a person; it is zero.
+    if s.starts_with('-') && s[1..].chars().all(|c| c == '0' || c == '.') {
+        s[1..].to_string()
+    } else {
+        s
+    }
+}
+
+/// Decimals a scale implies: 0.01 → 2, 0.5 → 1, 10 → 0.
+pub fn decimals_of(scale: f64) -> u32 {
+    let s = format!("{}", scale.abs());
+    match s.split_once('.') {
+        Some((_, frac)) => frac.len().min(12) as u32,
+        None => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: ValueType, word_order: WordOrder, byte_order: ByteOrder) -> PointSpec {
+        PointSpec {
+            table: Table::Holding,
+            address: 0,
+            kind,
+            word_order,
+            byte_order,
+            scale: None,
+            decimals: None,
+        }
+    }
+
+    #[test]
+    fn every_type_decodes_in_every_order() {
+        use ByteOrder as B;
+        use WordOrder as W;
+        // 0x12345678 as ABCD, CDAB, BADC, DCBA.
+        let cases = [
+            (W::Big, B::Big, [0x1234, 0x5678]),
+            (W::Little, B::Big, [0x5678, 0x1234]),
+            (W::Big, B::Little, [0x3412, 0x7856]),
+            (W::Little, B::Little, [0x7856, 0x3412]),
+        ];
+        for (w, b, regs) in cases {
+            assert_eq!(
+                decode_registers(&spec(ValueType::U32, w, b), &regs),
+                Ok(Raw::Int(0x1234_5678)),
+                "{w:?} {b:?}"
+            );
+        }
+        assert_eq!(
+            decode_registers(&spec(ValueType::U16, W::Big, B::Big), &[0xFFFF]),
+            Ok(Raw::Int(65535))
+        );
+        assert_eq!(
+            decode_registers(&spec(ValueType::I16, W::Big, B::Big), &[0xFFFF]),
+            Ok(Raw::Int(-1))
+        );
+        assert_eq!(
+            decode_registers(&spec(ValueType::I16, W::Big, B::Little), &[0x00FF]),
+            Ok(Raw::Int(-256))
+        );
+        assert_eq!(
+            decode_registers(&spec(ValueType::I32, W::Big, B::Big), &[0xFFFF, 0xFFFE]),
+            Ok(Raw::Int(-2))
+        );
+        // 1.5f32 = 0x3FC00000
+        assert_eq!(
+            decode_registers(&spec(ValueType::F32, W::Big, B::Big), &[0x3FC0, 0x0000]),
+            Ok(Raw::Float(1.5))
+        );
+        assert_eq!(
+            decode_registers(&spec(ValueType::F32, W::Little, B::Big), &[0x0000, 0x3FC0]),
+            Ok(Raw::Float(1.5))
+        );
+        assert_eq!(
+            decode_registers(&spec(ValueType::U64, W::Big, B::Big), &[0x0001, 0x0002, 0x0003, 0x0004]),
+            Ok(Raw::Int(0x0001_0002_0003_0004))
+        );
+        assert_eq!(
+            decode_registers(
+                &spec(ValueType::U64, W::Little, B::Big),
+                &[0x0004, 0x0003, 0x0002, 0x0001]
+            ),
+            Ok(Raw::Int(0x0001_0002_0003_0004))
+        );
+        // -2.25f64 = 0xC002000000000000
+        assert_eq!(
+            decode_registers(&spec(ValueType::F64, W::Big, B::Big), &[0xC002, 0, 0, 0]),
+            Ok(Raw::Float(-2.25))
+        );
+    }
+
+    #[test]
+    fn wrong_register_count_is_an_error_not_a_panic() {
+        let s = spec(ValueType::U32, WordOrder::Big, ByteOrder::Big);
+        assert_eq!(decode_registers(&s, &[1]), Err(DecodeError { expected: 2, got: 1 }));
+        assert_eq!(
+            decode_registers(&s, &[1, 2, 3]),
+            Err(DecodeError { expected: 2, got: 3 })
+        );
+        assert_eq!(decode_registers(&s, &[]), Err(DecodeError { expected: 2, got: 0 }));
+    }
+
+    #[test]
+    fn scale_renders_as_many_decimals_as_it_has_and_no_float_noise() {
+        let mut s = spec(ValueType::U32, WordOrder::Big, ByteOrder::Big);
+        s.scale = Some(0.01);
+        assert_eq!(render(&s, Raw::Int(123_456)), "1234.56");
+        assert_eq!(render(&s, Raw::Int(30)), "0.30");
+        s.scale = Some(0.1);
+        assert_eq!(render(&s, Raw::Int(3)), "0.3");
+        s.scale = Some(10.0);
+        assert_eq!(render(&s, Raw::Int(17)), "170");
+        s.scale = None;
+        assert_eq!(render(&s, Raw::Int(17)), "17");
+        s.decimals = Some(3);
+        assert_eq!(render(&s, Raw::Int(17)), "17.000");
+        let mut f = spec(ValueType::F32, WordOrder::Big, ByteOrder::Big);
+        assert_eq!(render(&f, Raw::Float(f64::from(0.3f32))), "0.3");
+        assert_eq!(render(&f, Raw::Float(1e20)), "100000000000000000000");
+        f.decimals = Some(2);
+        assert_eq!(render(&f, Raw::Float(-0.001)), "0.00");
+    }
+
+    #[test]
+    fn decimals_follow_the_scale() {
+        assert_eq!(decimals_of(0.01), 2);
+        assert_eq!(decimals_of(0.5), 1);
+        assert_eq!(decimals_of(10.0), 0);
+        assert_eq!(decimals_of(0.001), 3);
+    }
+
+    #[test]
+    fn valve_states_come_from_integers() {
+        assert_eq!(as_state(Raw::Int(1)), Some(1));
+        assert_eq!(as_state(Raw::Float(2.0)), Some(2));
+        assert_eq!(as_state(Raw::Float(2.5)), None);
+    }
+}
