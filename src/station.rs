@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::{mpsc, Notify};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::detect::{decide, Decision, Pending};
@@ -110,15 +109,10 @@ impl Station {
         }
     }
 
-    /// Apply cycles until the channel closes or shutdown; a cycle already received is finished
-    /// (committed and synced) before it stops.
-    pub async fn run(mut self, mut cycles: mpsc::Receiver<Cycle>, shutdown: CancellationToken) {
-        loop {
-            let cycle = tokio::select! {
-                c = cycles.recv() => c,
-                () = shutdown.cancelled() => None,
-            };
-            let Some(cycle) = cycle else { break };
+    /// Apply cycles until every bus has dropped its sender (so no cycle is left behind at
+    /// shutdown), then sync.
+    pub async fn run(mut self, mut cycles: mpsc::Receiver<Cycle>) {
+        while let Some(cycle) = cycles.recv().await {
             self.apply(cycle).await;
         }
         if let Err(e) = self.outbox.sync().await {

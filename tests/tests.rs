@@ -1,1 +1,6 @@
+//! The integration tests, compiled into one binary (see Cargo.toml `[[test]]`).
 
+mod util;
+
+/// Config and mapping files: every error class, encodings, profiles; `fieldgate check`.
+mod config;

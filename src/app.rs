@@ -1,0 +1,154 @@
+//! Wiring of the daemon: open the store, start one task per bus, the station and the sender, and
+//! stop them in an order that loses nothing.
+//!
+//! Shutdown order: buses stop first (a request in flight finishes or times out); the station then
+//! applies every cycle still in the channel and syncs; last the sender stops (an in-flight request
+//! may finish; if abandoned, its records stay queued and are sent again next start).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{run_bus, BusStats};
+use crate::config::Config;
+use crate::outbox::{Limits, Outbox, OutboxError};
+use crate::panda::{PandaClient, PandaError};
+use crate::sender::{run_sender, SenderStats};
+use crate::station::{Live, Station};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state database.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The Panda client.
+    #[error(transparent)]
+    Panda(#[from] PandaError),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// The validated configuration it runs with.
+    pub cfg: Arc<Config>,
+    /// The store (shared with the tasks).
+    pub outbox: Outbox,
+    /// Live view of the meters.
+    pub live: Arc<Live>,
+    /// Per-bus counters, indexed like `cfg.buses`.
+    pub bus_stats: Vec<Arc<BusStats>>,
+    /// Delivery counters.
+    pub sender_stats: Arc<SenderStats>,
+    stop_buses: CancellationToken,
+    stop_sender: CancellationToken,
+    buses: Vec<JoinHandle<()>>,
+    station: JoinHandle<()>,
+    sender: JoinHandle<()>,
+}
+
+/// Open the store and start every task.
+pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
+    let cfg = Arc::new(cfg);
+    let limits = Limits { max_records: cfg.outbox.max_records, max_bytes: cfg.outbox.max_bytes };
+    let dir = cfg.site.state_dir.clone();
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&dir, limits))
+        .await
+        .map_err(|e| OutboxError::Sync { path: cfg.site.state_dir.clone(), source: std::io::Error::other(e) })??;
+    let client = PandaClient::new(&cfg.panda, cfg.site.timezone)?;
+    let live = Live::new(cfg.meters.len());
+    let wake = Arc::new(Notify::new());
+    let stop_buses = CancellationToken::new();
+    let stop_sender = CancellationToken::new();
+
+    // Bounded: a slow disk makes bus tasks wait instead of piling up samples.
+    let (tx, rx) = mpsc::channel(4 * cfg.buses.len().max(1));
+    let station = Station::new(cfg.clone(), outbox.clone(), wake.clone(), live.clone());
+    let station = tokio::spawn(station.run(rx));
+
+    let mut bus_stats = Vec::new();
+    let mut buses = Vec::new();
+    for i in 0..cfg.buses.len() {
+        let stats = Arc::new(BusStats::default());
+        bus_stats.push(stats.clone());
+        buses.push(tokio::spawn(run_bus(cfg.clone(), i, tx.clone(), stop_buses.clone(), stats)));
+    }
+    drop(tx);
+
+    let sender_stats = Arc::new(SenderStats::default());
+    let sender = tokio::spawn(run_sender(
+        outbox.clone(),
+        client,
+        cfg.panda.clone(),
+        wake,
+        stop_sender.clone(),
+        sender_stats.clone(),
+    ));
+    tracing::info!(
+        message = "Gateway started.",
+        site = %cfg.site.name,
+        buses = cfg.buses.len(),
+        meters = cfg.meters.len(),
+        queued = outbox.len(),
+    );
+    Ok(Gateway { cfg, outbox, live, bus_stats, sender_stats, stop_buses, stop_sender, buses, station, sender })
+}
+
+impl Gateway {
+    /// Stop in order (buses, station, sender) and make everything durable. Bounded: each stage
+    /// gets `grace`; a stage that overruns is abandoned, which loses nothing already committed.
+    pub async fn stop(self, grace: Duration) {
+        self.stop_buses.cancel();
+        for b in self.buses {
+            if tokio::time::timeout(grace, b).await.is_err() {
+                tracing::warn!(message = "A bus task did not stop in time; abandoned.");
+            }
+        }
+        if tokio::time::timeout(grace, self.station).await.is_err() {
+            tracing::warn!(message = "The station did not finish in time; abandoned.");
+        }
+        self.stop_sender.cancel();
+        if tokio::time::timeout(grace, self.sender).await.is_err() {
+            tracing::warn!(message = "The sender did not stop in time; its in-flight batch stays queued.");
+        }
+        if let Err(e) = self.outbox.sync().await {
+            tracing::error!(message = "Final sync failed.", error = %e);
+        }
+        tracing::info!(message = "Gateway stopped.", queued = self.outbox.len());
+    }
+}
+
+/// Run until SIGTERM or Ctrl-C, then stop cleanly.
+pub async fn run(cfg: Config) -> Result<(), StartError> {
+    let grace = cfg.panda.timeout.max(Duration::from_secs(2));
+    let gw = start(cfg).await?;
+    shutdown_signal().await;
+    tracing::info!(message = "Shutdown requested.");
+    gw.stop(grace).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM, SIGINT or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
