@@ -73,7 +73,7 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
     for i in 0..cfg.buses.len() {
         let stats = Arc::new(BusStats::default());
         bus_stats.push(stats.clone());
-        buses.push(tokio::spawn(run_bus(cfg.clone(), i, tx.clone(), stop_buses.clone(), stats)));
+        buses.push(tokio::spawn(supervise_bus(cfg.clone(), i, tx.clone(), stop_buses.clone(), stats)));
     }
     drop(tx);
 
@@ -117,6 +117,31 @@ impl Gateway {
             tracing::error!(message = "Final sync failed.", error = %e);
         }
         tracing::info!(message = "Gateway stopped.", queued = self.outbox.len());
+    }
+}
+
+/// Run a bus task; if it ever panics (a bug, never expected), log it and start it again after a
+/// pause, so one bad bus can never stop the others or the station.
+async fn supervise_bus(
+    cfg: Arc<Config>,
+    bus: usize,
+    cycles: mpsc::Sender<crate::station::Cycle>,
+    shutdown: CancellationToken,
+    stats: Arc<BusStats>,
+) {
+    loop {
+        let task = tokio::spawn(run_bus(cfg.clone(), bus, cycles.clone(), shutdown.clone(), stats.clone()));
+        match task.await {
+            Ok(()) => return,
+            Err(e) => {
+                let name = cfg.buses.get(bus).map_or("?", |b| b.name.as_str());
+                tracing::error!(message = "Bus task failed; restarting it.", bus = %name, error = %e);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => return,
+        }
     }
 }
 

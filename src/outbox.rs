@@ -120,6 +120,12 @@ struct Counts {
     records: AtomicU64,
     bytes: AtomicU64,
     refused: AtomicU64,
+    /// One past the highest record id committed.
+    committed: AtomicU64,
+    /// One past the highest record id known to be on disk (committed before a completed sync). The sender only
+    /// sees records up to here: a record that a crash could still take back is never delivered,
+    /// so a lost commit can never turn into a duplicate work order.
+    durable: AtomicU64,
 }
 
 /// Handle to the store; cheap to clone, all clones share one database.
@@ -164,6 +170,12 @@ impl Outbox {
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
         let (state, queue, dead) = (tree("state")?, tree("outbox")?, tree("dead")?);
         let counts = Counts::default();
+        // Whatever is on disk at open is durable.
+        if let Some((k, _)) = queue.last().map_err(|e| open_error(dir, e))? {
+            let top = id_of(&k).saturating_add(1);
+            counts.committed.store(top, Ordering::Relaxed);
+            counts.durable.store(top, Ordering::Relaxed);
+        }
         for item in queue.iter() {
             let (_, v) = item.map_err(|e| open_error(dir, e))?;
             counts.records.fetch_add(1, Ordering::Relaxed);
@@ -242,6 +254,9 @@ impl Outbox {
         }
         self.counts.records.fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.counts.bytes.fetch_add(new_bytes, Ordering::Relaxed);
+        if let Some(top) = records.iter().map(|r| r.id).max() {
+            self.counts.committed.fetch_max(top.saturating_add(1), Ordering::SeqCst);
+        }
         Ok(records)
     }
 
@@ -264,8 +279,11 @@ impl Outbox {
     /// Make everything committed so far durable: sled flush, then fsync of its files and folder.
     /// Blocking; call from `spawn_blocking` in async code (or use [`Outbox::sync`]).
     pub fn sync_blocking(&self) -> Result<(), OutboxError> {
+        let target = self.counts.committed.load(Ordering::SeqCst);
         self.db.flush().map_err(|e| self.db_error(e))?;
-        sync_dir_files(&self.dir)
+        sync_dir_files(&self.dir)?;
+        self.counts.durable.fetch_max(target, Ordering::SeqCst);
+        Ok(())
     }
 
     /// [`Outbox::sync_blocking`] off the async threads.
@@ -310,14 +328,18 @@ impl Outbox {
     }
 
     /// The next batch to send: the oldest record, plus later records with the same `eventName`, up
-    /// to `max`. A meter whose older record has another event is skipped from then on, so records of
+    /// to `max`, among records already synced to disk. A meter whose older record has another event is skipped from then on, so records of
     /// one meter are always sent in detection order.
     pub fn next_batch(&self, max: usize) -> Result<Vec<Record>, OutboxError> {
         let mut batch: Vec<Record> = Vec::new();
         let mut blocked: HashSet<String> = HashSet::new();
         // Bound the scan: a backlog of other events must not make each batch read the whole queue.
+        let durable = self.counts.durable.load(Ordering::SeqCst);
         for item in self.queue.iter().take(max.saturating_mul(20).max(100)) {
             let r = self.decode_record(item)?;
+            if r.id >= durable {
+                break;
+            }
             match batch.first() {
                 None => batch.push(r),
                 Some(first) if first.event_name == r.event_name && !blocked.contains(&r.meter_no) => batch.push(r),
@@ -455,6 +477,14 @@ impl Outbox {
     }
 }
 
+fn id_of(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    if key.len() == 8 {
+        b.copy_from_slice(key);
+    }
+    u64::from_be_bytes(b)
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serialising our own plain structs to JSON cannot fail (no maps with non-string keys).
     serde_json::to_vec(v).unwrap_or_default()
@@ -550,6 +580,8 @@ mod tests {
         let b = o.commit("M2", &state(0), vec![draft("关")]).unwrap()[0].id;
         let c = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
         let d = o.commit("M3", &state(1), vec![draft("开")]).unwrap()[0].id;
+        assert!(o.next_batch(10).unwrap().is_empty(), "nothing is sent before it is synced");
+        o.sync().await.unwrap();
         let batch: Vec<u64> = o.next_batch(10).unwrap().iter().map(|r| r.id).collect();
         // M2's "开" waits behind its older "关".
         assert_eq!(batch, vec![a, d]);
