@@ -309,7 +309,9 @@ async fn generate_token(
         return html(StatusCode::SERVICE_UNAVAILABLE, "503 Service Temporarily Unavailable");
     }
     let Ok(Form(form)) = form else {
-        return json(serde_json::json!({"errMsg": "请求必须是 application/x-www-form-urlencoded 表单", "expirationTime": "", "token": ""}));
+        return json(
+            serde_json::json!({"errMsg": "请求必须是 application/x-www-form-urlencoded 表单", "expirationTime": "", "token": ""}),
+        );
     };
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
     let err_msg = if s.login_fails.load(Ordering::Relaxed) {
@@ -455,7 +457,10 @@ pub fn order_line(o: &WorkOrder) -> String {
 fn parse_flow_node_data(body: &[u8], request: u64, external: bool) -> Result<Vec<WorkOrder>, String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("请求体不是合法的 JSON: {e}"))?;
     let obj = v.as_object().ok_or("请求体必须是 JSON 对象")?;
-    if let Some(k) = obj.keys().find(|k| !["eventName", "userId", "FlowDatas"].contains(&k.as_str())) {
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["eventName", "userId", "FlowDatas"].contains(&k.as_str()))
+    {
         return Err(format!("未知字段【{k}】"));
     }
     let event_name = obj
@@ -475,7 +480,10 @@ fn parse_flow_node_data(body: &[u8], request: u64, external: bool) -> Result<Vec
     let mut orders = Vec::with_capacity(datas.len());
     for (i, d) in datas.iter().enumerate() {
         let d = d.as_object().ok_or(format!("FlowDatas[{i}] 必须是对象"))?;
-        if let Some(k) = d.keys().find(|k| !["toUserIds", "opinion", "BizData"].contains(&k.as_str())) {
+        if let Some(k) = d
+            .keys()
+            .find(|k| !["toUserIds", "opinion", "BizData"].contains(&k.as_str()))
+        {
             return Err(format!("FlowDatas[{i}] 未知字段【{k}】"));
         }
         let optional = |k: &str| match d.get(k) {
@@ -485,10 +493,9 @@ fn parse_flow_node_data(body: &[u8], request: u64, external: bool) -> Result<Vec
         };
         let to_user_ids = optional("toUserIds")?;
         let opinion = optional("opinion")?;
-        let biz_data = d
-            .get("BizData")
-            .and_then(|v| v.as_str())
-            .ok_or(format!("FlowDatas[{i}].BizData 必填，且必须是字符串（序列化后的 JSON 对象）"))?;
+        let biz_data = d.get("BizData").and_then(|v| v.as_str()).ok_or(format!(
+            "FlowDatas[{i}].BizData 必填，且必须是字符串（序列化后的 JSON 对象）"
+        ))?;
         let biz = match serde_json::from_str::<serde_json::Value>(biz_data) {
             Ok(serde_json::Value::Object(m)) => m,
             _ => return Err(format!("FlowDatas[{i}].BizData 不是 JSON 对象字符串")),
@@ -664,7 +671,12 @@ pub async fn mock_panda_main(args: MockPandaArgs) -> anyhow::Result<()> {
         password: args.password,
         project: args.project,
         token_ttl: args.token_ttl,
-        events: args.events.into_iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect(),
+        events: args
+            .events
+            .into_iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect(),
         jsonl: args.jsonl,
         print: true,
     };
@@ -681,7 +693,11 @@ pub async fn mock_panda_main(args: MockPandaArgs) -> anyhow::Result<()> {
     }
     let mock = MockPanda::start(listener, opts);
     tokio::signal::ctrl_c().await?;
-    println!("Stopping: {} orders accepted, {} tokens issued.", mock.orders().len(), mock.logins());
+    println!(
+        "Stopping: {} orders accepted, {} tokens issued.",
+        mock.orders().len(),
+        mock.logins()
+    );
     mock.stop().await;
     Ok(())
 }
@@ -703,7 +719,9 @@ mod tests {
         assert_eq!(a.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(a.token_ttl, Duration::from_secs(3600));
         assert_eq!(a.events, vec!["用水户开阀", "用水户关阀"]);
-        let a = Cli::try_parse_from(["x", "--events", "a,b,c", "--token-ttl", "90s"]).unwrap().args;
+        let a = Cli::try_parse_from(["x", "--events", "a,b,c", "--token-ttl", "90s"])
+            .unwrap()
+            .args;
         assert_eq!(a.events, vec!["a", "b", "c"]);
         assert_eq!(a.token_ttl, Duration::from_secs(90));
     }
@@ -722,12 +740,16 @@ mod tests {
             .decode(token.split('.').nth(1).unwrap())
             .unwrap();
         let text = String::from_utf8(payload).unwrap();
-        assert!(text.contains("\"exp\":") && text.contains('.') && text.contains("\"userID\":42"), "{text}");
+        assert!(
+            text.contains("\"exp\":") && text.contains('.') && text.contains("\"userID\":42"),
+            "{text}"
+        );
     }
 
     #[test]
     fn bodies_are_checked_strictly() {
-        let ok = r#"{"eventName":"e","userId":42,"FlowDatas":[{"toUserIds":"","opinion":"","BizData":"{\"a\":\"1\"}"}]}"#;
+        let ok =
+            r#"{"eventName":"e","userId":42,"FlowDatas":[{"toUserIds":"","opinion":"","BizData":"{\"a\":\"1\"}"}]}"#;
         let orders = parse_flow_node_data(ok.as_bytes(), 1, true).unwrap();
         assert_eq!(orders[0].biz_data, r#"{"a":"1"}"#);
         assert_eq!(orders[0].biz.get("a").unwrap(), "1");

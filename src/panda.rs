@@ -207,7 +207,10 @@ impl PandaClient {
                     password: password.clone(),
                 }),
             ),
-            Auth::None => (parse(format!("{base}/PandaWorkFlow/WorkFlow/api/PostFlowNodeData"))?, None),
+            Auth::None => (
+                parse(format!("{base}/PandaWorkFlow/WorkFlow/api/PostFlowNodeData"))?,
+                None,
+            ),
         };
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout)
@@ -362,7 +365,10 @@ impl PandaClient {
         let Some(login) = &self.inner.login else {
             return Err(DeliveryError::Login("no credentials configured".into()));
         };
-        let form = [("username", login.username.as_str()), ("password", login.password.as_str())];
+        let form = [
+            ("username", login.username.as_str()),
+            ("password", login.password.as_str()),
+        ];
         let resp = self
             .inner
             .http
@@ -412,12 +418,14 @@ fn classify_post(status: StatusCode, body: &[u8]) -> Answer {
     if status == StatusCode::UNAUTHORIZED {
         return Answer::Unauthorized;
     }
-    let code_msg = serde_json::from_slice::<serde_json::Value>(strip_bom(body)).ok().and_then(|v| {
-        let obj = v.as_object()?;
-        let code = obj.get("code")?.as_i64()?;
-        let msg = obj.get("msg").and_then(|m| m.as_str()).unwrap_or_default().to_string();
-        Some((code, msg))
-    });
+    let code_msg = serde_json::from_slice::<serde_json::Value>(strip_bom(body))
+        .ok()
+        .and_then(|v| {
+            let obj = v.as_object()?;
+            let code = obj.get("code")?.as_i64()?;
+            let msg = obj.get("msg").and_then(|m| m.as_str()).unwrap_or_default().to_string();
+            Some((code, msg))
+        });
     match code_msg {
         Some((0, _)) if status.is_success() => Answer::Accepted,
         Some((code, msg)) if code != 0 && !status.is_server_error() => {
@@ -442,9 +450,8 @@ fn classify_login(status: StatusCode, body: &[u8]) -> Result<(String, String), D
             .trim()
             .to_string()
     };
-    let retryable = status.is_server_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS;
+    let retryable =
+        status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS;
     if retryable || obj.is_none() {
         let what = format!("GenerateToken HTTP {}: {}", status.as_u16(), describe_body(body));
         // A non-JSON answer with a client-error status (404 for a wrong project, 403) is a configuration
@@ -565,7 +572,13 @@ fn describe_body(body: &[u8]) -> String {
             .unwrap_or_default();
         return format!("HTML page, not JSON (title {title:?})");
     }
-    let snippet: String = text.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(120).collect();
+    let snippet: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(120)
+        .collect();
     format!("not a Panda answer: {snippet:?}")
 }
 
@@ -594,7 +607,11 @@ mod tests {
     fn code_zero_with_200_is_the_only_success() {
         assert_eq!(post(200, r#"{"code":0,"msg":""}"#), Answer::Accepted);
         assert_eq!(post(200, r#"{"code": 0}"#), Answer::Accepted);
-        assert_eq!(post(200, "\u{feff}{\"code\":0}"), Answer::Accepted, "a BOM may precede JSON");
+        assert_eq!(
+            post(200, "\u{feff}{\"code\":0}"),
+            Answer::Accepted,
+            "a BOM may precede JSON"
+        );
         transient(post(500, r#"{"code":0,"msg":""}"#));
         transient(post(404, r#"{"code":0}"#));
         transient(post(200, r#"{"code":"0","msg":""}"#));
@@ -614,7 +631,10 @@ mod tests {
         );
         assert_eq!(
             post(400, r#"{"code":7}"#),
-            Answer::Failed(DeliveryError::Rejected { code: 7, msg: "".into() })
+            Answer::Failed(DeliveryError::Rejected {
+                code: 7,
+                msg: "".into()
+            })
         );
     }
 

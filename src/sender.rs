@@ -106,7 +106,7 @@ pub async fn run_sender(
         let batch = match outbox.next_batch(max_batch) {
             Ok(b) => b,
             Err(e) => {
-                log.failure("outbox", &e.to_string(), true);
+                log.failure("outbox", &e.to_string(), false, true);
                 stats.set_last_error(Some(e.to_string()));
                 if !wait(backoff.next_delay(), &shutdown).await {
                     break;
@@ -151,9 +151,10 @@ pub async fn run_sender(
                     // The records may be sent again: a duplicate, never a loss.
                     tracing::error!(message = "Delivered records could not be removed from the outbox; they may be sent again.", records = ids.len(), error = %e);
                 }
-                stats.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
                 stats.failures_in_a_row.store(0, Ordering::Relaxed);
                 stats.set_last_error(None);
+                // Last, so that a reader who sees the count also sees the rest of this delivery.
+                stats.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
                 backoff.reset();
                 log.success(ids.len());
             }
@@ -164,7 +165,10 @@ pub async fn run_sender(
                 }
                 stats.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
                 stats.set_last_error(Some(reason.clone()));
-                log.failure(e.error_code(), &reason, matches!(e, DeliveryError::Login(_)));
+                // The server's own words (a rejection's msg, a login's errMsg) are a new state when they
+                // change; a network error's details are not.
+                let by_text = matches!(e, DeliveryError::Rejected { .. } | DeliveryError::Login(_));
+                log.failure(e.error_code(), &reason, by_text, matches!(e, DeliveryError::Login(_)));
                 let delay = backoff.next_delay();
                 tracing::debug!(message = "Retrying after a delay.", delay_ms = delay.as_millis() as u64, event = %event_name, records = ids.len());
                 if !wait(delay, &shutdown).await {
@@ -224,10 +228,13 @@ impl Backoff {
 
 // === impl FailureLog ===
 
-/// Logs failures once per change of kind and at most once per [`REPEAT_LOG_INTERVAL`] while one repeats.
+/// Logs failures once per change of state and at most once per [`REPEAT_LOG_INTERVAL`] while one repeats.
+/// A state is the error kind, plus the text where the text is the server's (rejections, logins).
 #[derive(Debug, Default)]
 struct FailureLog {
     kind: Option<&'static str>,
+    /// The text that is part of the state, if any.
+    text: Option<String>,
     last_logged: Option<Instant>,
     /// Failures since the last line logged.
     unlogged: u64,
@@ -236,9 +243,12 @@ struct FailureLog {
 }
 
 impl FailureLog {
-    fn failure(&mut self, kind: &'static str, reason: &str, loud: bool) {
+    fn failure(&mut self, kind: &'static str, reason: &str, by_text: bool, loud: bool) {
         self.in_a_row += 1;
-        let due = self.kind != Some(kind) || self.last_logged.is_none_or(|t| t.elapsed() >= REPEAT_LOG_INTERVAL);
+        let text = by_text.then(|| reason.to_string());
+        let due = self.kind != Some(kind)
+            || self.text != text
+            || self.last_logged.is_none_or(|t| t.elapsed() >= REPEAT_LOG_INTERVAL);
         if !due {
             self.unlogged += 1;
             return;
@@ -249,6 +259,7 @@ impl FailureLog {
             tracing::warn!(message = "Panda delivery failing.", error_code = kind, error = %reason, failures_in_a_row = self.in_a_row, not_logged = self.unlogged);
         }
         self.kind = Some(kind);
+        self.text = text;
         self.last_logged = Some(Instant::now());
         self.unlogged = 0;
     }
@@ -293,21 +304,28 @@ mod tests {
     fn backoff_jitter_is_full_not_just_near_the_cap() {
         let mut b = Backoff::new(Duration::from_secs(10), Duration::from_secs(10));
         let small = (0..200).filter(|_| b.next_delay() < Duration::from_secs(5)).count();
-        assert!(small > 20, "full jitter spreads delays over 0..=cap, got {small}/200 below half");
+        assert!(
+            small > 20,
+            "full jitter spreads delays over 0..=cap, got {small}/200 below half"
+        );
     }
 
     #[test]
     fn a_repeating_failure_is_logged_once_until_its_kind_changes() {
         let mut log = FailureLog::default();
-        log.failure("transient", "refused", false);
+        log.failure("transient", "connect: refused", false, false);
         let first = log.last_logged;
-        log.failure("transient", "refused", false);
-        log.failure("transient", "refused", false);
+        log.failure("transient", "connect: refused", false, false);
+        log.failure("transient", "timeout", false, false);
         assert_eq!(log.last_logged, first);
         assert_eq!(log.unlogged, 2);
-        log.failure("rejected", "事件不存在", false);
+        log.failure("rejected", "事件【A】不存在", true, false);
         assert_eq!(log.kind, Some("rejected"));
         assert_eq!(log.unlogged, 0);
+        log.failure("rejected", "事件【A】不存在", true, false);
+        assert_eq!(log.unlogged, 1);
+        log.failure("rejected", "事件【B】不存在", true, false);
+        assert_eq!(log.unlogged, 0, "a new server msg is a new state");
         log.success(3);
         assert_eq!(log.kind, None);
         assert_eq!(log.in_a_row, 0);

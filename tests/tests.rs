@@ -1,1 +1,2 @@
-
+// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
+mod sender;
