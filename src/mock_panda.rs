@@ -15,9 +15,10 @@
 //!   `{"code":-1,"msg":"事件【X】不存在"}`. A request is accepted or refused as a whole.
 //!
 //! Fault injection: every PostFlowNodeData first consumes the next queued [`Fault`] (and honours the
-//! persistent [`MockPanda::set_unavailable`]), before any token or body check, so a fault never applies
-//! the request. Faults that need the socket (truncate, reset) can be added through [`StoppableStream`]'s
-//! hook point later.
+//! persistent [`MockPanda::set_unavailable`]) before any token or body check, so a fault never applies
+//! the request, except [`Fault::SlowAnswer`], which applies it and then answers late (the lost-answer
+//! case). Faults that need the socket (truncate, reset) can be added through [`StoppableStream`]'s hook
+//! point later.
 //!
 //! [`MockPanda::stop`] closes the listener *and* every open connection (keep-alive included), so clients
 //! see refused or reset connections, as with a real server going down.
@@ -128,8 +129,8 @@ pub struct WorkOrder {
     pub external: bool,
 }
 
-/// A misbehaviour for the next PostFlowNodeData request; applied before the request is looked at, so the
-/// request is never applied.
+/// A misbehaviour for the next PostFlowNodeData request. All but [`Fault::SlowAnswer`] answer before the
+/// request is looked at, so the request is not applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fault {
@@ -146,8 +147,9 @@ pub enum Fault {
         /// `msg`.
         msg: String,
     },
-    /// Wait this long, then handle the request normally.
-    Slow(Duration),
+    /// Handle the request normally (it is applied if valid), then wait this long before answering: a client
+    /// that times out first has lost the answer to an applied request.
+    SlowAnswer(Duration),
 }
 
 struct Shared {
@@ -362,6 +364,7 @@ impl Shared {
             return html(StatusCode::SERVICE_UNAVAILABLE, "503 Service Temporarily Unavailable");
         }
         let fault = lock(&self.faults).pop_front();
+        let mut answer_delay = None;
         match fault {
             None => {}
             Some(Fault::Status(code)) => {
@@ -371,8 +374,17 @@ impl Shared {
             Some(Fault::Html) => return html(StatusCode::OK, "200 but HTML"),
             Some(Fault::Empty) => return StatusCode::OK.into_response(),
             Some(Fault::Reject { code, msg }) => return json(serde_json::json!({"code": code, "msg": msg})),
-            Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+            Some(Fault::SlowAnswer(d)) => answer_delay = Some(d),
         }
+        let answer = self.check_and_apply(request, external, headers, body).await;
+        if let Some(d) = answer_delay {
+            tokio::time::sleep(d).await;
+        }
+        answer
+    }
+
+    /// Token, Content-Type and body checks; keeps the orders of a valid request.
+    async fn check_and_apply(&self, request: u64, external: bool, headers: &HeaderMap, body: &[u8]) -> Response {
         if external && !self.token_valid(headers) {
             return (
                 StatusCode::UNAUTHORIZED,

@@ -493,3 +493,22 @@ async fn the_mock_appends_accepted_orders_as_json_lines() {
     assert_eq!(lines[1]["biz_data"], records[1].biz_data.as_str());
     assert_eq!(lines[1]["biz"]["水表表号"], "M02");
 }
+
+#[tokio::test]
+async fn a_timeout_is_transient_even_though_the_server_may_still_apply_the_request() {
+    let mock = start_mock(MockOptions::default()).await;
+    mock.push_fault(Fault::SlowAnswer(Duration::from_secs(3)));
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut cfg = panda_cfg(&mock.base_url(), Auth::None, 50);
+    cfg.timeout = Duration::from_secs(1);
+    let client = PandaClient::new(&cfg, cst()).unwrap();
+    let r = queue(&outbox, "M01", OPEN).await;
+    match client.post(OPEN, std::slice::from_ref(&r)).await {
+        Err(DeliveryError::Transient(reason)) => assert!(reason.contains("timeout"), "{reason}"),
+        other => panic!("expected a transient timeout, got {other:?}"),
+    }
+    // The answer was lost, not the request: this is why delivery is at-least-once.
+    assert_eq!(mock.orders().len(), 1);
+    assert_eq!(mock.orders()[0].biz_data, r.biz_data);
+}
