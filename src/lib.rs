@@ -12,13 +12,19 @@
 //! - [`record`]: a queued work order and its BizData.
 //! - [`outbox`]: the sled store: states, outbox, dead letters; commit + fsync.
 //! - [`station`]: applies poll cycles to the store and wakes the sender.
+//! - [`panda`]: the Panda WorkFlow client: token, PostFlowNodeData, classification of every answer.
+//! - [`sender`]: the delivery loop: outbox batch → Panda → ack on `code: 0`; jittered backoff; counters.
+//! - [`mock_panda`]: a strict in-process Panda server for tests, the demo and `fieldgate mock-panda`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod detect;
 pub mod mapping;
+pub mod mock_panda;
 pub mod outbox;
+pub mod panda;
 pub mod point;
 pub mod record;
+pub mod sender;
 pub mod station;

@@ -4,3 +4,5 @@ mod util;
 
 /// Config and mapping files: every error class, encodings, profiles; `fieldgate check`.
 mod config;
+/// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
+mod sender;

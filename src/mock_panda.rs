@@ -1,0 +1,784 @@
+//! A strict, in-process Panda WorkFlow server (axum) for tests, the demo and users trying the gateway
+//! without the real server.
+//!
+//! Owns its own state only: issued tokens, accepted work orders, counters and injected faults. It is
+//! stricter than the vendor's document demands of a server, so that a client that passes here sends only
+//! what the document allows:
+//! - GenerateToken (form): wrong user → `errMsg` 用户名不存在, wrong password → 密码错误; tokens are
+//!   JWT-shaped (`header.payload.sig`, base64url) with payload `{"exp": <float secs>, "userID": 42}` and an
+//!   `expirationTime` in +08:00, as the document shows.
+//! - External PostFlowNodeData needs an issued, unexpired token in `panda-token`, else HTTP 401 with the
+//!   nginx HTML page of the document. Internal PostFlowNodeData needs none.
+//! - The body must be a JSON object with exactly `eventName` (string), `userId` (integer) and `FlowDatas`
+//!   (non-empty array of objects with `toUserIds`/`opinion` (optional strings) and `BizData`, a *string*
+//!   holding a JSON object); anything else is `{"code":-1,"msg":…}`. Unknown events are
+//!   `{"code":-1,"msg":"事件【X】不存在"}`. A request is accepted or refused as a whole.
+//!
+//! Fault injection: every PostFlowNodeData first consumes the next queued [`Fault`] (and honours the
+//! persistent [`MockPanda::set_unavailable`]) before any token or body check, so a fault never applies
+//! the request, except [`Fault::SlowAnswer`], which applies it and then answers late (the lost-answer
+//! case). Faults that need the socket (truncate, reset) can be added through [`StoppableStream`]'s hook
+//! point later.
+//!
+//! [`MockPanda::stop`] closes the listener *and* every open connection (keep-alive included), so clients
+//! see refused or reset connections, as with a real server going down.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Form, Router};
+use base64::Engine;
+use chrono::{FixedOffset, Utc};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// The 401 page the document shows (an nginx HTML page, not JSON).
+pub const UNAUTHORIZED_PAGE: &str = r##"<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN" "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">
+<html xmlns="http://www.w3.org/1999/xhtml">
+<head> <meta http-equiv="Content-Type" content="text/html; charset=utf-8" />
+<title>401-对不起！您没有权限访问</title>
+<style type="text/css">
+.head404{ width:480px; height:234px; margin:50px auto 0 auto; background:url("/nginx_images/lock.png") no-repeat; }.txtbg404{ width:499px; height:169px; margin:10px auto 0 auto; background:url("/nginx_images/txtbg404.png") no-repeat;}.txtbg404 .txtbox{ width:390px; position:relative; top:30px; left:60px;color:#eee; font-size:13px;}.txtbg404 .txtbox p {margin:5px 0; line-height:18px;}.txtbg404 .txtbox .paddingbox { padding-top:15px;}.txtbg404 .txtbox p a { color:#eee; text-decoration:none;}.txtbg404 .txtbox p a:hover { color:#FC9D1D; text-decoration:underline;}
+</style>
+</head>
+<body bgcolor="#494949">
+<div class="head404"></div>
+<div class="txtbg404">
+<div class="txtbox">
+<h3>对不起，您没有权限访问,请检查 token 状态</h3>
+<p class="paddingbox">请点击以下链接继续浏览网页</p>
+<p>》<a style="cursor:pointer" onclick="history.back()">返回上一页面</a></p>
+<p>》<a href="https://panda-water.cn/">返回网站首页</a></p>
+</div>
+</div>
+</body>
+</html>
+"##;
+
+/// `userID` in the tokens' payload.
+const TOKEN_USER_ID: i64 = 42;
+
+/// How the mock behaves.
+#[derive(Debug, Clone)]
+pub struct MockOptions {
+    /// GenerateToken `username` accepted.
+    pub username: String,
+    /// GenerateToken `password` accepted.
+    pub password: String,
+    /// The `{projectName}` path segment served.
+    pub project: String,
+    /// Lifetime of an issued token.
+    pub token_ttl: Duration,
+    /// Known `eventName`s; others are refused with 事件【X】不存在.
+    pub events: Vec<String>,
+    /// Append every accepted order to this file as one JSON line.
+    pub jsonl: Option<PathBuf>,
+    /// Print every accepted order as one readable line on stdout.
+    pub print: bool,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        MockOptions {
+            username: "0CYKwAUCTLZ4KW6l".into(),
+            password: "1vOkb5Ps4XfitL6G".into(),
+            project: "demo".into(),
+            token_ttl: Duration::from_secs(3600),
+            events: vec!["用水户开阀".into(), "用水户关阀".into()],
+            jsonl: None,
+            print: false,
+        }
+    }
+}
+
+/// One accepted `FlowDatas` element, with its request's fields.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkOrder {
+    /// Number of the PostFlowNodeData request that carried it (1-based, counts every request received).
+    pub request: u64,
+    /// `eventName`.
+    pub event_name: String,
+    /// `userId`.
+    pub user_id: i64,
+    /// `FlowDatas[].toUserIds` (`""` when absent).
+    pub to_user_ids: String,
+    /// `FlowDatas[].opinion` (`""` when absent).
+    pub opinion: String,
+    /// `FlowDatas[].BizData`, exactly as received.
+    pub biz_data: String,
+    /// `BizData` parsed.
+    pub biz: serde_json::Map<String, serde_json::Value>,
+    /// Arrived on the external (token) URL.
+    pub external: bool,
+}
+
+/// A misbehaviour for the next PostFlowNodeData request. All but [`Fault::SlowAnswer`] answer before the
+/// request is looked at, so the request is not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Answer this HTTP status with an nginx-style HTML page.
+    Status(u16),
+    /// Answer 200 with an HTML page.
+    Html,
+    /// Answer 200 with an empty body.
+    Empty,
+    /// Answer 200 with `{"code": code, "msg": msg}`.
+    Reject {
+        /// `code`.
+        code: i64,
+        /// `msg`.
+        msg: String,
+    },
+    /// Handle the request normally (it is applied if valid), then wait this long before answering: a client
+    /// that times out first has lost the answer to an applied request.
+    SlowAnswer(Duration),
+}
+
+struct Shared {
+    opts: MockOptions,
+    orders: Mutex<Vec<WorkOrder>>,
+    /// Issued token → when it expires.
+    tokens: Mutex<HashMap<String, SystemTime>>,
+    logins: AtomicU64,
+    login_attempts: AtomicU64,
+    requests: AtomicU64,
+    unavailable: AtomicBool,
+    login_fails: AtomicBool,
+    faults: Mutex<VecDeque<Fault>>,
+    /// Serialises appends to the JSON-lines file so lines never interleave.
+    jsonl: tokio::sync::Mutex<()>,
+}
+
+/// A running mock server; dropping it stops the server.
+pub struct MockPanda {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// === impl MockPanda ===
+
+impl MockPanda {
+    /// Serve on `listener` (bind `127.0.0.1:0` in tests; bind the old address again to "restart").
+    /// Must be called inside a tokio runtime.
+    pub fn start(listener: TcpListener, opts: MockOptions) -> MockPanda {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let shared = Arc::new(Shared {
+            opts,
+            orders: Mutex::new(Vec::new()),
+            tokens: Mutex::new(HashMap::new()),
+            logins: AtomicU64::new(0),
+            login_attempts: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            unavailable: AtomicBool::new(false),
+            login_fails: AtomicBool::new(false),
+            faults: Mutex::new(VecDeque::new()),
+            jsonl: tokio::sync::Mutex::new(()),
+        });
+        let router = Router::new()
+            .route("/pandaServer/{project}/GenerateToken", post(generate_token))
+            .route(
+                "/pandaServer/{project}/PandaWorkFlow/WorkFlow/api/PostFlowNodeData",
+                post(post_external),
+            )
+            .route("/PandaWorkFlow/WorkFlow/api/PostFlowNodeData", post(post_internal))
+            .fallback(not_found)
+            .with_state(shared.clone());
+        let stop = CancellationToken::new();
+        let listener = StoppableListener {
+            inner: listener,
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::warn!(message = "Mock Panda server ended.", error = %e);
+            }
+        });
+        MockPanda {
+            addr,
+            shared,
+            stop,
+            task: Mutex::new(Some(task)),
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`, for `panda.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every accepted order, in arrival order.
+    pub fn orders(&self) -> Vec<WorkOrder> {
+        lock(&self.shared.orders).clone()
+    }
+
+    /// Tokens issued.
+    pub fn logins(&self) -> u64 {
+        self.shared.logins.load(Ordering::Relaxed)
+    }
+
+    /// GenerateToken calls, failed ones included.
+    pub fn login_attempts(&self) -> u64 {
+        self.shared.login_attempts.load(Ordering::Relaxed)
+    }
+
+    /// PostFlowNodeData requests received, whatever the answer.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// While `true`, PostFlowNodeData and GenerateToken answer 503 with an HTML page.
+    pub fn set_unavailable(&self, on: bool) {
+        self.shared.unavailable.store(on, Ordering::Relaxed);
+    }
+
+    /// While `true`, GenerateToken refuses every login (`errMsg` set, empty token).
+    pub fn set_login_fails(&self, on: bool) {
+        self.shared.login_fails.store(on, Ordering::Relaxed);
+    }
+
+    /// Queue a fault for the next PostFlowNodeData request (faults are used up in order).
+    pub fn push_fault(&self, fault: Fault) {
+        lock(&self.shared.faults).push_back(fault);
+    }
+
+    /// Stop serving: the listener closes (connections are refused) and every open connection is closed.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for MockPanda {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+    }
+}
+
+// === handlers ===
+
+async fn not_found() -> Response {
+    html(StatusCode::NOT_FOUND, "404 Not Found")
+}
+
+async fn generate_token(
+    State(s): State<Arc<Shared>>,
+    Path(project): Path<String>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
+) -> Response {
+    if project != s.opts.project {
+        return html(StatusCode::NOT_FOUND, "404 Not Found");
+    }
+    s.login_attempts.fetch_add(1, Ordering::Relaxed);
+    if s.unavailable.load(Ordering::Relaxed) {
+        return html(StatusCode::SERVICE_UNAVAILABLE, "503 Service Temporarily Unavailable");
+    }
+    let Ok(Form(form)) = form else {
+        return json(
+            serde_json::json!({"errMsg": "请求必须是 application/x-www-form-urlencoded 表单", "expirationTime": "", "token": ""}),
+        );
+    };
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
+    let err_msg = if s.login_fails.load(Ordering::Relaxed) {
+        Some("登录失败（模拟故障）")
+    } else if field("username") != s.opts.username {
+        Some("用户名不存在")
+    } else if field("password") != s.opts.password {
+        Some("密码错误")
+    } else {
+        None
+    };
+    if let Some(m) = err_msg {
+        return json(serde_json::json!({"errMsg": m, "expirationTime": "", "token": ""}));
+    }
+    let (token, expires, expiration_time) = mint(s.opts.token_ttl);
+    {
+        let mut tokens = lock(&s.tokens);
+        let now = SystemTime::now();
+        tokens.retain(|_, exp| *exp > now);
+        tokens.insert(token.clone(), expires);
+    }
+    s.logins.fetch_add(1, Ordering::Relaxed);
+    json(serde_json::json!({"errMsg": "", "expirationTime": expiration_time, "token": token}))
+}
+
+async fn post_external(
+    State(s): State<Arc<Shared>>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if project != s.opts.project {
+        return html(StatusCode::NOT_FOUND, "404 Not Found");
+    }
+    s.post_flow_node_data(true, &headers, &body).await
+}
+
+async fn post_internal(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    s.post_flow_node_data(false, &headers, &body).await
+}
+
+// === impl Shared ===
+
+impl Shared {
+    async fn post_flow_node_data(&self, external: bool, headers: &HeaderMap, body: &[u8]) -> Response {
+        let request = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.unavailable.load(Ordering::Relaxed) {
+            return html(StatusCode::SERVICE_UNAVAILABLE, "503 Service Temporarily Unavailable");
+        }
+        let fault = lock(&self.faults).pop_front();
+        let mut answer_delay = None;
+        match fault {
+            None => {}
+            Some(Fault::Status(code)) => {
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return html(status, &status.to_string());
+            }
+            Some(Fault::Html) => return html(StatusCode::OK, "200 but HTML"),
+            Some(Fault::Empty) => return StatusCode::OK.into_response(),
+            Some(Fault::Reject { code, msg }) => return json(serde_json::json!({"code": code, "msg": msg})),
+            Some(Fault::SlowAnswer(d)) => answer_delay = Some(d),
+        }
+        let answer = self.check_and_apply(request, external, headers, body).await;
+        if let Some(d) = answer_delay {
+            tokio::time::sleep(d).await;
+        }
+        answer
+    }
+
+    /// Token, Content-Type and body checks; keeps the orders of a valid request.
+    async fn check_and_apply(&self, request: u64, external: bool, headers: &HeaderMap, body: &[u8]) -> Response {
+        if external && !self.token_valid(headers) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                UNAUTHORIZED_PAGE,
+            )
+                .into_response();
+        }
+        let is_json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"));
+        if !is_json {
+            return reject("Content-Type 必须是 application/json");
+        }
+        let orders = match parse_flow_node_data(body, request, external) {
+            Ok(o) => o,
+            Err(msg) => return reject(&msg),
+        };
+        let event = orders.first().map(|o| o.event_name.clone()).unwrap_or_default();
+        if !self.opts.events.contains(&event) {
+            return reject(&format!("事件【{event}】不存在"));
+        }
+        if let Err(e) = self.keep(&orders).await {
+            tracing::error!(message = "Mock Panda cannot write its JSON-lines file.", error = %e);
+            return html(StatusCode::INTERNAL_SERVER_ERROR, "500 Internal Server Error");
+        }
+        json(serde_json::json!({"code": 0, "msg": ""}))
+    }
+
+    fn token_valid(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = headers.get("panda-token").and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        lock(&self.tokens)
+            .get(token)
+            .is_some_and(|exp| *exp > SystemTime::now())
+    }
+
+    /// Write accepted orders to the file (if any), then keep them in memory and print them.
+    async fn keep(&self, orders: &[WorkOrder]) -> io::Result<()> {
+        let _serial = self.jsonl.lock().await;
+        if let Some(path) = &self.opts.jsonl {
+            let mut lines = String::new();
+            for o in orders {
+                lines.push_str(&serde_json::to_string(o).map_err(io::Error::other)?);
+                lines.push('\n');
+            }
+            let mut f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .await?;
+            f.write_all(lines.as_bytes()).await?;
+            f.flush().await?;
+        }
+        lock(&self.orders).extend(orders.iter().cloned());
+        if self.opts.print {
+            for o in orders {
+                println!("{}", order_line(o));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One readable line per order: event, 水表表号, 用户名称, 阀门当前状态.
+pub fn order_line(o: &WorkOrder) -> String {
+    let get = |k: &str| o.biz.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    format!(
+        "工单 #{} {}  水表表号={}  用户名称={}  阀门当前状态={}{}",
+        o.request,
+        o.event_name,
+        get("水表表号"),
+        get("用户名称"),
+        get(crate::record::VALVE_STATE_KEY),
+        if o.external { "" } else { "  (internal)" }
+    )
+}
+
+/// Check a PostFlowNodeData body strictly; the orders it carries, or the `msg` to refuse it with.
+fn parse_flow_node_data(body: &[u8], request: u64, external: bool) -> Result<Vec<WorkOrder>, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("请求体不是合法的 JSON: {e}"))?;
+    let obj = v.as_object().ok_or("请求体必须是 JSON 对象")?;
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["eventName", "userId", "FlowDatas"].contains(&k.as_str()))
+    {
+        return Err(format!("未知字段【{k}】"));
+    }
+    let event_name = obj
+        .get("eventName")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .ok_or("eventName 必填，且必须是字符串")?;
+    let user_id = obj
+        .get("userId")
+        .and_then(|v| v.as_i64())
+        .ok_or("userId 必填，且必须是整数")?;
+    let datas = obj
+        .get("FlowDatas")
+        .and_then(|v| v.as_array())
+        .filter(|a| !a.is_empty())
+        .ok_or("FlowDatas 必填，且必须是非空数组")?;
+    let mut orders = Vec::with_capacity(datas.len());
+    for (i, d) in datas.iter().enumerate() {
+        let d = d.as_object().ok_or(format!("FlowDatas[{i}] 必须是对象"))?;
+        if let Some(k) = d
+            .keys()
+            .find(|k| !["toUserIds", "opinion", "BizData"].contains(&k.as_str()))
+        {
+            return Err(format!("FlowDatas[{i}] 未知字段【{k}】"));
+        }
+        let optional = |k: &str| match d.get(k) {
+            None => Ok(String::new()),
+            Some(serde_json::Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(format!("FlowDatas[{i}].{k} 必须是字符串")),
+        };
+        let to_user_ids = optional("toUserIds")?;
+        let opinion = optional("opinion")?;
+        let biz_data = d.get("BizData").and_then(|v| v.as_str()).ok_or(format!(
+            "FlowDatas[{i}].BizData 必填，且必须是字符串（序列化后的 JSON 对象）"
+        ))?;
+        let biz = match serde_json::from_str::<serde_json::Value>(biz_data) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => return Err(format!("FlowDatas[{i}].BizData 不是 JSON 对象字符串")),
+        };
+        orders.push(WorkOrder {
+            request,
+            event_name: event_name.to_string(),
+            user_id,
+            to_user_ids,
+            opinion,
+            biz_data: biz_data.to_string(),
+            biz,
+            external,
+        });
+    }
+    Ok(orders)
+}
+
+/// A token shaped like the document's: `header.payload.sig` (base64url), payload `{"exp": float, "userID"}`.
+/// Returns (token, expiry, `expirationTime` in +08:00).
+fn mint(ttl: Duration) -> (String, SystemTime, String) {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let expires = SystemTime::now() + ttl;
+    let exp = expires
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    let header = b64.encode(r#"{"typ":"JWT","alg":"HS256"}"#);
+    let payload = b64.encode(serde_json::json!({"exp": exp, "userID": TOKEN_USER_ID}).to_string());
+    let sig = b64.encode(rand::random::<[u8; 32]>());
+    let cst = FixedOffset::east_opt(8 * 3600).unwrap_or_else(|| unreachable!("+08:00 is a valid offset"));
+    let expiration_time = chrono::Duration::from_std(ttl)
+        .ok()
+        .and_then(|d| Utc::now().checked_add_signed(d))
+        .map(|t| t.with_timezone(&cst).format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default();
+    (format!("{header}.{payload}.{sig}"), expires, expiration_time)
+}
+
+fn json(v: serde_json::Value) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+fn reject(msg: &str) -> Response {
+    json(serde_json::json!({"code": -1, "msg": msg}))
+}
+
+/// An nginx-style error page.
+fn html(status: StatusCode, title: &str) -> Response {
+    let page = format!(
+        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    );
+    (status, [(header::CONTENT_TYPE, "text/html")], page).into_response()
+}
+
+// === stoppable listener ===
+
+/// A TCP listener whose connections all fail once `stop` is cancelled, so that stopping the mock also
+/// ends keep-alive connections that axum's per-connection tasks would otherwise keep serving.
+struct StoppableListener {
+    inner: TcpListener,
+    stop: CancellationToken,
+}
+
+impl axum::serve::Listener for StoppableListener {
+    type Io = StoppableStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let stopped = Box::pin(self.stop.clone().cancelled_owned());
+                    return (StoppableStream { inner: stream, stopped }, addr);
+                }
+                // Out of file descriptors and the like: wait a little, as axum's own listener does.
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection that errors on every read and write after the mock is stopped. The hook point for
+/// socket-level faults (truncate, reset) later.
+pub struct StoppableStream {
+    inner: TcpStream,
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl StoppableStream {
+    fn stopped(&mut self, cx: &mut Context<'_>) -> bool {
+        self.stopped.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn stopped_error() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, "mock Panda stopped")
+}
+
+impl AsyncRead for StoppableStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.stopped(cx) {
+            return Poll::Ready(Err(stopped_error()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StoppableStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.stopped(cx) {
+            return Poll::Ready(Err(stopped_error()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+// === command line ===
+
+/// `fieldgate mock-panda`: run the mock until Ctrl-C.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MockPandaArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Lifetime of issued tokens, e.g. "1h", "90s".
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+    /// Known eventNames, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "用水户开阀,用水户关阀")]
+    pub events: Vec<String>,
+    /// Append every accepted order to this file as a JSON line.
+    #[arg(long)]
+    pub jsonl: Option<PathBuf>,
+    /// GenerateToken username accepted.
+    #[arg(long, default_value = "0CYKwAUCTLZ4KW6l")]
+    pub username: String,
+    /// GenerateToken password accepted.
+    #[arg(long, default_value = "1vOkb5Ps4XfitL6G")]
+    pub password: String,
+    /// The {projectName} path segment.
+    #[arg(long, default_value = "demo")]
+    pub project: String,
+}
+
+/// Run the mock with `args`, printing each accepted order, until Ctrl-C.
+pub async fn mock_panda_main(args: MockPandaArgs) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let opts = MockOptions {
+        username: args.username,
+        password: args.password,
+        project: args.project,
+        token_ttl: args.token_ttl,
+        events: args
+            .events
+            .into_iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect(),
+        jsonl: args.jsonl,
+        print: true,
+    };
+    println!(
+        "Mock Panda on http://{}  project={}  username={}  token_ttl={}  events={}",
+        listener.local_addr().unwrap_or(args.listen),
+        opts.project,
+        opts.username,
+        humantime::format_duration(opts.token_ttl),
+        opts.events.join(",")
+    );
+    if let Some(p) = &opts.jsonl {
+        println!("Appending accepted orders to {}", p.display());
+    }
+    let mock = MockPanda::start(listener, opts);
+    tokio::signal::ctrl_c().await?;
+    println!(
+        "Stopping: {} orders accepted, {} tokens issued.",
+        mock.orders().len(),
+        mock.logins()
+    );
+    mock.stop().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: MockPandaArgs,
+    }
+
+    #[test]
+    fn mock_args_default_and_parse() {
+        let a = Cli::try_parse_from(["x"]).unwrap().args;
+        assert_eq!(a.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(a.token_ttl, Duration::from_secs(3600));
+        assert_eq!(a.events, vec!["用水户开阀", "用水户关阀"]);
+        let a = Cli::try_parse_from(["x", "--events", "a,b,c", "--token-ttl", "90s"])
+            .unwrap()
+            .args;
+        assert_eq!(a.events, vec!["a", "b", "c"]);
+        assert_eq!(a.token_ttl, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn minted_tokens_carry_a_float_exp_the_client_can_read() {
+        let (token, expires, expiration_time) = mint(Duration::from_secs(60));
+        assert_eq!(token.split('.').count(), 3);
+        let exp = crate::panda::jwt_exp(&token).unwrap();
+        let want = chrono::DateTime::<Utc>::from(expires);
+        assert!((exp - want).num_milliseconds().abs() < 2, "{exp} vs {want}");
+        let cst = FixedOffset::east_opt(8 * 3600).unwrap();
+        let by_time = crate::panda::expiration_in_zone(&expiration_time, cst).unwrap();
+        assert!((by_time - want).num_seconds().abs() <= 1);
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap();
+        let text = String::from_utf8(payload).unwrap();
+        assert!(
+            text.contains("\"exp\":") && text.contains('.') && text.contains("\"userID\":42"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bodies_are_checked_strictly() {
+        let ok =
+            r#"{"eventName":"e","userId":42,"FlowDatas":[{"toUserIds":"","opinion":"","BizData":"{\"a\":\"1\"}"}]}"#;
+        let orders = parse_flow_node_data(ok.as_bytes(), 1, true).unwrap();
+        assert_eq!(orders[0].biz_data, r#"{"a":"1"}"#);
+        assert_eq!(orders[0].biz.get("a").unwrap(), "1");
+        for bad in [
+            "",
+            "[]",
+            r#"{"eventName":"e","userId":"42","FlowDatas":[{"BizData":"{}"}]}"#,
+            r#"{"eventName":"e","userId":42.5,"FlowDatas":[{"BizData":"{}"}]}"#,
+            r#"{"eventName":1,"userId":42,"FlowDatas":[{"BizData":"{}"}]}"#,
+            r#"{"eventName":"e","userId":42,"FlowDatas":[]}"#,
+            r#"{"eventName":"e","userId":42,"FlowDatas":[{"BizData":{"a":"1"}}]}"#,
+            r#"{"eventName":"e","userId":42,"FlowDatas":[{"BizData":"[1]"}]}"#,
+            r#"{"eventName":"e","userId":42,"FlowDatas":[{"BizData":"{}","extra":""}]}"#,
+            r#"{"eventName":"e","userId":42,"FlowDatas":[{"BizData":"{}"}],"meterNo":"M1"}"#,
+            r#"{"eventName":"e","userId":42,"FlowDatas":[{"BizData":"{}","opinion":1}]}"#,
+        ] {
+            assert!(parse_flow_node_data(bad.as_bytes(), 1, true).is_err(), "{bad}");
+        }
+    }
+}
