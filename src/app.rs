@@ -99,7 +99,8 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
 impl Gateway {
     /// Stop in order (buses, station, sender) and make everything durable. Bounded: each stage
     /// gets `grace`; a stage that overruns is abandoned, which loses nothing already committed.
-    pub async fn stop(self, grace: Duration) {
+    /// Returns the number of records still queued.
+    pub async fn stop(self, grace: Duration) -> u64 {
         self.stop_buses.cancel();
         for b in self.buses {
             if tokio::time::timeout(grace, b).await.is_err() {
@@ -116,7 +117,9 @@ impl Gateway {
         if let Err(e) = self.outbox.sync().await {
             tracing::error!(message = "Final sync failed.", error = %e);
         }
-        tracing::info!(message = "Gateway stopped.", queued = self.outbox.len());
+        let queued = self.outbox.len();
+        tracing::info!(message = "Gateway stopped.", queued);
+        queued
     }
 }
 

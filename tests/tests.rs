@@ -6,3 +6,7 @@ mod util;
 mod config;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
 mod sender;
+/// Simulator → gateway → mock Panda, in-process, over TCP and loopback HTTP.
+mod e2e;
+/// `fieldgate run` killed with SIGKILL at random moments.
+mod crash;
