@@ -12,13 +12,17 @@
 //! - [`record`]: a queued work order and its BizData.
 //! - [`outbox`]: the sled store: states, outbox, dead letters; commit + fsync.
 //! - [`station`]: applies poll cycles to the store and wakes the sender.
+//! - [`bus`]: one task per bus: read plan, Modbus polling with timeouts and recovery, offline meters.
+//! - [`simulator`]: simulated Modbus meters with fault injection (`fieldgate simulate`, demo, tests).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bus;
 pub mod config;
 pub mod detect;
 pub mod mapping;
 pub mod outbox;
 pub mod point;
 pub mod record;
+pub mod simulator;
 pub mod station;
