@@ -350,7 +350,7 @@ impl Link {
                 return Err(Failure::BusDown(self.down_kind.unwrap_or("closed").to_string()));
             }
         }
-        match self.open().await {
+        match open(&self.transport, self.timeout).await {
             Ok(ctx) => {
                 let n = self.stats.connects.fetch_add(1, Ordering::Relaxed);
                 if n > 0 {
@@ -401,50 +401,6 @@ impl Link {
         }
     }
 
-    async fn open(&self) -> Result<Context, OpenError> {
-        match &self.transport {
-            Transport::Tcp(addr) => {
-                let stream = connect_tcp(addr, self.timeout).await?;
-                Ok(tcp::attach_slave(stream, Slave(1)))
-            }
-            Transport::RtuOverTcp(addr) => {
-                let stream = connect_tcp(addr, self.timeout).await?;
-                Ok(rtu::attach_slave(stream, Slave(1)))
-            }
-            Transport::Serial {
-                path,
-                baud,
-                parity,
-                data_bits,
-                stop_bits,
-            } => {
-                let builder = tokio_serial::new(path.as_str(), *baud)
-                    .parity(match parity {
-                        Parity::None => tokio_serial::Parity::None,
-                        Parity::Even => tokio_serial::Parity::Even,
-                        Parity::Odd => tokio_serial::Parity::Odd,
-                    })
-                    .data_bits(if *data_bits == 7 {
-                        tokio_serial::DataBits::Seven
-                    } else {
-                        tokio_serial::DataBits::Eight
-                    })
-                    .stop_bits(if *stop_bits == 2 {
-                        tokio_serial::StopBits::Two
-                    } else {
-                        tokio_serial::StopBits::One
-                    });
-                let port = tokio_serial::SerialStream::open(&builder).map_err(|e| serial_open_error(path, &e))?;
-                // Stale bytes survive close and reopen (notes §4.3): discard them before the first request.
-                port.clear(tokio_serial::ClearBuffer::Input).map_err(|e| OpenError {
-                    kind: "clear",
-                    message: format!("cannot discard the input buffer of {path}: {e}"),
-                })?;
-                Ok(rtu::attach_slave(port, Slave(1)))
-            }
-        }
-    }
-
     /// Drop a poisoned context; on RTU stay silent for `guard` first, so a late frame has arrived (and
     /// is discarded on reopen) before the next request goes out.
     async fn poison(&mut self, ctx: Context) {
@@ -472,7 +428,7 @@ impl Link {
                 Ok(data) => {
                     bump(&self.stats.ok);
                     self.ctx = Some(ctx);
-                    self.gap().await;
+                    pause(self.frame_gap).await;
                     return Ok(data);
                 }
                 Err(why) => {
@@ -484,7 +440,7 @@ impl Link {
                 // The device answered: the context is in sync and stays.
                 bump(&self.stats.exceptions);
                 self.ctx = Some(ctx);
-                self.gap().await;
+                pause(self.frame_gap).await;
                 return Err(Failure::Exception(code));
             }
             Ok(Err(tokio_modbus::Error::Protocol(e))) => {
@@ -514,10 +470,58 @@ impl Link {
         self.poison(ctx).await;
         Err(failure)
     }
+}
 
-    async fn gap(&self) {
-        if !self.frame_gap.is_zero() {
-            sleep(self.frame_gap).await;
+/// Sleep unless zero. (A free function: a `&Link` held across an await would make the task `!Send`.)
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        sleep(d).await;
+    }
+}
+
+/// Open the bus's port or connection (a connect is bounded by `limit`).
+///
+/// A free function, so no `&Link` (which holds a non-`Sync` context) lives across its awaits.
+async fn open(transport: &Transport, limit: Duration) -> Result<Context, OpenError> {
+    match transport {
+        Transport::Tcp(addr) => {
+            let stream = connect_tcp(addr, limit).await?;
+            Ok(tcp::attach_slave(stream, Slave(1)))
+        }
+        Transport::RtuOverTcp(addr) => {
+            let stream = connect_tcp(addr, limit).await?;
+            Ok(rtu::attach_slave(stream, Slave(1)))
+        }
+        Transport::Serial {
+            path,
+            baud,
+            parity,
+            data_bits,
+            stop_bits,
+        } => {
+            let builder = tokio_serial::new(path.as_str(), *baud)
+                .parity(match parity {
+                    Parity::None => tokio_serial::Parity::None,
+                    Parity::Even => tokio_serial::Parity::Even,
+                    Parity::Odd => tokio_serial::Parity::Odd,
+                })
+                .data_bits(if *data_bits == 7 {
+                    tokio_serial::DataBits::Seven
+                } else {
+                    tokio_serial::DataBits::Eight
+                })
+                .stop_bits(if *stop_bits == 2 {
+                    tokio_serial::StopBits::Two
+                } else {
+                    tokio_serial::StopBits::One
+                });
+            let port = tokio_serial::SerialStream::open(&builder).map_err(|e| serial_open_error(path, &e))?;
+            // Stale bytes survive close and reopen (notes §4.3): discard them before the first request.
+            port.clear(tokio_serial::ClearBuffer::Input).map_err(|e| OpenError {
+                kind: "clear",
+                message: format!("cannot discard the input buffer of {path}: {e}"),
+            })?;
+            Ok(rtu::attach_slave(port, Slave(1)))
         }
     }
 }
@@ -940,6 +944,14 @@ mod tests {
         assert!(matches!(check(c, Response::ReadCoils(vec![true; 8])), Ok(Data::Bits(v)) if v.len() == 3));
         assert!(check(c, Response::ReadCoils(vec![])).is_err());
         assert!(check(c, Response::ReadCoils(vec![true; 16])).is_err());
+    }
+
+    /// Compiles only if the bus task can be `tokio::spawn`ed (the tokio-modbus context is not `Sync`, so
+    /// no `&Link` may live across an await).
+    #[allow(dead_code)]
+    fn the_bus_task_is_send(cfg: Arc<Config>, tx: mpsc::Sender<Cycle>, stop: CancellationToken, st: Arc<BusStats>) {
+        fn assert_send<T: Send>(_: T) {}
+        assert_send(run_bus(cfg, 0, tx, stop, st));
     }
 
     #[test]

@@ -27,15 +27,27 @@
 //! # Faults
 //!
 //! [`Plant::inject`] queues a [`Fault`] for a unit; each request to that unit consumes one:
-//! - [`Fault::Late`]: the answer (computed when the request arrived) is sent after the delay.
+//! - [`Fault::Late`]: the answer (computed when the request arrived) is sent after the delay. On Modbus TCP
+//!   it holds up that connection. On an RTU line it does not hold up the other units (a slow slave on
+//!   RS-485 does not stop the others): a timer writes the RTU frame onto the line later.
 //! - [`Fault::WrongCount`]: a read answers one item fewer than asked.
 //! - [`Fault::Garbage`]: the bytes of the answer on the wire are replaced by zero bytes of the same length.
-//!   The transport is wrapped ([`Garble`]), so this works for TCP and RTU over TCP directly. The RTU server
-//!   of tokio-modbus 0.17 takes a concrete `SerialStream` and cannot be wrapped, so on a serial device the
-//!   simulator *bridges*: it runs its RTU-over-TCP server on `127.0.0.1:0` and pumps bytes between the
-//!   serial device and it. The same wrapper then garbles RTU answers, and a request the server cannot
-//!   decode only ends that internal connection (the pump reconnects), instead of ending the server
-//!   (tokio-modbus's `serve_forever` returns on the first undecodable request).
+//!
+//! Both work by wrapping the server's transport ([`Garble`]).
+//!
+//! # RTU: one simulated line
+//!
+//! The RTU server of tokio-modbus 0.17 takes a concrete `SerialStream` and cannot be wrapped, and its
+//! `serve_forever` returns on the first undecodable request. So every RTU transport goes through a
+//! simulated *line*: a persistent connection to an internal RTU-over-TCP frame server on `127.0.0.1:0`.
+//! - A serial device ([`serve_rtu`], [`serve_rtu_path`]) is pumped to and from the line.
+//! - RTU over TCP ([`serve_rtu_over_tcp`]) works like an RS-485 device server. Every client's bytes go to the
+//!   one line, the newest client wins, and what the line sends goes to the client connected at that
+//!   moment, or is lost when none is.
+//!
+//! The line outlives reopened ports and reconnected clients, so a late answer arrives after a reopen, as
+//! on real hardware. That is what the gateway's guard time is for. A request the frame server cannot
+//! decode only ends the internal connection, which is then reopened.
 //!
 //! [`Plant::silence`] makes a unit dead: requests to it get no answer at all, like unknown units.
 //!
@@ -48,7 +60,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context as TaskContext, Poll};
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -148,8 +160,8 @@ enum Answer {
     Silent,
     /// Answer at once.
     Now(Result<Response, ExceptionCode>),
-    /// Answer after a delay.
-    Late(Duration, Result<Response, ExceptionCode>),
+    /// Answer after a delay (function code of the request, for framing it on an RTU line).
+    Late(Duration, u8, Result<Response, ExceptionCode>),
     /// Answer at once, garbled on the wire.
     Garbled(Result<Response, ExceptionCode>),
 }
@@ -308,10 +320,11 @@ impl Plant {
         let Some(u) = p.units.get_mut(&slave) else {
             return Answer::Silent;
         };
+        let fc = read_function(&request);
         let mut result = apply(u, request);
         match fault {
             None => Answer::Now(result),
-            Some(Fault::Late(d)) => Answer::Late(d, result),
+            Some(Fault::Late(d)) => Answer::Late(d, fc, result),
             Some(Fault::Garbage) => Answer::Garbled(result),
             Some(Fault::WrongCount) => {
                 if let Ok(Response::ReadCoils(v) | Response::ReadDiscreteInputs(v)) = &mut result {
@@ -323,6 +336,17 @@ impl Plant {
                 Answer::Now(result)
             }
         }
+    }
+}
+
+/// The function code of a read request (0 for others).
+fn read_function(request: &Request<'_>) -> u8 {
+    match request {
+        Request::ReadCoils(..) => 1,
+        Request::ReadDiscreteInputs(..) => 2,
+        Request::ReadHoldingRegisters(..) => 3,
+        Request::ReadInputRegisters(..) => 4,
+        _ => 0,
     }
 }
 
@@ -381,6 +405,9 @@ fn apply(u: &mut Unit, request: Request<'_>) -> Result<Response, ExceptionCode> 
 struct PlantService {
     plant: Plant,
     garble: Arc<AtomicBool>,
+    /// On an RTU line, late answers are written by a timer task (see [`Garble`]), so one slow unit does
+    /// not hold up the others; `None` on Modbus TCP, where a late answer delays its connection.
+    late: Option<Arc<LateFrames>>,
 }
 
 type AnswerFuture = Pin<Box<dyn Future<Output = Result<Option<Response>, ExceptionCode>> + Send>>;
@@ -393,14 +420,25 @@ impl tokio_modbus::server::Service for PlantService {
 
     fn call(&self, req: Self::Request) -> Self::Future {
         let SlaveRequest { slave, request } = req;
-        match self.plant.answer(slave, request) {
+        let answer = self.plant.answer(slave, request);
+        if let (Answer::Late(delay, fc, result), Some(late)) = (&answer, &self.late) {
+            if let Some(frame) = rtu_frame(slave, *fc, result) {
+                let (delay, late) = (*delay, Arc::clone(late));
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    late.push(frame);
+                });
+                return Box::pin(std::future::ready(Ok(None)));
+            }
+        }
+        match answer {
             Answer::Silent => Box::pin(std::future::ready(Ok(None))),
             Answer::Now(r) => Box::pin(std::future::ready(r.map(Some))),
             Answer::Garbled(r) => {
                 self.garble.store(true, Ordering::SeqCst);
                 Box::pin(std::future::ready(r.map(Some)))
             }
-            Answer::Late(delay, r) => Box::pin(async move {
+            Answer::Late(delay, _, r) => Box::pin(async move {
                 tokio::time::sleep(delay).await;
                 r.map(Some)
             }),
@@ -408,13 +446,44 @@ impl tokio_modbus::server::Service for PlantService {
     }
 }
 
-/// A transport wrapper that, when armed, replaces the bytes of the next write (one whole answer frame:
-/// tokio-modbus writes a frame with one buffer) by zero bytes of the same length.
+/// RTU frames to be written onto the wire outside the server's request/answer cycle (late answers).
+#[derive(Debug, Default)]
+struct LateFrames {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    /// The connection task, parked in a read while the server waits for the next request.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl LateFrames {
+    fn push(&self, frame: Vec<u8>) {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner()).push_back(frame);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    }
+
+    fn pop(&self) -> Option<Vec<u8>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+    }
+
+    fn park(&self, waker: &Waker) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+    }
+}
+
+/// A server transport wrapper for fault injection:
+/// - when `armed`, the bytes of the next write (one whole answer frame: tokio-modbus writes a frame with
+///   one buffer) are replaced by zero bytes of the same length ([`Fault::Garbage`]);
+/// - late RTU frames are written whenever the server polls for its next request, which it always does
+///   while idle ([`Fault::Late`] on an RTU line).
 pub struct Garble<T> {
     inner: T,
     armed: Arc<AtomicBool>,
     /// Bytes of the current frame still to be replaced.
     garbling: usize,
+    late: Arc<LateFrames>,
+    /// A late frame being written.
+    out: Vec<u8>,
 }
 
 impl<T> Garble<T> {
@@ -424,28 +493,57 @@ impl<T> Garble<T> {
             inner,
             armed,
             garbling: 0,
+            late: Arc::default(),
+            out: Vec::new(),
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Garble<T> {
+impl<T: AsyncWrite + Unpin> Garble<T> {
+    /// Write queued late frames; `Ready(Ok)` once none is left half written.
+    fn poll_late(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.out.is_empty() {
+                match self.late.pop() {
+                    Some(frame) => self.out = frame,
+                    None => return Poll::Ready(Ok(())),
+                }
+            }
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out.drain(..n.min(self.out.len()));
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Garble<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let me = &mut *self;
+        me.late.park(cx.waker());
+        if let Poll::Ready(Err(e)) = me.poll_late(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut me.inner).poll_read(cx, buf)
     }
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Garble<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if self.garbling == 0 && self.armed.swap(false, Ordering::SeqCst) {
-            self.garbling = buf.len();
+        let me = &mut *self;
+        // Never interleave: a late frame half written goes out first.
+        std::task::ready!(me.poll_late(cx))?;
+        if me.garbling == 0 && me.armed.swap(false, Ordering::SeqCst) {
+            me.garbling = buf.len();
         }
-        if self.garbling == 0 {
-            return Pin::new(&mut self.inner).poll_write(cx, buf);
+        if me.garbling == 0 {
+            return Pin::new(&mut me.inner).poll_write(cx, buf);
         }
-        let n = self.garbling.min(buf.len());
+        let n = me.garbling.min(buf.len());
         let zeros = vec![0u8; n];
-        let written = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &zeros))?;
-        self.garbling -= written.min(self.garbling);
+        let written = std::task::ready!(Pin::new(&mut me.inner).poll_write(cx, &zeros))?;
+        me.garbling -= written.min(me.garbling);
         Poll::Ready(Ok(written))
     }
 
@@ -458,14 +556,56 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Garble<T> {
     }
 }
 
-fn connection(plant: &Plant, stream: TcpStream) -> (PlantService, Garble<TcpStream>) {
+/// An RTU answer frame (address, PDU, CRC) for a read answer or an exception; `None` for other answers.
+fn rtu_frame(slave: u8, fc: u8, result: &Result<Response, ExceptionCode>) -> Option<Vec<u8>> {
+    let mut f = vec![slave];
+    match result {
+        Ok(Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits)) if fc != 0 => {
+            let bytes: Vec<u8> = bits
+                .chunks(8)
+                .map(|c| c.iter().enumerate().fold(0u8, |b, (i, &on)| b | (u8::from(on) << i)))
+                .collect();
+            f.push(fc);
+            f.push(u8::try_from(bytes.len()).ok()?);
+            f.extend(bytes);
+        }
+        Ok(Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words)) if fc != 0 => {
+            f.push(fc);
+            f.push(u8::try_from(words.len() * 2).ok()?);
+            f.extend(words.iter().flat_map(|w| w.to_be_bytes()));
+        }
+        Err(code) if fc != 0 => {
+            f.push(fc | 0x80);
+            f.push(u8::from(*code));
+        }
+        _ => return None,
+    }
+    let crc = crc16(&f);
+    f.extend(crc.to_le_bytes());
+    Some(f)
+}
+
+/// CRC-16/MODBUS.
+fn crc16(data: &[u8]) -> u16 {
+    data.iter().fold(0xFFFF, |crc, &b| {
+        (0..8).fold(
+            crc ^ u16::from(b),
+            |c, _| if c & 1 != 0 { (c >> 1) ^ 0xA001 } else { c >> 1 },
+        )
+    })
+}
+
+/// The service and wrapped transport of one connection; `rtu_line`: late answers do not block others.
+fn connection(plant: &Plant, stream: TcpStream, rtu_line: bool) -> (PlantService, Garble<TcpStream>) {
     let _ = stream.set_nodelay(true);
     let armed = Arc::new(AtomicBool::new(false));
+    let transport = Garble::new(stream, Arc::clone(&armed));
     let service = PlantService {
         plant: plant.clone(),
-        garble: Arc::clone(&armed),
+        garble: armed,
+        late: rtu_line.then(|| Arc::clone(&transport.late)),
     };
-    (service, Garble::new(stream, armed))
+    (service, transport)
 }
 
 // === serving ===
@@ -476,7 +616,7 @@ pub fn serve_tcp(listener: TcpListener, plant: Plant) -> JoinHandle<()> {
     tokio::spawn(async move {
         let server = tokio_modbus::server::tcp::Server::new(listener);
         let on_connected = move |stream: TcpStream, _peer: SocketAddr| {
-            let conn = connection(&plant, stream);
+            let conn = connection(&plant, stream, false);
             async move { io::Result::Ok(Some(conn)) }
         };
         loop {
@@ -488,13 +628,70 @@ pub fn serve_tcp(listener: TcpListener, plant: Plant) -> JoinHandle<()> {
     })
 }
 
-/// Serve the plant as Modbus RTU over TCP (what an RS-485 device server speaks) on `listener`, until the
-/// handle is aborted.
+/// Serve the plant as Modbus RTU over TCP on `listener`, the way an RS-485 device server does: every
+/// client's bytes go to one shared RTU line (the newest client wins), and what the line sends goes to the
+/// client connected at that moment, or nowhere when none is. So a late answer reaches a client that
+/// reconnected too soon, as on real hardware. Runs until the handle is aborted.
 pub fn serve_rtu_over_tcp(listener: TcpListener, plant: Plant) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(mut line) = Line::start(plant).await else {
+            return;
+        };
+        let mut client: Option<TcpStream> = None;
+        let mut from_client = [0u8; 512];
+        let mut from_line = [0u8; 512];
+        loop {
+            let conn = line.get().await;
+            let event = match client.as_mut() {
+                None => tokio::select! {
+                    r = listener.accept() => Event::Accepted(r.map(|(s, _)| s)),
+                    r = conn.read(&mut from_line) => Event::FromLine(r),
+                },
+                Some(c) => tokio::select! {
+                    r = listener.accept() => Event::Accepted(r.map(|(s, _)| s)),
+                    r = c.read(&mut from_client) => Event::FromDevice(r),
+                    r = conn.read(&mut from_line) => Event::FromLine(r),
+                },
+            };
+            match event {
+                Event::Accepted(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    client = Some(s);
+                }
+                Event::Accepted(Err(error)) => {
+                    debug!(message = "Simulator accept failed.", %error);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Event::FromDevice(Ok(0) | Err(_)) => client = None,
+                Event::FromDevice(Ok(n)) => line.send(&from_client[..n]).await,
+                Event::FromLine(Ok(0) | Err(_)) => line.reset(),
+                Event::FromLine(Ok(n)) => {
+                    // No client: the bytes are lost, as on a device server.
+                    if let Some(c) = client.as_mut() {
+                        if c.write_all(&from_line[..n]).await.is_err() {
+                            client = None;
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// One of the inputs a bridge waits on.
+enum Event<T> {
+    Accepted(io::Result<T>),
+    FromDevice(io::Result<usize>),
+    FromLine(io::Result<usize>),
+}
+
+/// Serve the RTU frames on each connection to `listener` with the plant (tokio-modbus's RTU-over-TCP
+/// server, transport wrapped in [`Garble`]). This is the simulated line's far end.
+fn serve_rtu_frames(listener: TcpListener, plant: Plant) -> JoinHandle<()> {
     tokio::spawn(async move {
         let server = tokio_modbus::server::rtu_over_tcp::Server::new(listener);
         let on_connected = move |stream: TcpStream, _peer: SocketAddr| {
-            let conn = connection(&plant, stream);
+            let conn = connection(&plant, stream, true);
             async move { io::Result::Ok(Some(conn)) }
         };
         loop {
@@ -519,19 +716,72 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The simulated RS-485 line: one persistent connection to an internal RTU frame server on
+/// `127.0.0.1:0`. It outlives the serial device or client on the other side, so an answer still in flight
+/// arrives after a reopen, as on a real line. Reopened only when the frame server ends it (it does on a
+/// request it cannot decode).
+struct Line {
+    addr: SocketAddr,
+    conn: Option<TcpStream>,
+    _server: AbortOnDrop,
+}
+
+impl Line {
+    async fn start(plant: Plant) -> Option<Line> {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(error) => {
+                warn!(message = "Simulator cannot bind its internal RTU line.", %error);
+                return None;
+            }
+        };
+        let addr = listener.local_addr().ok()?;
+        Some(Line {
+            addr,
+            conn: None,
+            _server: AbortOnDrop(serve_rtu_frames(listener, plant)),
+        })
+    }
+
+    /// The connection, (re)connecting until it succeeds.
+    async fn get(&mut self) -> &mut TcpStream {
+        while self.conn.is_none() {
+            match TcpStream::connect(self.addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    self.conn = Some(s);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        self.conn
+            .get_or_insert_with(|| unreachable!("connected by the loop above"))
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        if self.get().await.write_all(bytes).await.is_err() {
+            self.reset();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.conn = None;
+    }
+}
+
 /// Serve the plant as Modbus RTU on an open serial stream (a real port, or one end of
-/// `SerialStream::pair()`), until the handle is aborted. Read errors on the stream are waited out, not
-/// fatal: on a pty master they only mean that the other end is closed for the moment (a gateway reopening
-/// its port). Use [`serve_rtu_path`] for a device that can go away and come back.
+/// `SerialStream::pair()`), until the handle is aborted. Errors on the stream are waited out, not fatal:
+/// on a pty master they only mean that the other end is closed for the moment (a gateway reopening its
+/// port). Use [`serve_rtu_path`] for a device that can go away and come back.
 pub fn serve_rtu(stream: SerialStream, plant: Plant) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let Some((bridge, _server)) = start_bridge(plant).await else {
+        let Some(mut line) = Line::start(plant).await else {
             return;
         };
         let mut stream = stream;
         loop {
-            let error = pump(&mut stream, bridge).await;
-            debug!(message = "Simulator serial stream not readable; waiting.", %error);
+            let error = pump(&mut stream, &mut line).await;
+            debug!(message = "Simulator serial stream not usable; waiting.", %error);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -541,7 +791,7 @@ pub fn serve_rtu(stream: SerialStream, plant: Plant) -> JoinHandle<()> {
 /// whenever it fails or is missing, until the handle is aborted.
 pub fn serve_rtu_path(path: String, baud: u32, plant: Plant) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let Some((bridge, _server)) = start_bridge(plant).await else {
+        let Some(mut line) = Line::start(plant).await else {
             return;
         };
         let mut logged = false;
@@ -550,7 +800,7 @@ pub fn serve_rtu_path(path: String, baud: u32, plant: Plant) -> JoinHandle<()> {
                 Ok(mut stream) => {
                     info!(message = "Simulator serial device open.", %path);
                     logged = false;
-                    let error = pump(&mut stream, bridge).await;
+                    let error = pump(&mut stream, &mut line).await;
                     info!(message = "Simulator serial device lost; reopening.", %path, %error);
                 }
                 Err(error) if !logged => {
@@ -564,53 +814,27 @@ pub fn serve_rtu_path(path: String, baud: u32, plant: Plant) -> JoinHandle<()> {
     })
 }
 
-/// Start the internal RTU-over-TCP server that serial streams are bridged to.
-async fn start_bridge(plant: Plant) -> Option<(SocketAddr, AbortOnDrop)> {
-    let listener = match TcpListener::bind("127.0.0.1:0").await {
-        Ok(l) => l,
-        Err(error) => {
-            warn!(message = "Simulator cannot bind its internal RTU bridge.", %error);
-            return None;
-        }
-    };
-    let addr = listener.local_addr().ok()?;
-    Some((addr, AbortOnDrop(serve_rtu_over_tcp(listener, plant))))
-}
-
-/// Pump bytes between the serial stream and the internal server until the serial stream fails; the
-/// internal connection is reopened whenever the server ends it.
-async fn pump(serial: &mut SerialStream, bridge: SocketAddr) -> io::Error {
+/// Pump bytes between a serial stream and the line until the stream fails (the line stays).
+async fn pump(serial: &mut SerialStream, line: &mut Line) -> io::Error {
     let mut from_serial = [0u8; 512];
-    let mut from_server = [0u8; 512];
+    let mut from_line = [0u8; 512];
     loop {
-        let mut server = match TcpStream::connect(bridge).await {
-            Ok(s) => s,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
+        let conn = line.get().await;
+        let event: Event<()> = tokio::select! {
+            r = serial.read(&mut from_serial) => Event::FromDevice(r),
+            r = conn.read(&mut from_line) => Event::FromLine(r),
         };
-        let _ = server.set_nodelay(true);
-        loop {
-            tokio::select! {
-                r = serial.read(&mut from_serial) => match r {
-                    Ok(0) => return io::Error::new(io::ErrorKind::UnexpectedEof, "serial end of file"),
-                    Ok(n) => {
-                        if server.write_all(&from_serial[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => return e,
-                },
-                r = server.read(&mut from_server) => match r {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if let Err(e) = serial.write_all(&from_server[..n]).await {
-                            return e;
-                        }
-                    }
-                },
+        match event {
+            Event::FromDevice(Ok(0)) => return io::Error::new(io::ErrorKind::UnexpectedEof, "serial end of file"),
+            Event::FromDevice(Err(e)) => return e,
+            Event::FromDevice(Ok(n)) => line.send(&from_serial[..n]).await,
+            Event::FromLine(Ok(0) | Err(_)) => line.reset(),
+            Event::FromLine(Ok(n)) => {
+                if let Err(e) = serial.write_all(&from_line[..n]).await {
+                    return e;
+                }
             }
+            Event::Accepted(_) => {}
         }
     }
 }
@@ -953,6 +1177,48 @@ mod tests {
         assert!(matches!(p.answer(1, Request::ReadCoils(0, 1)), Answer::Now(Ok(_))));
         assert_eq!(p.pending_faults(1), 0);
         assert_eq!(p.requests(1), 3);
+    }
+
+    #[tokio::test]
+    async fn the_admin_api_flips_silences_and_lists_units() {
+        let plant = Plant::with_meters(2);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("bound");
+        let app = admin_router(plant.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let post = |path: &str| http.post(format!("http://{addr}{path}")).send();
+        assert_eq!(post("/units/1/flip").await.expect("flip").status(), 200);
+        assert_eq!(plant.valve(1), Some(true));
+        assert_eq!(post("/units/2/silence").await.expect("silence").status(), 200);
+        assert_eq!(post("/units/9/flip").await.expect("flip 9").status(), 404);
+        assert_eq!(post("/units/x/flip").await.expect("flip x").status(), 400);
+        let units: serde_json::Value = http
+            .get(format!("http://{addr}/units"))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(units[0]["valve_open"], true);
+        assert_eq!(units[1]["silenced"], true);
+        assert_eq!(post("/units/2/wake").await.expect("wake").status(), 200);
+        assert!(!plant.status()[1].silenced);
+        server.abort();
+    }
+
+    #[test]
+    fn rtu_frames_carry_the_modbus_crc() {
+        // The read request 01 03 00 00 00 0A has CRC C5 CD (low byte first), as in the serial line spec.
+        assert_eq!(crc16(&[0x01, 0x03, 0x00, 0x00, 0x00, 0x0A]).to_le_bytes(), [0xC5, 0xCD]);
+        let f = rtu_frame(1, 3, &Ok(Response::ReadHoldingRegisters(vec![0x1234]))).expect("a read answer");
+        assert_eq!(f[..5], [1, 3, 2, 0x12, 0x34]);
+        assert_eq!(crc16(&f), 0, "a frame with its CRC checks to zero");
+        let f = rtu_frame(2, 1, &Ok(Response::ReadCoils(vec![true, false, true]))).expect("a read answer");
+        assert_eq!(f[..4], [2, 1, 1, 0b101]);
+        let f = rtu_frame(2, 4, &Err(ExceptionCode::IllegalDataAddress)).expect("an exception");
+        assert_eq!(f[..3], [2, 0x84, 2]);
     }
 
     #[test]
