@@ -124,6 +124,20 @@ profile = "coil-valve"
 /// to its own next request (same unit, function and count: RTU cannot tell), i.e. a stale value.
 const ONLY_M2: &str = concat!(holding_meter!("M2", 2), profile!());
 
+/// M1 as usual, and M9 pointing at unit 2's holding 100: past the end of its table, so every read of
+/// M9 is answered with exception IllegalDataAddress.
+const WITH_BAD_ADDRESS: &str = concat!(
+    holding_meter!("M1", 1),
+    r#"
+[[meter]]
+meter_no = "M9"
+bus = "b"
+unit = 2
+valve = { table = "holding", address = 100, states = { 0 = "关闭", 1 = "开启" } }
+"#,
+    profile!()
+);
+
 /// M1 and M2 both with one request each: if a late answer of M1 were left on the line, M1's next request
 /// (same unit, function and count) would take it as its own.
 const SINGLE_REQUEST_METERS: &str = concat!(holding_meter!("M1", 1), holding_meter!("M2", 2), profile!());
@@ -137,7 +151,7 @@ fn init_tracing() {
 
 /// The config for one bus over `transport` (a `tcp = ...`-style line).
 fn config(dir: &Path, transport: &str, t: Timing, meters: &str) -> Arc<Config> {
-    let mapping = "水表表号,用户名称\nM1,张三\nM2,李四\nM3,王五\n";
+    let mapping = "水表表号,用户名称\nM1,张三\nM2,李四\nM3,王五\nM9,赵六\n";
     std::fs::write(dir.join("mapping.csv"), mapping).expect("temp dir is writable");
     let text = format!(
         r#"
@@ -520,6 +534,7 @@ on_every_transport!(
     a_garbled_answer_is_counted_and_the_bus_recovers,
     a_short_answer_is_rejected_and_the_bus_recovers,
     a_dead_unit_goes_offline_once_while_the_others_keep_reporting,
+    an_exception_keeps_the_connection_and_takes_only_that_meter_offline,
 );
 
 async fn values_are_read_and_valve_flips_show_in_the_next_samples(kind: Kind) {
@@ -670,6 +685,30 @@ async fn a_dead_unit_goes_offline_once_while_the_others_keep_reporting(kind: Kin
     rig.cycle_where("a sample of M2", |c| c.samples.iter().any(|s| s.meter == 1))
         .await;
     assert_eq!(rig.links(), [(1, false), (1, true)], "{kind:?}");
+}
+
+async fn an_exception_keeps_the_connection_and_takes_only_that_meter_offline(kind: Kind) {
+    let mut rig = Rig::start_with(kind, FAST, false, WITH_BAD_ADDRESS).await;
+    rig.cycle_where("M9 offline", |c| c.links.contains(&(1, false))).await;
+    for _ in 0..5 {
+        let c = rig.next_cycle("rounds after M9 went offline").await;
+        assert!(
+            c.samples.iter().any(|s| s.meter == 0),
+            "{kind:?}: M1 read every round: {c:?}"
+        );
+    }
+    let st = rig.stats();
+    assert!(st.exceptions >= 2, "{kind:?}: {st:?}");
+    assert_eq!(
+        st.connects, 1,
+        "{kind:?}: an exception never drops the connection: {st:?}"
+    );
+    assert_eq!(
+        st.timeouts + st.protocol_errors + st.transport_errors,
+        0,
+        "{kind:?}: {st:?}"
+    );
+    assert_eq!(rig.links(), [(1, false)], "{kind:?}");
 }
 
 async fn a_restarted_server_is_found_again(kind: Kind) {
