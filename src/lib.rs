@@ -11,14 +11,23 @@
 //! - [`detect`]: the pure transition rules (baseline, debounce).
 //! - [`record`]: a queued work order and its BizData.
 //! - [`outbox`]: the sled store: states, outbox, dead letters; commit + fsync.
+//! - [`app`]: wiring of the daemon and its shutdown order.
+//! - [`cli`]: the command line (`run`, `check`, `demo`, `simulate`, `mock-panda`).
+//! - [`demo`]: `fieldgate demo`, the whole product in one process.
 //! - [`station`]: applies poll cycles to the store and wakes the sender.
 //! - [`panda`]: the Panda WorkFlow client: token, PostFlowNodeData, classification of every answer.
 //! - [`sender`]: the delivery loop: outbox batch → Panda → ack on `code: 0`; jittered backoff; counters.
 //! - [`mock_panda`]: a strict in-process Panda server for tests, the demo and `fieldgate mock-panda`.
+//! - [`bus`]: one task per bus: read plan, Modbus polling with timeouts and recovery, offline meters.
+//! - [`simulator`]: simulated Modbus meters with fault injection (`fieldgate simulate`, demo, tests).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod app;
+pub mod bus;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod detect;
 pub mod mapping;
 pub mod mock_panda;
@@ -27,4 +36,5 @@ pub mod panda;
 pub mod point;
 pub mod record;
 pub mod sender;
+pub mod simulator;
 pub mod station;

@@ -2,11 +2,13 @@
 
 mod util;
 
+/// `run_bus` against the in-process simulator over sockets and ptys (one test needs `socat`).
+mod bus;
 /// Config and mapping files: every error class, encodings, profiles; `fieldgate check`.
 mod config;
-/// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
-mod sender;
-/// Simulator → gateway → mock Panda, in-process, over TCP and loopback HTTP.
-mod e2e;
 /// `fieldgate run` killed with SIGKILL at random moments.
 mod crash;
+/// Simulator → gateway → mock Panda, in-process, over TCP and loopback HTTP.
+mod e2e;
+/// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
+mod sender;

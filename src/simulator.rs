@@ -1,0 +1,1236 @@
+//! A Modbus slave simulator: a [`Plant`] of units (simulated meters) served over Modbus TCP, RTU over TCP,
+//! or RTU on a serial device, with fault injection. Used by `fieldgate simulate` (commissioning without
+//! hardware), the demo, and the integration tests.
+//!
+//! Owns: the simulated register tables, the tokio-modbus `Service` that answers from them, the transports
+//! it serves on, and the user-facing `simulate` command ([`SimulateArgs`], [`simulate_main`]) with its
+//! small admin HTTP API and stdin commands.
+//!
+//! # The standard simulated meter
+//!
+//! Every unit created by [`Plant::with_meters`] has 64 coils, discrete inputs, holding and input registers,
+//! all zero except:
+//!
+//! | table   | address | meaning                                   | initial value                   |
+//! |---------|---------|-------------------------------------------|---------------------------------|
+//! | coil    | 0       | valve: 0 = 关闭, 1 = 开启                  | 0 (closed)                      |
+//! | holding | 0–1     | 累计流量, u32 big-endian (high word first), ×0.01 m³ | `unit × 10000 + 1234` (e.g. unit 1: 112.34 m³) |
+//! | holding | 2       | 电池电压, u16, ×0.01 V                      | `350 + unit` (e.g. unit 1: 3.51 V) |
+//!
+//! Every valve flip ([`Plant::flip_valve`]) adds 1.23 m³ (raw 123) to 累计流量, so a flip is visible in the
+//! reading too. Values differ per unit, so an answer attributed to the wrong unit is visible.
+//!
+//! A matching config: `valve = { table = "coil", address = 0, states = { 0 = "关闭", 1 = "开启" } }`,
+//! readings `{ field = "累计流量", table = "holding", address = 0, type = "u32", scale = 0.01 }` and
+//! `{ field = "电池电压", table = "holding", address = 2, scale = 0.01 }`.
+//!
+//! # Faults
+//!
+//! [`Plant::inject`] queues a [`Fault`] for a unit; each request to that unit consumes one:
+//! - [`Fault::Late`]: the answer (computed when the request arrived) is sent after the delay. On Modbus TCP
+//!   it holds up that connection. On an RTU line it does not hold up the other units (a slow slave on
+//!   RS-485 does not stop the others): a timer writes the RTU frame onto the line later.
+//! - [`Fault::WrongCount`]: a read answers one item fewer than asked.
+//! - [`Fault::Garbage`]: the bytes of the answer on the wire are replaced by zero bytes of the same length.
+//!
+//! Both work by wrapping the server's transport ([`Garble`]).
+//!
+//! # RTU: one simulated line
+//!
+//! The RTU server of tokio-modbus 0.17 takes a concrete `SerialStream` and cannot be wrapped, and its
+//! `serve_forever` returns on the first undecodable request. So every RTU transport goes through a
+//! simulated *line*: a persistent connection to an internal RTU-over-TCP frame server on `127.0.0.1:0`.
+//! - A serial device ([`serve_rtu`], [`serve_rtu_path`]) is pumped to and from the line.
+//! - RTU over TCP ([`serve_rtu_over_tcp`]) works like an RS-485 device server. Every client's bytes go to the
+//!   one line, the newest client wins, and what the line sends goes to the client connected at that
+//!   moment, or is lost when none is.
+//!
+//! The line outlives reopened ports and reconnected clients, so a late answer arrives after a reopen, as
+//! on real hardware. That is what the gateway's guard time is for. A request the frame server cannot
+//! decode only ends the internal connection, which is then reopened.
+//!
+//! [`Plant::silence`] makes a unit dead: requests to it get no answer at all, like unknown units.
+//!
+//! The plant's lock is a std `Mutex`, held only to read or change the tables, never across an await.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_modbus::prelude::{ExceptionCode, Request, Response, SlaveRequest};
+use tokio_serial::SerialStream;
+use tracing::{debug, info, warn};
+
+/// Items per table of a standard simulated unit.
+pub const UNIT_SIZE: usize = 64;
+
+/// Raw 累计流量 added by every valve flip (1.23 m³ at scale 0.01).
+pub const FLOW_PER_FLIP: u32 = 123;
+
+// === plant ===
+
+/// The four tables of one unit.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Unit {
+    /// Coils (fc 1, 5, 15).
+    pub coils: Vec<bool>,
+    /// Discrete inputs (fc 2).
+    pub discrete: Vec<bool>,
+    /// Holding registers (fc 3, 6, 16).
+    pub holding: Vec<u16>,
+    /// Input registers (fc 4).
+    pub input: Vec<u16>,
+}
+
+impl Unit {
+    /// A standard simulated meter (see the module doc) for `unit`.
+    pub fn meter(unit: u8) -> Unit {
+        let mut u = Unit {
+            coils: vec![false; UNIT_SIZE],
+            discrete: vec![false; UNIT_SIZE],
+            holding: vec![0; UNIT_SIZE],
+            input: vec![0; UNIT_SIZE],
+        };
+        let flow = u32::from(unit) * 10_000 + 1234;
+        u.holding[0] = (flow >> 16) as u16;
+        u.holding[1] = flow as u16;
+        u.holding[2] = 350 + u16::from(unit);
+        u
+    }
+
+    fn flow(&self) -> Option<u32> {
+        let hi = *self.holding.first()?;
+        let lo = *self.holding.get(1)?;
+        Some((u32::from(hi) << 16) | u32::from(lo))
+    }
+}
+
+/// A fault injected into the next request to a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer after this delay (a late answer).
+    Late(Duration),
+    /// Answer a read with one item fewer than asked.
+    WrongCount,
+    /// Replace the answer's bytes on the wire by garbage of the same length.
+    Garbage,
+}
+
+/// One unit as shown by `status` and `GET /units`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnitStatus {
+    /// Unit id.
+    pub unit: u8,
+    /// Coil 0.
+    pub valve_open: bool,
+    /// Holding 0–1, raw (×0.01 m³).
+    pub flow_raw: u32,
+    /// Holding 2, raw (×0.01 V).
+    pub battery_raw: u16,
+    /// Dead (no answers).
+    pub silenced: bool,
+    /// Faults still queued.
+    pub pending_faults: usize,
+    /// Requests seen for this unit.
+    pub requests: u64,
+}
+
+#[derive(Debug, Default)]
+struct PlantState {
+    units: BTreeMap<u8, Unit>,
+    silent: BTreeMap<u8, bool>,
+    faults: HashMap<u8, VecDeque<Fault>>,
+    requests: HashMap<u8, u64>,
+}
+
+/// How the service answers one request.
+enum Answer {
+    /// Send nothing.
+    Silent,
+    /// Answer at once.
+    Now(Result<Response, ExceptionCode>),
+    /// Answer after a delay (function code of the request, for framing it on an RTU line).
+    Late(Duration, u8, Result<Response, ExceptionCode>),
+    /// Answer at once, garbled on the wire.
+    Garbled(Result<Response, ExceptionCode>),
+}
+
+/// A shared, cloneable handle to the simulated units.
+#[derive(Debug, Clone, Default)]
+pub struct Plant {
+    inner: Arc<Mutex<PlantState>>,
+}
+
+impl Plant {
+    /// An empty plant (answers nothing).
+    pub fn new() -> Plant {
+        Plant::default()
+    }
+
+    /// A plant of standard meters with units `1..=n`.
+    pub fn with_meters(n: u8) -> Plant {
+        let plant = Plant::new();
+        for unit in 1..=n {
+            plant.add_unit(unit, Unit::meter(unit));
+        }
+        plant
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PlantState> {
+        // A panic elsewhere while holding the lock leaves plain tables behind; they are still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Add or replace a unit.
+    pub fn add_unit(&self, unit: u8, tables: Unit) {
+        self.lock().units.insert(unit, tables);
+    }
+
+    /// Unit ids, ascending.
+    pub fn units(&self) -> Vec<u8> {
+        self.lock().units.keys().copied().collect()
+    }
+
+    /// Flip the valve (coil 0) of `unit` and add [`FLOW_PER_FLIP`] to its flow; the new valve state,
+    /// or `None` for an unknown unit.
+    pub fn flip_valve(&self, unit: u8) -> Option<bool> {
+        let mut p = self.lock();
+        let u = p.units.get_mut(&unit)?;
+        let valve = u.coils.first_mut()?;
+        *valve = !*valve;
+        let open = *valve;
+        if let Some(flow) = u.flow() {
+            let flow = flow.wrapping_add(FLOW_PER_FLIP);
+            if let Some(w) = u.holding.get_mut(0..2) {
+                w[0] = (flow >> 16) as u16;
+                w[1] = flow as u16;
+            }
+        }
+        Some(open)
+    }
+
+    /// The valve (coil 0) of `unit`.
+    pub fn valve(&self, unit: u8) -> Option<bool> {
+        self.lock().units.get(&unit)?.coils.first().copied()
+    }
+
+    /// Set a coil; false if the unit or address does not exist.
+    pub fn set_coil(&self, unit: u8, address: u16, value: bool) -> bool {
+        let mut p = self.lock();
+        match p
+            .units
+            .get_mut(&unit)
+            .and_then(|u| u.coils.get_mut(usize::from(address)))
+        {
+            Some(c) => {
+                *c = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Set a holding register; false if the unit or address does not exist.
+    pub fn set_holding(&self, unit: u8, address: u16, value: u16) -> bool {
+        let mut p = self.lock();
+        match p
+            .units
+            .get_mut(&unit)
+            .and_then(|u| u.holding.get_mut(usize::from(address)))
+        {
+            Some(r) => {
+                *r = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A holding register.
+    pub fn holding(&self, unit: u8, address: u16) -> Option<u16> {
+        self.lock().units.get(&unit)?.holding.get(usize::from(address)).copied()
+    }
+
+    /// 累计流量 raw (holding 0–1).
+    pub fn flow(&self, unit: u8) -> Option<u32> {
+        self.lock().units.get(&unit)?.flow()
+    }
+
+    /// A copy of a unit's tables.
+    pub fn unit(&self, unit: u8) -> Option<Unit> {
+        self.lock().units.get(&unit).cloned()
+    }
+
+    /// Make `unit` dead (`true`: no answers at all) or alive again.
+    pub fn silence(&self, unit: u8, silent: bool) {
+        self.lock().silent.insert(unit, silent);
+    }
+
+    /// Queue a fault for the next request to `unit`.
+    pub fn inject(&self, unit: u8, fault: Fault) {
+        self.lock().faults.entry(unit).or_default().push_back(fault);
+    }
+
+    /// Faults still queued for `unit`.
+    pub fn pending_faults(&self, unit: u8) -> usize {
+        self.lock().faults.get(&unit).map_or(0, VecDeque::len)
+    }
+
+    /// Requests seen for `unit` (answered or not).
+    pub fn requests(&self, unit: u8) -> u64 {
+        self.lock().requests.get(&unit).copied().unwrap_or(0)
+    }
+
+    /// Every unit's status, by unit id.
+    pub fn status(&self) -> Vec<UnitStatus> {
+        let p = self.lock();
+        p.units
+            .iter()
+            .map(|(&unit, u)| UnitStatus {
+                unit,
+                valve_open: u.coils.first().copied().unwrap_or(false),
+                flow_raw: u.flow().unwrap_or(0),
+                battery_raw: u.holding.get(2).copied().unwrap_or(0),
+                silenced: p.silent.get(&unit).copied().unwrap_or(false),
+                pending_faults: p.faults.get(&unit).map_or(0, VecDeque::len),
+                requests: p.requests.get(&unit).copied().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Decide the answer to one request: under the lock, so the tables are read (or written) at once.
+    fn answer(&self, slave: u8, request: Request<'_>) -> Answer {
+        let mut p = self.lock();
+        *p.requests.entry(slave).or_default() += 1;
+        if p.silent.get(&slave).copied().unwrap_or(false) {
+            return Answer::Silent;
+        }
+        let fault = p.faults.get_mut(&slave).and_then(VecDeque::pop_front);
+        let Some(u) = p.units.get_mut(&slave) else {
+            return Answer::Silent;
+        };
+        let fc = read_function(&request);
+        let mut result = apply(u, request);
+        match fault {
+            None => Answer::Now(result),
+            Some(Fault::Late(d)) => Answer::Late(d, fc, result),
+            Some(Fault::Garbage) => Answer::Garbled(result),
+            Some(Fault::WrongCount) => {
+                if let Ok(Response::ReadCoils(v) | Response::ReadDiscreteInputs(v)) = &mut result {
+                    v.pop();
+                }
+                if let Ok(Response::ReadHoldingRegisters(v) | Response::ReadInputRegisters(v)) = &mut result {
+                    v.pop();
+                }
+                Answer::Now(result)
+            }
+        }
+    }
+}
+
+/// The function code of a read request (0 for others).
+fn read_function(request: &Request<'_>) -> u8 {
+    match request {
+        Request::ReadCoils(..) => 1,
+        Request::ReadDiscreteInputs(..) => 2,
+        Request::ReadHoldingRegisters(..) => 3,
+        Request::ReadInputRegisters(..) => 4,
+        _ => 0,
+    }
+}
+
+/// Items `address..address + count` of a table, or the exception a device gives.
+fn range<T: Clone>(table: &[T], address: u16, count: u16, max: u16) -> Result<Vec<T>, ExceptionCode> {
+    if count == 0 || count > max {
+        return Err(ExceptionCode::IllegalDataValue);
+    }
+    let start = usize::from(address);
+    table
+        .get(start..start + usize::from(count))
+        .map(<[T]>::to_vec)
+        .ok_or(ExceptionCode::IllegalDataAddress)
+}
+
+fn write<T: Clone>(table: &mut [T], address: u16, values: &[T]) -> Result<(), ExceptionCode> {
+    let start = usize::from(address);
+    let dst = table
+        .get_mut(start..start + values.len())
+        .ok_or(ExceptionCode::IllegalDataAddress)?;
+    dst.clone_from_slice(values);
+    Ok(())
+}
+
+/// Run one request against a unit's tables.
+fn apply(u: &mut Unit, request: Request<'_>) -> Result<Response, ExceptionCode> {
+    Ok(match request {
+        Request::ReadCoils(a, n) => Response::ReadCoils(range(&u.coils, a, n, 2000)?),
+        Request::ReadDiscreteInputs(a, n) => Response::ReadDiscreteInputs(range(&u.discrete, a, n, 2000)?),
+        Request::ReadHoldingRegisters(a, n) => Response::ReadHoldingRegisters(range(&u.holding, a, n, 125)?),
+        Request::ReadInputRegisters(a, n) => Response::ReadInputRegisters(range(&u.input, a, n, 125)?),
+        Request::WriteSingleCoil(a, v) => {
+            write(&mut u.coils, a, &[v])?;
+            Response::WriteSingleCoil(a, v)
+        }
+        Request::WriteSingleRegister(a, v) => {
+            write(&mut u.holding, a, &[v])?;
+            Response::WriteSingleRegister(a, v)
+        }
+        Request::WriteMultipleCoils(a, vs) => {
+            write(&mut u.coils, a, &vs)?;
+            Response::WriteMultipleCoils(a, vs.len() as u16)
+        }
+        Request::WriteMultipleRegisters(a, vs) => {
+            write(&mut u.holding, a, &vs)?;
+            Response::WriteMultipleRegisters(a, vs.len() as u16)
+        }
+        _ => return Err(ExceptionCode::IllegalFunction),
+    })
+}
+
+// === service and transport wrapper ===
+
+/// The tokio-modbus service of one connection: answers from the plant, arms its connection's [`Garble`].
+#[derive(Clone)]
+struct PlantService {
+    plant: Plant,
+    garble: Arc<AtomicBool>,
+    /// On an RTU line, late answers are written by a timer task (see [`Garble`]), so one slow unit does
+    /// not hold up the others; `None` on Modbus TCP, where a late answer delays its connection.
+    late: Option<Arc<LateFrames>>,
+}
+
+type AnswerFuture = Pin<Box<dyn Future<Output = Result<Option<Response>, ExceptionCode>> + Send>>;
+
+impl tokio_modbus::server::Service for PlantService {
+    type Request = SlaveRequest<'static>;
+    type Response = Option<Response>;
+    type Exception = ExceptionCode;
+    type Future = AnswerFuture;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let SlaveRequest { slave, request } = req;
+        let answer = self.plant.answer(slave, request);
+        if let (Answer::Late(delay, fc, result), Some(late)) = (&answer, &self.late) {
+            if let Some(frame) = rtu_frame(slave, *fc, result) {
+                let (delay, late) = (*delay, Arc::clone(late));
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    late.push(frame);
+                });
+                return Box::pin(std::future::ready(Ok(None)));
+            }
+        }
+        match answer {
+            Answer::Silent => Box::pin(std::future::ready(Ok(None))),
+            Answer::Now(r) => Box::pin(std::future::ready(r.map(Some))),
+            Answer::Garbled(r) => {
+                self.garble.store(true, Ordering::SeqCst);
+                Box::pin(std::future::ready(r.map(Some)))
+            }
+            Answer::Late(delay, _, r) => Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                r.map(Some)
+            }),
+        }
+    }
+}
+
+/// RTU frames to be written onto the wire outside the server's request/answer cycle (late answers).
+#[derive(Debug, Default)]
+struct LateFrames {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    /// The connection task, parked in a read while the server waits for the next request.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl LateFrames {
+    fn push(&self, frame: Vec<u8>) {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner()).push_back(frame);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    }
+
+    fn pop(&self) -> Option<Vec<u8>> {
+        self.frames.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+    }
+
+    fn park(&self, waker: &Waker) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+    }
+}
+
+/// A server transport wrapper for fault injection:
+/// - when `armed`, the bytes of the next write (one whole answer frame: tokio-modbus writes a frame with
+///   one buffer) are replaced by zero bytes of the same length ([`Fault::Garbage`]);
+/// - late RTU frames are written whenever the server polls for its next request, which it always does
+///   while idle ([`Fault::Late`] on an RTU line).
+pub struct Garble<T> {
+    inner: T,
+    armed: Arc<AtomicBool>,
+    /// Bytes of the current frame still to be replaced.
+    garbling: usize,
+    late: Arc<LateFrames>,
+    /// A late frame being written.
+    out: Vec<u8>,
+}
+
+impl<T> Garble<T> {
+    /// Wrap `inner`; storing `true` in `armed` garbles the next frame written.
+    pub fn new(inner: T, armed: Arc<AtomicBool>) -> Garble<T> {
+        Garble {
+            inner,
+            armed,
+            garbling: 0,
+            late: Arc::default(),
+            out: Vec::new(),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Garble<T> {
+    /// Write queued late frames; `Ready(Ok)` once none is left half written.
+    fn poll_late(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.out.is_empty() {
+                match self.late.pop() {
+                    Some(frame) => self.out = frame,
+                    None => return Poll::Ready(Ok(())),
+                }
+            }
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out.drain(..n.min(self.out.len()));
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Garble<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let me = &mut *self;
+        me.late.park(cx.waker());
+        if let Poll::Ready(Err(e)) = me.poll_late(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Garble<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let me = &mut *self;
+        // Never interleave: a late frame half written goes out first.
+        std::task::ready!(me.poll_late(cx))?;
+        if me.garbling == 0 && me.armed.swap(false, Ordering::SeqCst) {
+            me.garbling = buf.len();
+        }
+        if me.garbling == 0 {
+            return Pin::new(&mut me.inner).poll_write(cx, buf);
+        }
+        let n = me.garbling.min(buf.len());
+        let zeros = vec![0u8; n];
+        let written = std::task::ready!(Pin::new(&mut me.inner).poll_write(cx, &zeros))?;
+        me.garbling -= written.min(me.garbling);
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An RTU answer frame (address, PDU, CRC) for a read answer or an exception; `None` for other answers.
+fn rtu_frame(slave: u8, fc: u8, result: &Result<Response, ExceptionCode>) -> Option<Vec<u8>> {
+    let mut f = vec![slave];
+    match result {
+        Ok(Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits)) if fc != 0 => {
+            let bytes: Vec<u8> = bits
+                .chunks(8)
+                .map(|c| c.iter().enumerate().fold(0u8, |b, (i, &on)| b | (u8::from(on) << i)))
+                .collect();
+            f.push(fc);
+            f.push(u8::try_from(bytes.len()).ok()?);
+            f.extend(bytes);
+        }
+        Ok(Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words)) if fc != 0 => {
+            f.push(fc);
+            f.push(u8::try_from(words.len() * 2).ok()?);
+            f.extend(words.iter().flat_map(|w| w.to_be_bytes()));
+        }
+        Err(code) if fc != 0 => {
+            f.push(fc | 0x80);
+            f.push(u8::from(*code));
+        }
+        _ => return None,
+    }
+    let crc = crc16(&f);
+    f.extend(crc.to_le_bytes());
+    Some(f)
+}
+
+/// CRC-16/MODBUS.
+fn crc16(data: &[u8]) -> u16 {
+    data.iter().fold(0xFFFF, |crc, &b| {
+        (0..8).fold(
+            crc ^ u16::from(b),
+            |c, _| if c & 1 != 0 { (c >> 1) ^ 0xA001 } else { c >> 1 },
+        )
+    })
+}
+
+/// The service and wrapped transport of one connection; `rtu_line`: late answers do not block others.
+fn connection(plant: &Plant, stream: TcpStream, rtu_line: bool) -> (PlantService, Garble<TcpStream>) {
+    let _ = stream.set_nodelay(true);
+    let armed = Arc::new(AtomicBool::new(false));
+    let transport = Garble::new(stream, Arc::clone(&armed));
+    let service = PlantService {
+        plant: plant.clone(),
+        garble: armed,
+        late: rtu_line.then(|| Arc::clone(&transport.late)),
+    };
+    (service, transport)
+}
+
+// === serving ===
+
+/// Serve the plant as Modbus TCP on `listener` until the handle is aborted; aborting also closes every
+/// open connection (so a test can "restart" the server by binding the same address again).
+pub fn serve_tcp(listener: TcpListener, plant: Plant) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let server = tokio_modbus::server::tcp::Server::new(listener);
+        let on_connected = move |stream: TcpStream, _peer: SocketAddr| {
+            let conn = connection(&plant, stream, false);
+            async move { io::Result::Ok(Some(conn)) }
+        };
+        loop {
+            if let Err(error) = server.serve(&on_connected, on_process_error).await {
+                warn!(message = "Simulator stopped accepting; retrying.", %error);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    })
+}
+
+/// Serve the plant as Modbus RTU over TCP on `listener`, the way an RS-485 device server does: every
+/// client's bytes go to one shared RTU line (the newest client wins), and what the line sends goes to the
+/// client connected at that moment, or nowhere when none is. So a late answer reaches a client that
+/// reconnected too soon, as on real hardware. Runs until the handle is aborted.
+pub fn serve_rtu_over_tcp(listener: TcpListener, plant: Plant) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(mut line) = Line::start(plant).await else {
+            return;
+        };
+        let mut client: Option<TcpStream> = None;
+        let mut from_client = [0u8; 512];
+        let mut from_line = [0u8; 512];
+        loop {
+            let conn = line.get().await;
+            let event = match client.as_mut() {
+                None => tokio::select! {
+                    r = listener.accept() => Event::Accepted(r.map(|(s, _)| s)),
+                    r = conn.read(&mut from_line) => Event::FromLine(r),
+                },
+                Some(c) => tokio::select! {
+                    r = listener.accept() => Event::Accepted(r.map(|(s, _)| s)),
+                    r = c.read(&mut from_client) => Event::FromDevice(r),
+                    r = conn.read(&mut from_line) => Event::FromLine(r),
+                },
+            };
+            match event {
+                Event::Accepted(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    client = Some(s);
+                }
+                Event::Accepted(Err(error)) => {
+                    debug!(message = "Simulator accept failed.", %error);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Event::FromDevice(Ok(0) | Err(_)) => client = None,
+                Event::FromDevice(Ok(n)) => line.send(&from_client[..n]).await,
+                Event::FromLine(Ok(0) | Err(_)) => line.reset(),
+                Event::FromLine(Ok(n)) => {
+                    // No client: the bytes are lost, as on a device server.
+                    if let Some(c) = client.as_mut() {
+                        if c.write_all(&from_line[..n]).await.is_err() {
+                            client = None;
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// One of the inputs a bridge waits on.
+enum Event<T> {
+    Accepted(io::Result<T>),
+    FromDevice(io::Result<usize>),
+    FromLine(io::Result<usize>),
+}
+
+/// Serve the RTU frames on each connection to `listener` with the plant (tokio-modbus's RTU-over-TCP
+/// server, transport wrapped in [`Garble`]). This is the simulated line's far end.
+fn serve_rtu_frames(listener: TcpListener, plant: Plant) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let server = tokio_modbus::server::rtu_over_tcp::Server::new(listener);
+        let on_connected = move |stream: TcpStream, _peer: SocketAddr| {
+            let conn = connection(&plant, stream, true);
+            async move { io::Result::Ok(Some(conn)) }
+        };
+        loop {
+            if let Err(error) = server.serve(&on_connected, on_process_error).await {
+                warn!(message = "Simulator stopped accepting; retrying.", %error);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    })
+}
+
+fn on_process_error(error: io::Error) {
+    debug!(message = "Simulator connection ended.", %error);
+}
+
+/// Aborts a task when dropped, so aborting the outer task stops the inner one too.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The simulated RS-485 line: one persistent connection to an internal RTU frame server on
+/// `127.0.0.1:0`. It outlives the serial device or client on the other side, so an answer still in flight
+/// arrives after a reopen, as on a real line. Reopened only when the frame server ends it (it does on a
+/// request it cannot decode).
+struct Line {
+    addr: SocketAddr,
+    conn: Option<TcpStream>,
+    _server: AbortOnDrop,
+}
+
+impl Line {
+    async fn start(plant: Plant) -> Option<Line> {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(error) => {
+                warn!(message = "Simulator cannot bind its internal RTU line.", %error);
+                return None;
+            }
+        };
+        let addr = listener.local_addr().ok()?;
+        Some(Line {
+            addr,
+            conn: None,
+            _server: AbortOnDrop(serve_rtu_frames(listener, plant)),
+        })
+    }
+
+    /// The connection, (re)connecting until it succeeds.
+    async fn get(&mut self) -> &mut TcpStream {
+        while self.conn.is_none() {
+            match TcpStream::connect(self.addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    self.conn = Some(s);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        self.conn
+            .get_or_insert_with(|| unreachable!("connected by the loop above"))
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        if self.get().await.write_all(bytes).await.is_err() {
+            self.reset();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Serve the plant as Modbus RTU on an open serial stream (a real port, or one end of
+/// `SerialStream::pair()`), until the handle is aborted. Errors on the stream are waited out, not fatal:
+/// on a pty master they only mean that the other end is closed for the moment (a gateway reopening its
+/// port). Use [`serve_rtu_path`] for a device that can go away and come back.
+pub fn serve_rtu(stream: SerialStream, plant: Plant) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(mut line) = Line::start(plant).await else {
+            return;
+        };
+        let mut stream = stream;
+        loop {
+            let error = pump(&mut stream, &mut line).await;
+            debug!(message = "Simulator serial stream not usable; waiting.", %error);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+/// Serve the plant as Modbus RTU on the serial device at `path` (e.g. a `socat` pty link), reopening it
+/// whenever it fails or is missing, until the handle is aborted.
+pub fn serve_rtu_path(path: String, baud: u32, plant: Plant) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(mut line) = Line::start(plant).await else {
+            return;
+        };
+        let mut logged = false;
+        loop {
+            match SerialStream::open(&tokio_serial::new(path.as_str(), baud)) {
+                Ok(mut stream) => {
+                    info!(message = "Simulator serial device open.", %path);
+                    logged = false;
+                    let error = pump(&mut stream, &mut line).await;
+                    info!(message = "Simulator serial device lost; reopening.", %path, %error);
+                }
+                Err(error) if !logged => {
+                    logged = true;
+                    warn!(message = "Simulator cannot open the serial device; retrying.", %path, %error);
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Pump bytes between a serial stream and the line until the stream fails (the line stays).
+async fn pump(serial: &mut SerialStream, line: &mut Line) -> io::Error {
+    let mut from_serial = [0u8; 512];
+    let mut from_line = [0u8; 512];
+    loop {
+        let conn = line.get().await;
+        let event: Event<()> = tokio::select! {
+            r = serial.read(&mut from_serial) => Event::FromDevice(r),
+            r = conn.read(&mut from_line) => Event::FromLine(r),
+        };
+        match event {
+            Event::FromDevice(Ok(0)) => return io::Error::new(io::ErrorKind::UnexpectedEof, "serial end of file"),
+            Event::FromDevice(Err(e)) => return e,
+            Event::FromDevice(Ok(n)) => line.send(&from_serial[..n]).await,
+            Event::FromLine(Ok(0) | Err(_)) => line.reset(),
+            Event::FromLine(Ok(n)) => {
+                if let Err(e) = serial.write_all(&from_line[..n]).await {
+                    return e;
+                }
+            }
+            Event::Accepted(_) => {}
+        }
+    }
+}
+
+// === the `simulate` command ===
+
+/// `fieldgate simulate`: serve simulated meters for commissioning and demos.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// Serve Modbus TCP on this address, e.g. 127.0.0.1:5020.
+    #[arg(long, value_name = "ADDR")]
+    pub tcp: Option<SocketAddr>,
+    /// Serve Modbus RTU over TCP (like an RS-485 device server) on this address.
+    #[arg(long, value_name = "ADDR")]
+    pub rtu_over_tcp: Option<SocketAddr>,
+    /// Serve Modbus RTU on this serial device, e.g. a socat pty link.
+    #[arg(long, value_name = "PATH")]
+    pub serial: Option<String>,
+    /// Baud rate for --serial.
+    #[arg(long, value_name = "N", default_value_t = 9600)]
+    pub baud: u32,
+    /// Simulate meters with units 1..=N.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=247))]
+    pub meters: u8,
+    /// Flip one valve (round robin over the units) this often, e.g. "10s".
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    pub flip_every: Option<Duration>,
+    /// Serve the admin HTTP API here: POST /units/{unit}/flip|silence|wake, GET /units.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+}
+
+/// Run the simulator until Ctrl-C (or SIGTERM).
+pub async fn simulate_main(args: SimulateArgs) -> anyhow::Result<()> {
+    let chosen = [args.tcp.is_some(), args.rtu_over_tcp.is_some(), args.serial.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if chosen != 1 {
+        anyhow::bail!("give exactly one of --tcp ADDR, --rtu-over-tcp ADDR or --serial PATH");
+    }
+    let plant = Plant::with_meters(args.meters);
+    let mut tasks: Vec<AbortOnDrop> = Vec::new();
+    if let Some(addr) = args.tcp {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        println!("Serving Modbus TCP on {addr}, units 1..={}.", args.meters);
+        tasks.push(AbortOnDrop(serve_tcp(listener, plant.clone())));
+    }
+    if let Some(addr) = args.rtu_over_tcp {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        println!("Serving Modbus RTU over TCP on {addr}, units 1..={}.", args.meters);
+        tasks.push(AbortOnDrop(serve_rtu_over_tcp(listener, plant.clone())));
+    }
+    if let Some(path) = &args.serial {
+        // Fail early on an obvious mistake; the server itself keeps reopening the device.
+        drop(
+            SerialStream::open(&tokio_serial::new(path.as_str(), args.baud))
+                .with_context(|| format!("cannot open serial device {path}"))?,
+        );
+        println!(
+            "Serving Modbus RTU on {path} at {} baud, units 1..={}.",
+            args.baud, args.meters
+        );
+        tasks.push(AbortOnDrop(serve_rtu_path(path.clone(), args.baud, plant.clone())));
+    }
+    if let Some(addr) = args.admin {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the admin API"))?;
+        println!("Admin API on http://{addr}/units");
+        let app = admin_router(plant.clone());
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                warn!(message = "Simulator admin API stopped.", %error);
+            }
+        })));
+    }
+    if let Some(every) = args.flip_every {
+        let plant = plant.clone();
+        tasks.push(AbortOnDrop(tokio::spawn(async move {
+            let mut next = 0usize;
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let units = plant.units();
+                if let Some(&unit) = units.get(next % units.len().max(1)) {
+                    if let Some(open) = plant.flip_valve(unit) {
+                        println!("unit {unit}: valve {} (periodic flip)", valve_word(open));
+                    }
+                }
+                next = next.wrapping_add(1);
+            }
+        })));
+    }
+    let stdin_plant = plant.clone();
+    tasks.push(AbortOnDrop(tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        // EOF (no terminal, e.g. under systemd) just ends the command reader, not the simulator.
+        while let Ok(Some(line)) = lines.next_line().await {
+            if !line.trim().is_empty() {
+                println!("{}", command(&stdin_plant, &line));
+            }
+        }
+    })));
+    println!("Type `help` for commands; Ctrl-C stops.");
+    shutdown_signal().await;
+    println!("Stopping.");
+    drop(tasks);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn valve_word(open: bool) -> &'static str {
+    if open {
+        "开启 (open)"
+    } else {
+        "关闭 (closed)"
+    }
+}
+
+const HELP: &str = "commands:
+  flip U               flip the valve of unit U (adds 1.23 m³ to its flow)
+  silence U            unit U stops answering
+  wake U               unit U answers again
+  set U holding A V    set holding register A of unit U to V
+  late U MS            answer the next request to U after MS milliseconds
+  garbage U            garble the next answer of U
+  wrong-count U        answer the next read of U with one item fewer
+  status               show every unit
+  help                 this text";
+
+/// Run one stdin command against the plant; the text says what was done.
+pub fn command(plant: &Plant, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let unit_arg = |i: usize| -> Result<u8, String> {
+        let w = words.get(i).ok_or("missing unit")?;
+        let u: u8 = w.parse().map_err(|_| format!("`{w}` is not a unit id"))?;
+        if plant.unit(u).is_none() {
+            return Err(format!("no unit {u}"));
+        }
+        Ok(u)
+    };
+    let result: Result<String, String> = match words.first().copied().unwrap_or("") {
+        "flip" => unit_arg(1).map(|u| match plant.flip_valve(u) {
+            Some(open) => format!("unit {u}: valve {}", valve_word(open)),
+            None => format!("unit {u} has no valve coil"),
+        }),
+        "silence" => unit_arg(1).map(|u| {
+            plant.silence(u, true);
+            format!("unit {u}: silenced (no answers)")
+        }),
+        "wake" => unit_arg(1).map(|u| {
+            plant.silence(u, false);
+            format!("unit {u}: answering again")
+        }),
+        "set" => (|| {
+            let u = unit_arg(1)?;
+            if words.get(2) != Some(&"holding") {
+                return Err("usage: set U holding A V".to_string());
+            }
+            let a: u16 = words.get(3).and_then(|w| w.parse().ok()).ok_or("A must be 0..65535")?;
+            let v: u16 = words.get(4).and_then(|w| w.parse().ok()).ok_or("V must be 0..65535")?;
+            if plant.set_holding(u, a, v) {
+                Ok(format!("unit {u}: holding {a} = {v}"))
+            } else {
+                Err(format!("unit {u} has no holding register {a}"))
+            }
+        })(),
+        "late" => (|| {
+            let u = unit_arg(1)?;
+            let ms: u64 = words.get(2).and_then(|w| w.parse().ok()).ok_or("MS must be a number")?;
+            plant.inject(u, Fault::Late(Duration::from_millis(ms)));
+            Ok(format!("unit {u}: next answer {ms} ms late"))
+        })(),
+        "garbage" => unit_arg(1).map(|u| {
+            plant.inject(u, Fault::Garbage);
+            format!("unit {u}: next answer garbled")
+        }),
+        "wrong-count" => unit_arg(1).map(|u| {
+            plant.inject(u, Fault::WrongCount);
+            format!("unit {u}: next read answered one item short")
+        }),
+        "status" => Ok(plant
+            .status()
+            .iter()
+            .map(|s| {
+                format!(
+                    "unit {}: valve {}, 累计流量 {}.{:02} m³, 电池电压 {}.{:02} V{}{}",
+                    s.unit,
+                    valve_word(s.valve_open),
+                    s.flow_raw / 100,
+                    s.flow_raw % 100,
+                    s.battery_raw / 100,
+                    s.battery_raw % 100,
+                    if s.silenced { ", SILENCED" } else { "" },
+                    if s.pending_faults > 0 {
+                        format!(", {} fault(s) queued", s.pending_faults)
+                    } else {
+                        String::new()
+                    },
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")),
+        "help" => Ok(HELP.to_string()),
+        other => Err(format!("unknown command `{other}`; type help")),
+    };
+    result.unwrap_or_else(|e| format!("error: {e}"))
+}
+
+// === admin HTTP ===
+
+fn admin_router(plant: Plant) -> axum::Router {
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+    use axum::Json;
+
+    type Reply = (StatusCode, Json<serde_json::Value>);
+
+    fn unknown(unit: u8) -> Reply {
+        (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": format!("no unit {unit}") })),
+        )
+    }
+
+    async fn units(State(plant): State<Plant>) -> Json<Vec<UnitStatus>> {
+        Json(plant.status())
+    }
+
+    async fn flip(State(plant): State<Plant>, Path(unit): Path<u8>) -> Reply {
+        match plant.flip_valve(unit) {
+            Some(open) => {
+                println!("unit {unit}: valve {} (admin API)", valve_word(open));
+                (
+                    StatusCode::OK,
+                    Json(serde_json::json!({ "unit": unit, "valve_open": open })),
+                )
+            }
+            None => unknown(unit),
+        }
+    }
+
+    async fn set_silent(plant: Plant, unit: u8, silent: bool) -> Reply {
+        if plant.unit(unit).is_none() {
+            return unknown(unit);
+        }
+        plant.silence(unit, silent);
+        println!(
+            "unit {unit}: {} (admin API)",
+            if silent { "silenced" } else { "answering again" }
+        );
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "unit": unit, "silenced": silent })),
+        )
+    }
+
+    axum::Router::new()
+        .route("/units", get(units))
+        .route("/units/{unit}/flip", post(flip))
+        .route(
+            "/units/{unit}/silence",
+            post(|State(p): State<Plant>, Path(u): Path<u8>| set_silent(p, u, true)),
+        )
+        .route(
+            "/units/{unit}/wake",
+            post(|State(p): State<Plant>, Path(u): Path<u8>| set_silent(p, u, false)),
+        )
+        .with_state(plant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standard_meter_has_the_documented_layout() {
+        let u = Unit::meter(2);
+        assert!(!u.coils[0]);
+        assert_eq!(u.flow(), Some(21_234));
+        assert_eq!(u.holding[2], 352);
+    }
+
+    #[test]
+    fn a_flip_toggles_the_valve_and_adds_flow() {
+        let p = Plant::with_meters(1);
+        assert_eq!(p.flip_valve(1), Some(true));
+        assert_eq!(p.flow(1), Some(11_234 + FLOW_PER_FLIP));
+        assert_eq!(p.flip_valve(1), Some(false));
+        assert_eq!(p.flip_valve(9), None);
+    }
+
+    #[test]
+    fn out_of_range_reads_are_exceptions_and_unknown_units_are_silent() {
+        let p = Plant::with_meters(1);
+        assert!(matches!(
+            p.answer(1, Request::ReadHoldingRegisters(63, 2)),
+            Answer::Now(Err(ExceptionCode::IllegalDataAddress))
+        ));
+        assert!(matches!(
+            p.answer(1, Request::ReadHoldingRegisters(0, 0)),
+            Answer::Now(Err(ExceptionCode::IllegalDataValue))
+        ));
+        assert!(matches!(p.answer(7, Request::ReadCoils(0, 1)), Answer::Silent));
+        p.silence(1, true);
+        assert!(matches!(p.answer(1, Request::ReadCoils(0, 1)), Answer::Silent));
+    }
+
+    #[test]
+    fn faults_are_consumed_one_per_request() {
+        let p = Plant::with_meters(1);
+        p.inject(1, Fault::WrongCount);
+        p.inject(1, Fault::Garbage);
+        assert!(matches!(
+            p.answer(1, Request::ReadHoldingRegisters(0, 3)),
+            Answer::Now(Ok(Response::ReadHoldingRegisters(v))) if v.len() == 2
+        ));
+        assert!(matches!(p.answer(1, Request::ReadCoils(0, 1)), Answer::Garbled(Ok(_))));
+        assert!(matches!(p.answer(1, Request::ReadCoils(0, 1)), Answer::Now(Ok(_))));
+        assert_eq!(p.pending_faults(1), 0);
+        assert_eq!(p.requests(1), 3);
+    }
+
+    #[tokio::test]
+    async fn the_admin_api_flips_silences_and_lists_units() {
+        let plant = Plant::with_meters(2);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("bound");
+        let app = admin_router(plant.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        let post = |path: &str| http.post(format!("http://{addr}{path}")).send();
+        assert_eq!(post("/units/1/flip").await.expect("flip").status(), 200);
+        assert_eq!(plant.valve(1), Some(true));
+        assert_eq!(post("/units/2/silence").await.expect("silence").status(), 200);
+        assert_eq!(post("/units/9/flip").await.expect("flip 9").status(), 404);
+        assert_eq!(post("/units/x/flip").await.expect("flip x").status(), 400);
+        let units: serde_json::Value = http
+            .get(format!("http://{addr}/units"))
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(units[0]["valve_open"], true);
+        assert_eq!(units[1]["silenced"], true);
+        assert_eq!(post("/units/2/wake").await.expect("wake").status(), 200);
+        assert!(!plant.status()[1].silenced);
+        server.abort();
+    }
+
+    #[test]
+    fn rtu_frames_carry_the_modbus_crc() {
+        // The read request 01 03 00 00 00 0A has CRC C5 CD (low byte first), as in the serial line spec.
+        assert_eq!(crc16(&[0x01, 0x03, 0x00, 0x00, 0x00, 0x0A]).to_le_bytes(), [0xC5, 0xCD]);
+        let f = rtu_frame(1, 3, &Ok(Response::ReadHoldingRegisters(vec![0x1234]))).expect("a read answer");
+        assert_eq!(f[..5], [1, 3, 2, 0x12, 0x34]);
+        assert_eq!(crc16(&f), 0, "a frame with its CRC checks to zero");
+        let f = rtu_frame(2, 1, &Ok(Response::ReadCoils(vec![true, false, true]))).expect("a read answer");
+        assert_eq!(f[..4], [2, 1, 1, 0b101]);
+        let f = rtu_frame(2, 4, &Err(ExceptionCode::IllegalDataAddress)).expect("an exception");
+        assert_eq!(f[..3], [2, 0x84, 2]);
+    }
+
+    #[test]
+    fn commands_say_what_they_did_and_refuse_bad_input() {
+        let p = Plant::with_meters(2);
+        assert_eq!(command(&p, "flip 1"), "unit 1: valve 开启 (open)");
+        assert_eq!(command(&p, "set 2 holding 2 999"), "unit 2: holding 2 = 999");
+        assert_eq!(p.holding(2, 2), Some(999));
+        assert!(command(&p, "flip 9").starts_with("error: no unit 9"));
+        assert!(command(&p, "set 1 holding 9999 1").starts_with("error:"));
+        assert!(command(&p, "set 1 holding").starts_with("error:"));
+        assert!(command(&p, "frobnicate").starts_with("error: unknown command"));
+        assert!(command(&p, "status").contains("unit 2: valve 关闭 (closed), 累计流量 212.34 m³, 电池电压 9.99 V"));
+    }
+}
