@@ -11,13 +11,15 @@
 //!   crash loses the commit, it loses the state with it, and the transition is detected again.
 //! - "Stored" means committed *and* [`Outbox::sync`]ed: sled's `flush()` is followed by `fsync` of the
 //!   database files and the folder, because `flush()` alone does not survive a power cut.
-//! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`) or moved by an
-//!   operator. Nothing here ever drops a record to make room: when the bounds are reached, `commit`
+//! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`), or moved between
+//!   `outbox` and `dead` by [`Outbox::bury`] / [`Outbox::requeue`] (each one transaction, keeping the
+//!   record's id). Nothing here ever drops a record to make room: when the bounds are reached, `commit`
 //!   refuses ([`OutboxError::Full`]) and the caller keeps the old state so the change is seen again.
+//! - Dead letters do not count against the bounds (they are few, and an operator's business).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -122,6 +124,9 @@ struct Counts {
     refused: AtomicU64,
     /// One past the highest record id committed.
     committed: AtomicU64,
+    /// Set when a commit was refused for lack of room; cleared by the next commit that fits or by any
+    /// removal. Health reads it: "new states are not being recorded right now".
+    refusing: AtomicBool,
     /// One past the highest record id known to be on disk (committed before a completed sync). The sender only
     /// sees records up to here: a record that a crash could still take back is never delivered,
     /// so a lost commit can never turn into a duplicate work order.
@@ -233,6 +238,7 @@ impl Outbox {
                 to: d.to,
                 biz_data: d.biz_data,
                 attempts: 0,
+                rejections: 0,
                 last_error: None,
             });
         }
@@ -254,6 +260,7 @@ impl Outbox {
         }
         self.counts.records.fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.counts.bytes.fetch_add(new_bytes, Ordering::Relaxed);
+        self.counts.refusing.store(false, Ordering::Relaxed);
         if let Some(top) = records.iter().map(|r| r.id).max() {
             self.counts.committed.fetch_max(top.saturating_add(1), Ordering::SeqCst);
         }
@@ -266,6 +273,7 @@ impl Outbox {
             && (have_records + records > self.limits.max_records || have_bytes + bytes > self.limits.max_bytes)
         {
             self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            self.counts.refusing.store(true, Ordering::Relaxed);
             return Err(OutboxError::Full {
                 records: have_records,
                 bytes: have_bytes,
@@ -318,6 +326,22 @@ impl Outbox {
         self.counts.refused.load(Ordering::Relaxed)
     }
 
+    /// Whether the last commit was refused for lack of room and nothing has been removed since: new
+    /// valve states are not being recorded (health `critical`).
+    pub fn is_refusing(&self) -> bool {
+        self.counts.refusing.load(Ordering::Relaxed)
+    }
+
+    /// The bounds this store was opened with.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Number of dead letters (walks the `dead` tree; it is small).
+    pub fn dead_len(&self) -> usize {
+        self.dead.len()
+    }
+
     /// All queued records, oldest first (for the admin API and tests).
     pub fn list(&self, limit: usize) -> Result<Vec<Record>, OutboxError> {
         self.queue
@@ -331,6 +355,13 @@ impl Outbox {
     /// to `max`, among records already synced to disk. A meter whose older record has another event is skipped from then on, so records of
     /// one meter are always sent in detection order.
     pub fn next_batch(&self, max: usize) -> Result<Vec<Record>, OutboxError> {
+        self.next_batch_where(max, |_| false)
+    }
+
+    /// [`Outbox::next_batch`], passing over records for which `skip` is true (the sender's records on
+    /// hold after a rejection). A skipped record blocks the later records of its meter like a record of
+    /// another event does, so skipping never reorders a meter's records.
+    pub fn next_batch_where(&self, max: usize, skip: impl Fn(&Record) -> bool) -> Result<Vec<Record>, OutboxError> {
         let mut batch: Vec<Record> = Vec::new();
         let mut blocked: HashSet<String> = HashSet::new();
         // Bound the scan: a backlog of other events must not make each batch read the whole queue.
@@ -340,9 +371,16 @@ impl Outbox {
             if r.id >= durable {
                 break;
             }
+            if blocked.contains(&r.meter_no) {
+                continue;
+            }
+            if skip(&r) {
+                blocked.insert(r.meter_no);
+                continue;
+            }
             match batch.first() {
                 None => batch.push(r),
-                Some(first) if first.event_name == r.event_name && !blocked.contains(&r.meter_no) => batch.push(r),
+                Some(first) if first.event_name == r.event_name => batch.push(r),
                 Some(_) => {
                     blocked.insert(r.meter_no);
                 }
@@ -360,6 +398,7 @@ impl Outbox {
             if let Some(v) = self.queue.remove(id.to_be_bytes()).map_err(|e| self.db_error(e))? {
                 self.counts.records.fetch_sub(1, Ordering::Relaxed);
                 self.counts.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+                self.counts.refusing.store(false, Ordering::Relaxed);
             }
         }
         self.sync().await
@@ -367,6 +406,17 @@ impl Outbox {
 
     /// Count a failed attempt on each record and keep the reason; returns the updated records.
     pub fn note_failure(&self, ids: &[u64], error: &str) -> Result<Vec<Record>, OutboxError> {
+        self.update_failed(ids, error, false)
+    }
+
+    /// The server refused this record alone (`code != 0` for a request carrying only it): count an
+    /// attempt *and* a rejection, keep the server's msg. Returns the updated record (`None` if it is no
+    /// longer queued). The caller buries it once `rejections` reaches its limit.
+    pub fn note_rejection(&self, id: u64, msg: &str) -> Result<Option<Record>, OutboxError> {
+        Ok(self.update_failed(&[id], msg, true)?.pop())
+    }
+
+    fn update_failed(&self, ids: &[u64], error: &str, rejected: bool) -> Result<Vec<Record>, OutboxError> {
         let mut out = Vec::new();
         for id in ids {
             let key = id.to_be_bytes();
@@ -378,6 +428,9 @@ impl Outbox {
                 detail: format!("{id}: {e}"),
             })?;
             r.attempts = r.attempts.saturating_add(1);
+            if rejected {
+                r.rejections = r.rejections.saturating_add(1);
+            }
             r.last_error = Some(error.chars().take(500).collect());
             let nv = encode(&r);
             // Compare-and-swap so an ack that raced this update is not undone.
@@ -416,6 +469,7 @@ impl Outbox {
         }
         self.counts.records.fetch_sub(1, Ordering::Relaxed);
         self.counts.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+        self.counts.refusing.store(false, Ordering::Relaxed);
         self.sync().await
     }
 
@@ -433,8 +487,11 @@ impl Outbox {
             .collect()
     }
 
-    /// Put dead letters back in the outbox under their old ids (attempts reset); `None` = all.
-    /// Returns how many moved. Syncs.
+    /// Put dead letters back in the outbox under their old ids (attempts and rejections reset, last
+    /// error kept); `None` = all. Returns how many moved (0 when `id` is not a dead letter). Syncs.
+    ///
+    /// The old id puts the record back at its place in detection order, ahead of anything queued
+    /// after it; later records of its meter that were delivered meanwhile stay delivered.
     pub async fn requeue(&self, id: Option<u64>) -> Result<usize, OutboxError> {
         let letters: Vec<DeadLetter> = self
             .dead()?
@@ -445,6 +502,7 @@ impl Outbox {
             let key = d.record.id.to_be_bytes();
             let mut record = d.record.clone();
             record.attempts = 0;
+            record.rejections = 0;
             let v = encode(&record);
             let result: Result<(), TransactionError<()>> = (&self.queue, &self.dead).transaction(|(q, dt)| {
                 dt.remove(&key)?;
@@ -580,7 +638,10 @@ mod tests {
         let b = o.commit("M2", &state(0), vec![draft("关")]).unwrap()[0].id;
         let c = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
         let d = o.commit("M3", &state(1), vec![draft("开")]).unwrap()[0].id;
-        assert!(o.next_batch(10).unwrap().is_empty(), "nothing is sent before it is synced");
+        assert!(
+            o.next_batch(10).unwrap().is_empty(),
+            "nothing is sent before it is synced"
+        );
         o.sync().await.unwrap();
         let batch: Vec<u64> = o.next_batch(10).unwrap().iter().map(|r| r.id).collect();
         // M2's "开" waits behind its older "关".

@@ -46,7 +46,7 @@ fn panda_cfg(base_url: &str, auth: Auth, max_batch: usize) -> PandaConfig {
         timeout: Duration::from_secs(10),
         max_batch,
         retry_min: Duration::from_millis(20),
-        retry_max: Duration::from_millis(200),
+        max_backoff: Duration::from_millis(200),
         refresh_before: Duration::from_secs(60),
     }
 }
