@@ -175,12 +175,15 @@ impl Outbox {
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
         let (state, queue, dead) = (tree("state")?, tree("outbox")?, tree("dead")?);
         let counts = Counts::default();
-        // Whatever is on disk at open is durable.
-        if let Some((k, _)) = queue.last().map_err(|e| open_error(dir, e))? {
-            let top = id_of(&k).saturating_add(1);
-            counts.committed.store(top, Ordering::Relaxed);
-            counts.durable.store(top, Ordering::Relaxed);
+        // Whatever is on disk at open is durable, dead letters included (they may be requeued).
+        let mut top = 0;
+        for t in [&queue, &dead] {
+            if let Some((k, _)) = t.last().map_err(|e| open_error(dir, e))? {
+                top = top.max(id_of(&k).saturating_add(1));
+            }
         }
+        counts.committed.store(top, Ordering::Relaxed);
+        counts.durable.store(top, Ordering::Relaxed);
         for item in queue.iter() {
             let (_, v) = item.map_err(|e| open_error(dir, e))?;
             counts.records.fetch_add(1, Ordering::Relaxed);
@@ -514,6 +517,11 @@ impl Outbox {
             }
             self.counts.records.fetch_add(1, Ordering::Relaxed);
             self.counts.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+            // The sender sees ids below the durable mark only; the sync below brings the mark past this
+            // id even if the queue held nothing newer since the store was opened.
+            self.counts
+                .committed
+                .fetch_max(d.record.id.saturating_add(1), Ordering::SeqCst);
         }
         self.sync().await?;
         Ok(letters.len())
@@ -697,6 +705,51 @@ mod tests {
         assert_eq!(o.requeue(None).await.unwrap(), 1);
         assert_eq!(o.list(10).unwrap()[0].id, id);
         assert!(o.dead().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_requeued_after_a_reopen_with_an_empty_queue_is_sent() {
+        // Found by the model test: the durable mark came from the queue alone, so a record requeued
+        // into an empty queue after a restart stayed invisible to the sender.
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let id = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+            o.bury(id, "x", "t").await.unwrap();
+            id
+        };
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert_eq!(o.requeue(None).await.unwrap(), 1);
+        assert_eq!(
+            o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![id]
+        );
+    }
+
+    #[tokio::test]
+    async fn held_records_are_skipped_and_block_their_meter() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let b = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let c = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        o.sync().await.unwrap();
+        let ids = |skip: u64| -> Vec<u64> {
+            o.next_batch_where(10, |r| r.id == skip)
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect()
+        };
+        assert_eq!(ids(a), vec![b], "M1's later record waits behind the held one");
+        assert_eq!(ids(b), vec![a, c]);
+        let r = o.note_rejection(a, "refused").unwrap().unwrap();
+        assert_eq!((r.attempts, r.rejections), (1, 1));
+        assert_eq!(
+            o.note_failure(&[a], "timeout").unwrap()[0].rejections,
+            1,
+            "an outage is no refusal"
+        );
     }
 
     #[test]
