@@ -1274,6 +1274,52 @@ mod tests {
         assert_eq!(frame_gap_for(115200), Duration::from_micros(1750));
     }
 
+    /// Parse a minimal site with `extra` appended to `[panda]` and the given trailing sections.
+    fn minimal(panda_extra: &str, sections: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mapping.csv"), "用户编号,水表表号\nU1,M1\n").unwrap();
+        let text = format!(
+            "[site]\nname = \"s\"\nstate_dir = \"state\"\nmapping = \"mapping.csv\"\n\n\
+             [panda]\nbase_url = \"http://127.0.0.1:1\"\nproject = \"demo\"\nauth = \"none\"\nuser_id = 42\n{panda_extra}\n{sections}"
+        );
+        parse(&dir.path().join("fieldgate.toml"), &text, &None)
+    }
+
+    #[test]
+    fn max_backoff_has_a_default_and_accepts_its_old_name() {
+        let c = minimal("", "").unwrap();
+        assert_eq!(c.panda.max_backoff, Duration::from_secs(300));
+        assert_eq!(c.outbox.dead_after, 5);
+        assert!(!c.admin.allow_remote);
+        let c = minimal("max_backoff = \"2m\"", "").unwrap();
+        assert_eq!(c.panda.max_backoff, Duration::from_secs(120));
+        let c = minimal("retry_max = \"90s\"", "").unwrap();
+        assert_eq!(c.panda.max_backoff, Duration::from_secs(90));
+        let e = minimal("max_backoff = \"2m\"\nretry_max = \"90s\"", "").unwrap_err();
+        assert!(e.to_string().contains("old name of panda.max_backoff"), "{e}");
+        let e = minimal("retry_min = \"10m\"", "").unwrap_err();
+        assert!(
+            e.to_string().contains("must not be larger than panda.max_backoff"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dead_after_is_ranged() {
+        assert_eq!(minimal("", "[outbox]\ndead_after = 3\n").unwrap().outbox.dead_after, 3);
+        let e = minimal("", "[outbox]\ndead_after = 0\n").unwrap_err();
+        assert!(e.to_string().contains("outbox.dead_after"), "{e}");
+    }
+
+    #[test]
+    fn a_remote_admin_address_needs_allow_remote() {
+        let e = minimal("", "[admin]\nlisten = \"0.0.0.0:9898\"\n").unwrap_err();
+        assert!(e.to_string().contains("allow_remote"), "{e}");
+        let c = minimal("", "[admin]\nlisten = \"0.0.0.0:9898\"\nallow_remote = true\n").unwrap();
+        assert!(c.admin.allow_remote);
+        assert!(minimal("", "[admin]\nlisten = \"[::1]:9898\"\n").is_ok());
+    }
+
     #[test]
     fn host_port_needs_both_parts() {
         assert!(valid_host_port("10.0.0.1:502"));
