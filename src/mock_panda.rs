@@ -161,7 +161,8 @@ pub struct WorkOrder {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fault {
-    /// Answer this HTTP status with an nginx-style HTML page.
+    /// Answer this HTTP status with an nginx-style HTML page (401: the document's 401 page, as for an
+    /// invalid token).
     Status(u16),
     /// Answer 200 with an HTML page.
     Html,
@@ -232,6 +233,8 @@ struct Shared {
     logins: AtomicU64,
     login_attempts: AtomicU64,
     requests: AtomicU64,
+    /// PostFlowNodeData requests answered 401.
+    unauthorized: AtomicU64,
     unavailable: AtomicBool,
     login_fails: AtomicBool,
     /// GenerateToken calls still to refuse (`fail_next_logins`).
@@ -270,6 +273,7 @@ impl MockPanda {
             logins: AtomicU64::new(0),
             login_attempts: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            unauthorized: AtomicU64::new(0),
             unavailable: AtomicBool::new(false),
             login_fails: AtomicBool::new(false),
             fail_next_logins: AtomicU64::new(0),
@@ -336,6 +340,11 @@ impl MockPanda {
     /// PostFlowNodeData requests received, whatever the answer.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// PostFlowNodeData requests answered 401 (no valid token, or an injected 401).
+    pub fn unauthorized(&self) -> u64 {
+        self.shared.unauthorized.load(Ordering::Relaxed)
     }
 
     /// While `true`, PostFlowNodeData and GenerateToken answer 503 with an HTML page.
@@ -520,6 +529,7 @@ impl Shared {
         let mut answer_delay = None;
         match fault {
             None => {}
+            Some(Fault::Status(401)) => return self.unauthorized(),
             Some(Fault::Status(code)) => {
                 let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 return html(status, &status.to_string());
@@ -543,6 +553,17 @@ impl Shared {
         answer
     }
 
+    /// The document's 401 page, counted.
+    fn unauthorized(&self) -> Response {
+        self.unauthorized.fetch_add(1, Ordering::Relaxed);
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            UNAUTHORIZED_PAGE,
+        )
+            .into_response()
+    }
+
     /// A fault drawn at `fail_rate`, if any.
     fn random_fault(&self) -> Option<Fault> {
         let rate = self.opts.fail_rate;
@@ -564,12 +585,7 @@ impl Shared {
     /// Token, Content-Type and body checks; keeps the orders of a valid request.
     async fn check_and_apply(&self, request: u64, external: bool, headers: &HeaderMap, body: &[u8]) -> Response {
         if external && !self.token_valid(headers) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-                UNAUTHORIZED_PAGE,
-            )
-                .into_response();
+            return self.unauthorized();
         }
         let is_json = headers
             .get(header::CONTENT_TYPE)
