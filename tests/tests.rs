@@ -10,3 +10,5 @@ mod sender;
 mod e2e;
 /// `fieldgate run` killed with SIGKILL at random moments.
 mod crash;
+/// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
+mod outbox_model;
