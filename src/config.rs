@@ -960,8 +960,16 @@ impl<'a> Validator<'a> {
                     0
                 }
             };
+            // Only a real bus and a valid unit can clash: a stand-in (bus 0, unit 1) after an error
+            // would report a duplicate that is not there.
+            let checkable = buses.iter().any(|b| b.name == r.bus) && (1..=247).contains(&r.unit);
             let unit = self.ranged(line, &f("unit"), Some(r.unit), 1, 1, 247) as u8;
-            if let Some(first) = units.insert((bus, unit), line) {
+            let clash = if checkable {
+                units.insert((bus, unit), line)
+            } else {
+                None
+            };
+            if let Some(first) = clash {
                 self.issue(
                     line,
                     f("unit"),
