@@ -16,7 +16,8 @@ use crate::bus::{run_bus, BusStats};
 use crate::config::Config;
 use crate::outbox::{Limits, Outbox, OutboxError};
 use crate::panda::{PandaClient, PandaError};
-use crate::sender::{run_sender, SenderStats};
+use crate::admin::{AdminError, AdminState};
+use crate::sender::{run_sender, SenderConfig, SenderStats};
 use crate::station::{Live, Station};
 
 /// Why the gateway could not start.
@@ -28,6 +29,9 @@ pub enum StartError {
     /// The Panda client.
     #[error(transparent)]
     Panda(#[from] PandaError),
+    /// The admin API.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// A running gateway.
@@ -42,6 +46,10 @@ pub struct Gateway {
     pub bus_stats: Vec<Arc<BusStats>>,
     /// Delivery counters.
     pub sender_stats: Arc<SenderStats>,
+    /// Where the admin API listens (the bound address, useful with port 0).
+    pub admin_addr: Option<std::net::SocketAddr>,
+    stop_admin: CancellationToken,
+    admin: JoinHandle<()>,
     stop_buses: CancellationToken,
     stop_sender: CancellationToken,
     buses: Vec<JoinHandle<()>>,
@@ -58,6 +66,9 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
         .await
         .map_err(|e| OutboxError::Sync { path: cfg.site.state_dir.clone(), source: std::io::Error::other(e) })??;
     let client = PandaClient::new(&cfg.panda, cfg.site.timezone)?;
+    // Bound before any task starts, so a bad [admin] listen fails the start cleanly.
+    let admin_listener = crate::admin::bind(&cfg.admin).await?;
+    let admin_addr = admin_listener.local_addr().ok();
     let live = Live::new(cfg.meters.len());
     let wake = Arc::new(Notify::new());
     let stop_buses = CancellationToken::new();
@@ -78,10 +89,21 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
     drop(tx);
 
     let sender_stats = Arc::new(SenderStats::default());
+    let stop_admin = CancellationToken::new();
+    let admin_state =
+        AdminState::new(outbox.clone(), sender_stats.clone(), cfg.site.name.clone()).with_wake(wake.clone());
+    let admin = tokio::spawn({
+        let stop = stop_admin.clone();
+        async move {
+            if let Err(e) = crate::admin::serve_admin(admin_listener, admin_state, stop).await {
+                tracing::error!(message = "Admin API failed.", error = %e);
+            }
+        }
+    });
     let sender = tokio::spawn(run_sender(
         outbox.clone(),
         client,
-        cfg.panda.clone(),
+        SenderConfig::from_config(&cfg),
         wake,
         stop_sender.clone(),
         sender_stats.clone(),
@@ -93,7 +115,21 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
         meters = cfg.meters.len(),
         queued = outbox.len(),
     );
-    Ok(Gateway { cfg, outbox, live, bus_stats, sender_stats, stop_buses, stop_sender, buses, station, sender })
+    Ok(Gateway {
+        cfg,
+        outbox,
+        live,
+        bus_stats,
+        sender_stats,
+        admin_addr,
+        stop_admin,
+        admin,
+        stop_buses,
+        stop_sender,
+        buses,
+        station,
+        sender,
+    })
 }
 
 impl Gateway {
@@ -113,6 +149,11 @@ impl Gateway {
         self.stop_sender.cancel();
         if tokio::time::timeout(grace, self.sender).await.is_err() {
             tracing::warn!(message = "The sender did not stop in time; its in-flight batch stays queued.");
+        }
+        // Last, so health stays readable while everything else drains.
+        self.stop_admin.cancel();
+        if tokio::time::timeout(grace, self.admin).await.is_err() {
+            tracing::warn!(message = "The admin API did not stop in time; abandoned.");
         }
         if let Err(e) = self.outbox.sync().await {
             tracing::error!(message = "Final sync failed.", error = %e);

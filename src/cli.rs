@@ -48,6 +48,8 @@ enum Command {
     Simulate(crate::simulator::SimulateArgs),
     /// A strict Panda WorkFlow server for tests and commissioning.
     MockPanda(crate::mock_panda::MockPandaArgs),
+    /// Dead letters: `outbox dead` lists them, `outbox requeue ID|--all` puts them back.
+    Outbox(crate::outbox_cli::OutboxArgs),
 }
 
 /// Entry point of the binary.
@@ -75,6 +77,7 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Demo(args) => report(crate::demo::demo_main(args).await),
         Command::Simulate(args) => report(crate::simulator::simulate_main(args).await),
         Command::MockPanda(args) => report(crate::mock_panda::mock_panda_main(args).await),
+        Command::Outbox(args) => report(crate::outbox_cli::outbox_main(args).await),
     }
 }
 

@@ -122,6 +122,9 @@ struct RawPanda {
     #[serde(default)]
     retry_min: Option<String>,
     #[serde(default)]
+    max_backoff: Option<String>,
+    /// The old name of `max_backoff`, still accepted.
+    #[serde(default)]
     retry_max: Option<String>,
     #[serde(default)]
     refresh_before: Option<String>,
@@ -132,6 +135,8 @@ struct RawPanda {
 struct RawAdmin {
     #[serde(default)]
     listen: Option<String>,
+    #[serde(default)]
+    allow_remote: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +146,8 @@ struct RawOutbox {
     max_records: Option<i64>,
     #[serde(default)]
     max_bytes: Option<i64>,
+    #[serde(default)]
+    dead_after: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,8 +326,9 @@ pub struct PandaConfig {
     pub max_batch: usize,
     /// First retry delay after a failed delivery (full jitter up to the current cap).
     pub retry_min: Duration,
-    /// Largest retry delay.
-    pub retry_max: Duration,
+    /// Largest retry delay (`max_backoff`, formerly `retry_max`). A failed login backs off to at
+    /// most [`LOGIN_BACKOFF_MAX`] whatever this is.
+    pub max_backoff: Duration,
     /// Fetch a new token this long before it expires.
     pub refresh_before: Duration,
 }
@@ -328,9 +336,14 @@ pub struct PandaConfig {
 /// `[admin]`.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
-    /// Where the admin HTTP API listens.
+    /// Where the admin HTTP API listens (loopback unless `allow_remote`).
     pub listen: SocketAddr,
+    /// Allow a non-loopback `listen`. The admin API has no authentication and can requeue records.
+    pub allow_remote: bool,
 }
+
+/// The longest wait between GenerateToken attempts while the credentials are refused.
+pub const LOGIN_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// `[outbox]`.
 #[derive(Debug, Clone)]
@@ -339,6 +352,8 @@ pub struct OutboxConfig {
     pub max_records: u64,
     /// Most bytes of queued records.
     pub max_bytes: u64,
+    /// A record the server refuses on its own this many times moves to the dead letters.
+    pub dead_after: u32,
 }
 
 /// Serial line parity.
@@ -694,9 +709,24 @@ impl<'a> Validator<'a> {
         let timeout = self.duration(line, "panda.timeout", &r.timeout, Duration::from_secs(10));
         let max_batch = self.ranged(line, "panda.max_batch", r.max_batch, 50, 1, 1000) as usize;
         let retry_min = self.duration(line, "panda.retry_min", &r.retry_min, Duration::from_secs(1));
-        let retry_max = self.duration(line, "panda.retry_max", &r.retry_max, Duration::from_secs(300));
-        if retry_min > retry_max {
-            self.issue(line, "panda.retry_min", "must not be larger than panda.retry_max");
+        if r.max_backoff.is_some() && r.retry_max.is_some() {
+            self.issue(
+                line,
+                "panda.retry_max",
+                "is the old name of panda.max_backoff: set only max_backoff",
+            );
+        }
+        let (backoff_field, backoff_value) = match (&r.max_backoff, &r.retry_max) {
+            (None, Some(_)) => ("panda.retry_max", &r.retry_max),
+            _ => ("panda.max_backoff", &r.max_backoff),
+        };
+        let max_backoff = self.duration(line, backoff_field, backoff_value, Duration::from_secs(300));
+        if retry_min > max_backoff {
+            self.issue(
+                line,
+                "panda.retry_min",
+                format!("must not be larger than {backoff_field}"),
+            );
         }
         let refresh_before = self.duration(line, "panda.refresh_before", &r.refresh_before, Duration::from_secs(60));
         PandaConfig {
@@ -709,7 +739,7 @@ impl<'a> Validator<'a> {
             timeout,
             max_batch,
             retry_min,
-            retry_max,
+            max_backoff,
             refresh_before,
         }
     }
@@ -746,7 +776,10 @@ impl<'a> Validator<'a> {
     fn admin(&mut self, a: Option<&Spanned<RawAdmin>>) -> AdminConfig {
         let default: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9898));
         let Some(a) = a else {
-            return AdminConfig { listen: default };
+            return AdminConfig {
+                listen: default,
+                allow_remote: false,
+            };
         };
         let line = self.at(a);
         let listen = match &a.get_ref().listen {
@@ -760,17 +793,29 @@ impl<'a> Validator<'a> {
                 default
             }),
         };
-        AdminConfig { listen }
+        let allow_remote = a.get_ref().allow_remote.unwrap_or(false);
+        if !listen.ip().is_loopback() && !allow_remote {
+            self.issue(
+                line,
+                "admin.listen",
+                format!(
+                    "`{listen}` is not a loopback address; the admin API has no authentication and can requeue \
+                     records: use 127.0.0.1, or set admin.allow_remote = true behind a firewall"
+                ),
+            );
+        }
+        AdminConfig { listen, allow_remote }
     }
 
     fn outbox(&mut self, o: Option<&Spanned<RawOutbox>>) -> OutboxConfig {
         // A large station: 2000 meters, each moving its valve 4 times a day, for 7 days = 56,000
         // records; ~1 KiB each with BizData. Defaults leave ~3.5x head room.
-        let (records, bytes) = (200_000i64, 256 * 1024 * 1024i64);
+        let (records, bytes, dead_after) = (200_000i64, 256 * 1024 * 1024i64, 5i64);
         let Some(o) = o else {
             return OutboxConfig {
                 max_records: records as u64,
                 max_bytes: bytes as u64,
+                dead_after: dead_after as u32,
             };
         };
         let line = self.at(o);
@@ -778,6 +823,7 @@ impl<'a> Validator<'a> {
         OutboxConfig {
             max_records: self.ranged(line, "outbox.max_records", r.max_records, records, 1, i64::MAX) as u64,
             max_bytes: self.ranged(line, "outbox.max_bytes", r.max_bytes, bytes, 1024, i64::MAX) as u64,
+            dead_after: self.ranged(line, "outbox.dead_after", r.dead_after, dead_after, 1, 1000) as u32,
         }
     }
 
@@ -914,8 +960,16 @@ impl<'a> Validator<'a> {
                     0
                 }
             };
+            // Only a real bus and a valid unit can clash: a stand-in (bus 0, unit 1) after an error
+            // would report a duplicate that is not there.
+            let checkable = buses.iter().any(|b| b.name == r.bus) && (1..=247).contains(&r.unit);
             let unit = self.ranged(line, &f("unit"), Some(r.unit), 1, 1, 247) as u8;
-            if let Some(first) = units.insert((bus, unit), line) {
+            let clash = if checkable {
+                units.insert((bus, unit), line)
+            } else {
+                None
+            };
+            if let Some(first) = clash {
                 self.issue(
                     line,
                     f("unit"),
@@ -1226,6 +1280,52 @@ mod tests {
     fn frame_gap_follows_the_serial_line_spec() {
         assert_eq!(frame_gap_for(9600), Duration::from_micros(4011));
         assert_eq!(frame_gap_for(115200), Duration::from_micros(1750));
+    }
+
+    /// Parse a minimal site with `extra` appended to `[panda]` and the given trailing sections.
+    fn minimal(panda_extra: &str, sections: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mapping.csv"), "用户编号,水表表号\nU1,M1\n").unwrap();
+        let text = format!(
+            "[site]\nname = \"s\"\nstate_dir = \"state\"\nmapping = \"mapping.csv\"\n\n\
+             [panda]\nbase_url = \"http://127.0.0.1:1\"\nproject = \"demo\"\nauth = \"none\"\nuser_id = 42\n{panda_extra}\n{sections}"
+        );
+        parse(&dir.path().join("fieldgate.toml"), &text, &None)
+    }
+
+    #[test]
+    fn max_backoff_has_a_default_and_accepts_its_old_name() {
+        let c = minimal("", "").unwrap();
+        assert_eq!(c.panda.max_backoff, Duration::from_secs(300));
+        assert_eq!(c.outbox.dead_after, 5);
+        assert!(!c.admin.allow_remote);
+        let c = minimal("max_backoff = \"2m\"", "").unwrap();
+        assert_eq!(c.panda.max_backoff, Duration::from_secs(120));
+        let c = minimal("retry_max = \"90s\"", "").unwrap();
+        assert_eq!(c.panda.max_backoff, Duration::from_secs(90));
+        let e = minimal("max_backoff = \"2m\"\nretry_max = \"90s\"", "").unwrap_err();
+        assert!(e.to_string().contains("old name of panda.max_backoff"), "{e}");
+        let e = minimal("retry_min = \"10m\"", "").unwrap_err();
+        assert!(
+            e.to_string().contains("must not be larger than panda.max_backoff"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dead_after_is_ranged() {
+        assert_eq!(minimal("", "[outbox]\ndead_after = 3\n").unwrap().outbox.dead_after, 3);
+        let e = minimal("", "[outbox]\ndead_after = 0\n").unwrap_err();
+        assert!(e.to_string().contains("outbox.dead_after"), "{e}");
+    }
+
+    #[test]
+    fn a_remote_admin_address_needs_allow_remote() {
+        let e = minimal("", "[admin]\nlisten = \"0.0.0.0:9898\"\n").unwrap_err();
+        assert!(e.to_string().contains("allow_remote"), "{e}");
+        let c = minimal("", "[admin]\nlisten = \"0.0.0.0:9898\"\nallow_remote = true\n").unwrap();
+        assert!(c.admin.allow_remote);
+        assert!(minimal("", "[admin]\nlisten = \"[::1]:9898\"\n").is_ok());
     }
 
     #[test]

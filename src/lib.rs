@@ -17,12 +17,16 @@
 //! - [`station`]: applies poll cycles to the store and wakes the sender.
 //! - [`panda`]: the Panda WorkFlow client: token, PostFlowNodeData, classification of every answer.
 //! - [`sender`]: the delivery loop: outbox batch → Panda → ack on `code: 0`; jittered backoff; counters.
-//! - [`mock_panda`]: a strict in-process Panda server for tests, the demo and `fieldgate mock-panda`.
+//! - [`mock_panda`]: a strict in-process Panda server for tests, the demo and `fieldgate mock-panda`,
+//!   with fault injection.
+//! - [`admin`]: the admin HTTP API: health, outbox, dead letters, requeue.
+//! - [`outbox_cli`]: `fieldgate outbox dead|requeue`, on a stopped state dir or through the admin API.
 //! - [`bus`]: one task per bus: read plan, Modbus polling with timeouts and recovery, offline meters.
 //! - [`simulator`]: simulated Modbus meters with fault injection (`fieldgate simulate`, demo, tests).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod bus;
 pub mod cli;
@@ -32,6 +36,7 @@ pub mod detect;
 pub mod mapping;
 pub mod mock_panda;
 pub mod outbox;
+pub mod outbox_cli;
 pub mod panda;
 pub mod point;
 pub mod record;

@@ -14,16 +14,26 @@
 //!   holding a JSON object); anything else is `{"code":-1,"msg":…}`. Unknown events are
 //!   `{"code":-1,"msg":"事件【X】不存在"}`. A request is accepted or refused as a whole.
 //!
-//! Fault injection: every PostFlowNodeData first consumes the next queued [`Fault`] (and honours the
-//! persistent [`MockPanda::set_unavailable`]) before any token or body check, so a fault never applies
-//! the request, except [`Fault::SlowAnswer`], which applies it and then answers late (the lost-answer
-//! case). Faults that need the socket (truncate, reset) can be added through [`StoppableStream`]'s hook
-//! point later.
+//! Fault injection: every PostFlowNodeData first honours the persistent [`MockPanda::set_unavailable`],
+//! then consumes the next queued [`Fault`] ([`MockPanda::push_fault`], `POST /_mock/fault/{kind}`), then
+//! draws a random fault at [`MockOptions::fail_rate`] from [`MockOptions::fault_kinds`], all before any
+//! token or body check, so a fault never applies the request, except [`Fault::SlowAnswer`], which applies
+//! it and then answers late (the lost-answer case). [`Fault::Truncate`] sends a 200 with a JSON body cut
+//! in the middle (the connection then closes); [`Fault::Reset`] closes the TCP connection without any
+//! answer. Beyond faults: events the server does not know ([`MockOptions::unknown_events`],
+//! [`MockPanda::set_unknown_event`]), poison BizData ([`MockOptions::reject_biz`]: a request carrying it
+//! is refused as a whole, as the real server does), revoked tokens ([`MockPanda::revoke_tokens`]: every
+//! token in use answers 401) and refused logins ([`MockPanda::fail_next_logins`],
+//! `POST /_mock/fail-next-login`).
+//!
+//! Control endpoints (for the CLI mock; not part of the Panda API): `POST /_mock/fail-next-login`,
+//! `POST /_mock/fault/{kind}` (`500`, `html`, `truncate`, `reset`, `slow`, `reject`),
+//! `POST /_mock/revoke-tokens`, `GET /_mock/stats`.
 //!
 //! [`MockPanda::stop`] closes the listener *and* every open connection (keep-alive included), so clients
 //! see refused or reset connections, as with a real server going down.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -34,15 +44,17 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
+use axum::extract::connect_info::Connected;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Form, Router};
 use base64::Engine;
 use chrono::{FixedOffset, Utc};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -92,6 +104,16 @@ pub struct MockOptions {
     pub jsonl: Option<PathBuf>,
     /// Print every accepted order as one readable line on stdout.
     pub print: bool,
+    /// Events refused with 事件【X】不存在 even if listed in `events`.
+    pub unknown_events: Vec<String>,
+    /// A request with a `BizData` containing one of these texts is refused as a whole (a poison record).
+    pub reject_biz: Vec<String>,
+    /// Probability (0..=1) that a PostFlowNodeData meets a random fault from `fault_kinds`.
+    pub fail_rate: f64,
+    /// The faults drawn at `fail_rate` (empty: HTTP 500).
+    pub fault_kinds: Vec<FaultKind>,
+    /// How late [`FaultKind::Slow`] answers.
+    pub slow_delay: Duration,
 }
 
 impl Default for MockOptions {
@@ -104,6 +126,11 @@ impl Default for MockOptions {
             events: vec!["用水户开阀".into(), "用水户关阀".into()],
             jsonl: None,
             print: false,
+            unknown_events: Vec::new(),
+            reject_biz: Vec::new(),
+            fail_rate: 0.0,
+            fault_kinds: Vec::new(),
+            slow_delay: Duration::from_secs(30),
         }
     }
 }
@@ -134,7 +161,8 @@ pub struct WorkOrder {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Fault {
-    /// Answer this HTTP status with an nginx-style HTML page.
+    /// Answer this HTTP status with an nginx-style HTML page (401: the document's 401 page, as for an
+    /// invalid token).
     Status(u16),
     /// Answer 200 with an HTML page.
     Html,
@@ -150,6 +178,51 @@ pub enum Fault {
     /// Handle the request normally (it is applied if valid), then wait this long before answering: a client
     /// that times out first has lost the answer to an applied request.
     SlowAnswer(Duration),
+    /// Answer 200 with `Content-Length` of a full `{"code":0,"msg":""}` but only its first half, then close
+    /// the connection: a body cut mid-JSON under a correct-looking status.
+    Truncate,
+    /// Close the TCP connection without answering anything.
+    Reset,
+}
+
+/// The fault kinds of the command line (`--fault`) and of `POST /_mock/fault/{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultKind {
+    /// HTTP 500 with an HTML page.
+    #[value(name = "500")]
+    Status500,
+    /// HTTP 200 with an HTML page.
+    Html,
+    /// HTTP 200, body cut mid-JSON.
+    Truncate,
+    /// Connection closed without an answer.
+    Reset,
+    /// Applied, but answered after `slow_delay` (the client's timeout loses the answer).
+    Slow,
+    /// `{"code":-1,"msg":"模拟拒绝（故障注入）"}`.
+    Reject,
+}
+
+impl FaultKind {
+    /// The fault this kind stands for.
+    pub fn fault(self, slow_delay: Duration) -> Fault {
+        match self {
+            FaultKind::Status500 => Fault::Status(500),
+            FaultKind::Html => Fault::Html,
+            FaultKind::Truncate => Fault::Truncate,
+            FaultKind::Reset => Fault::Reset,
+            FaultKind::Slow => Fault::SlowAnswer(slow_delay),
+            FaultKind::Reject => Fault::Reject {
+                code: -1,
+                msg: "模拟拒绝（故障注入）".into(),
+            },
+        }
+    }
+
+    /// Parse `500`, `html`, `truncate`, `reset`, `slow`, `reject`.
+    pub fn parse(s: &str) -> Option<FaultKind> {
+        <FaultKind as clap::ValueEnum>::from_str(s.trim(), true).ok()
+    }
 }
 
 struct Shared {
@@ -160,8 +233,13 @@ struct Shared {
     logins: AtomicU64,
     login_attempts: AtomicU64,
     requests: AtomicU64,
+    /// PostFlowNodeData requests answered 401.
+    unauthorized: AtomicU64,
     unavailable: AtomicBool,
     login_fails: AtomicBool,
+    /// GenerateToken calls still to refuse (`fail_next_logins`).
+    fail_next_logins: AtomicU64,
+    unknown_events: Mutex<HashSet<String>>,
     faults: Mutex<VecDeque<Fault>>,
     /// Serialises appends to the JSON-lines file so lines never interleave.
     jsonl: tokio::sync::Mutex<()>,
@@ -189,14 +267,17 @@ impl MockPanda {
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let shared = Arc::new(Shared {
-            opts,
+            opts: opts.clone(),
             orders: Mutex::new(Vec::new()),
             tokens: Mutex::new(HashMap::new()),
             logins: AtomicU64::new(0),
             login_attempts: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            unauthorized: AtomicU64::new(0),
             unavailable: AtomicBool::new(false),
             login_fails: AtomicBool::new(false),
+            fail_next_logins: AtomicU64::new(0),
+            unknown_events: Mutex::new(opts.unknown_events.iter().cloned().collect()),
             faults: Mutex::new(VecDeque::new()),
             jsonl: tokio::sync::Mutex::new(()),
         });
@@ -207,6 +288,10 @@ impl MockPanda {
                 post(post_external),
             )
             .route("/PandaWorkFlow/WorkFlow/api/PostFlowNodeData", post(post_internal))
+            .route("/_mock/fail-next-login", post(control_fail_next_login))
+            .route("/_mock/fault/{kind}", post(control_fault))
+            .route("/_mock/revoke-tokens", post(control_revoke_tokens))
+            .route("/_mock/stats", get(control_stats))
             .fallback(not_found)
             .with_state(shared.clone());
         let stop = CancellationToken::new();
@@ -215,7 +300,7 @@ impl MockPanda {
             stop: stop.clone(),
         };
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
+            if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<Conn>()).await {
                 tracing::warn!(message = "Mock Panda server ended.", error = %e);
             }
         });
@@ -257,6 +342,11 @@ impl MockPanda {
         self.shared.requests.load(Ordering::Relaxed)
     }
 
+    /// PostFlowNodeData requests answered 401 (no valid token, or an injected 401).
+    pub fn unauthorized(&self) -> u64 {
+        self.shared.unauthorized.load(Ordering::Relaxed)
+    }
+
     /// While `true`, PostFlowNodeData and GenerateToken answer 503 with an HTML page.
     pub fn set_unavailable(&self, on: bool) {
         self.shared.unavailable.store(on, Ordering::Relaxed);
@@ -270,6 +360,27 @@ impl MockPanda {
     /// Queue a fault for the next PostFlowNodeData request (faults are used up in order).
     pub fn push_fault(&self, fault: Fault) {
         lock(&self.shared.faults).push_back(fault);
+    }
+
+    /// Refuse the next `n` GenerateToken calls with `errMsg` 密码错误 (as wrong credentials would).
+    pub fn fail_next_logins(&self, n: u64) {
+        self.shared.fail_next_logins.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Make `event` unknown (refused with 事件【X】不存在) or known again (if listed in `events`), e.g. to
+    /// model an operator creating the event on the server.
+    pub fn set_unknown_event(&self, event: &str, unknown: bool) {
+        let mut set = lock(&self.shared.unknown_events);
+        if unknown {
+            set.insert(event.to_string());
+        } else {
+            set.remove(event);
+        }
+    }
+
+    /// Forget every issued token: the next request with any of them is answered 401.
+    pub fn revoke_tokens(&self) {
+        lock(&self.shared.tokens).clear();
     }
 
     /// Stop serving: the listener closes (connections are refused) and every open connection is closed.
@@ -316,8 +427,14 @@ async fn generate_token(
         );
     };
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or_default();
+    let fail_next = s
+        .fail_next_logins
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok();
     let err_msg = if s.login_fails.load(Ordering::Relaxed) {
         Some("登录失败（模拟故障）")
+    } else if fail_next {
+        Some("密码错误")
     } else if field("username") != s.opts.username {
         Some("用户名不存在")
     } else if field("password") != s.opts.password {
@@ -341,6 +458,7 @@ async fn generate_token(
 
 async fn post_external(
     State(s): State<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
     Path(project): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -348,25 +466,70 @@ async fn post_external(
     if project != s.opts.project {
         return html(StatusCode::NOT_FOUND, "404 Not Found");
     }
-    s.post_flow_node_data(true, &headers, &body).await
+    s.post_flow_node_data(true, &conn, &headers, &body).await
 }
 
-async fn post_internal(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    s.post_flow_node_data(false, &headers, &body).await
+async fn post_internal(
+    State(s): State<Arc<Shared>>,
+    ConnectInfo(conn): ConnectInfo<Conn>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    s.post_flow_node_data(false, &conn, &headers, &body).await
+}
+
+async fn control_fail_next_login(State(s): State<Arc<Shared>>) -> Response {
+    let pending = s.fail_next_logins.fetch_add(1, Ordering::Relaxed) + 1;
+    json(serde_json::json!({"ok": true, "failing_logins": pending}))
+}
+
+async fn control_fault(State(s): State<Arc<Shared>>, Path(kind): Path<String>) -> Response {
+    match FaultKind::parse(&kind) {
+        Some(k) => {
+            lock(&s.faults).push_back(k.fault(s.opts.slow_delay));
+            json(serde_json::json!({"ok": true, "queued": lock(&s.faults).len()}))
+        }
+        None => (
+            StatusCode::BAD_REQUEST,
+            format!("unknown fault `{kind}`: use 500, html, truncate, reset, slow or reject\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn control_revoke_tokens(State(s): State<Arc<Shared>>) -> Response {
+    let n = {
+        let mut tokens = lock(&s.tokens);
+        let n = tokens.len();
+        tokens.clear();
+        n
+    };
+    json(serde_json::json!({"ok": true, "revoked": n}))
+}
+
+async fn control_stats(State(s): State<Arc<Shared>>) -> Response {
+    json(serde_json::json!({
+        "orders": lock(&s.orders).len(),
+        "requests": s.requests.load(Ordering::Relaxed),
+        "logins": s.logins.load(Ordering::Relaxed),
+        "login_attempts": s.login_attempts.load(Ordering::Relaxed),
+    }))
 }
 
 // === impl Shared ===
 
 impl Shared {
-    async fn post_flow_node_data(&self, external: bool, headers: &HeaderMap, body: &[u8]) -> Response {
+    async fn post_flow_node_data(&self, external: bool, conn: &Conn, headers: &HeaderMap, body: &[u8]) -> Response {
         let request = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         if self.unavailable.load(Ordering::Relaxed) {
             return html(StatusCode::SERVICE_UNAVAILABLE, "503 Service Temporarily Unavailable");
         }
-        let fault = lock(&self.faults).pop_front();
+        let queued = lock(&self.faults).pop_front();
+        let fault = queued.or_else(|| self.random_fault());
         let mut answer_delay = None;
         match fault {
             None => {}
+            Some(Fault::Status(401)) => return self.unauthorized(),
             Some(Fault::Status(code)) => {
                 let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 return html(status, &status.to_string());
@@ -375,6 +538,13 @@ impl Shared {
             Some(Fault::Empty) => return StatusCode::OK.into_response(),
             Some(Fault::Reject { code, msg }) => return json(serde_json::json!({"code": code, "msg": msg})),
             Some(Fault::SlowAnswer(d)) => answer_delay = Some(d),
+            Some(Fault::Truncate) => return truncated(),
+            Some(Fault::Reset) => {
+                // Every read and write on this connection fails from now on: hyper drops it before
+                // writing a byte of the response below.
+                conn.kill.cancel();
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
         }
         let answer = self.check_and_apply(request, external, headers, body).await;
         if let Some(d) = answer_delay {
@@ -383,15 +553,39 @@ impl Shared {
         answer
     }
 
+    /// The document's 401 page, counted.
+    fn unauthorized(&self) -> Response {
+        self.unauthorized.fetch_add(1, Ordering::Relaxed);
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            UNAUTHORIZED_PAGE,
+        )
+            .into_response()
+    }
+
+    /// A fault drawn at `fail_rate`, if any.
+    fn random_fault(&self) -> Option<Fault> {
+        let rate = self.opts.fail_rate;
+        if rate.is_nan() || rate <= 0.0 || rand::random::<f64>() >= rate {
+            return None;
+        }
+        let kinds = &self.opts.fault_kinds;
+        let kind = if kinds.is_empty() {
+            FaultKind::Status500
+        } else {
+            kinds
+                .get(rand::random_range(0..kinds.len()))
+                .copied()
+                .unwrap_or(FaultKind::Status500)
+        };
+        Some(kind.fault(self.opts.slow_delay))
+    }
+
     /// Token, Content-Type and body checks; keeps the orders of a valid request.
     async fn check_and_apply(&self, request: u64, external: bool, headers: &HeaderMap, body: &[u8]) -> Response {
         if external && !self.token_valid(headers) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-                UNAUTHORIZED_PAGE,
-            )
-                .into_response();
+            return self.unauthorized();
         }
         let is_json = headers
             .get(header::CONTENT_TYPE)
@@ -405,8 +599,16 @@ impl Shared {
             Err(msg) => return reject(&msg),
         };
         let event = orders.first().map(|o| o.event_name.clone()).unwrap_or_default();
-        if !self.opts.events.contains(&event) {
+        if !self.opts.events.contains(&event) || lock(&self.unknown_events).contains(&event) {
             return reject(&format!("事件【{event}】不存在"));
+        }
+        if let Some(bad) = self
+            .opts
+            .reject_biz
+            .iter()
+            .find(|bad| orders.iter().any(|o| o.biz_data.contains(bad.as_str())))
+        {
+            return reject(&format!("业务数据不合法：{bad}"));
         }
         if let Err(e) = self.keep(&orders).await {
             tracing::error!(message = "Mock Panda cannot write its JSON-lines file.", error = %e);
@@ -556,6 +758,28 @@ fn json(v: serde_json::Value) -> Response {
         .into_response()
 }
 
+/// 200 and the headers of a full `{"code":0,"msg":""}`, but only half of it, then the connection closes.
+fn truncated() -> Response {
+    let full = serde_json::json!({"code": 0, "msg": ""}).to_string();
+    let half = Bytes::from(full.as_bytes().get(..full.len() / 2).unwrap_or_default().to_vec());
+    let cut = futures::stream::iter([Ok::<Bytes, io::Error>(half)]).chain(futures::stream::once(async {
+        // Let the half body reach the socket before the connection is aborted.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "mock Panda: truncated answer",
+        ))
+    }));
+    let mut resp = Response::new(Body::from_stream(cut));
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(full.len()));
+    resp
+}
+
 fn reject(msg: &str) -> Response {
     json(serde_json::json!({"code": -1, "msg": msg}))
 }
@@ -586,8 +810,17 @@ impl axum::serve::Listener for StoppableListener {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
-                    let stopped = Box::pin(self.stop.clone().cancelled_owned());
-                    return (StoppableStream { inner: stream, stopped }, addr);
+                    // Cancelled with the whole server, or alone by a Reset fault.
+                    let kill = self.stop.child_token();
+                    let stopped = Box::pin(kill.clone().cancelled_owned());
+                    return (
+                        StoppableStream {
+                            inner: stream,
+                            stopped,
+                            kill,
+                        },
+                        addr,
+                    );
                 }
                 // Out of file descriptors and the like: wait a little, as axum's own listener does.
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -600,11 +833,26 @@ impl axum::serve::Listener for StoppableListener {
     }
 }
 
-/// A connection that errors on every read and write after the mock is stopped. The hook point for
-/// socket-level faults (truncate, reset) later.
+/// A connection that errors on every read and write after the mock is stopped or the connection is
+/// killed (the [`Fault::Reset`] fault).
 pub struct StoppableStream {
     inner: TcpStream,
     stopped: Pin<Box<WaitForCancellationFutureOwned>>,
+    kill: CancellationToken,
+}
+
+/// What a handler knows of its connection: the switch that kills it.
+#[derive(Clone)]
+struct Conn {
+    kill: CancellationToken,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, StoppableListener>> for Conn {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, StoppableListener>) -> Conn {
+        Conn {
+            kill: stream.io().kill.clone(),
+        }
+    }
 }
 
 impl StoppableStream {
@@ -671,6 +919,35 @@ pub struct MockPandaArgs {
     /// The {projectName} path segment.
     #[arg(long, default_value = "demo")]
     pub project: String,
+    /// Probability (0..=1) that a PostFlowNodeData meets a random fault from --fault (default 500).
+    #[arg(long, value_parser = parse_rate)]
+    pub fail_rate: Option<f64>,
+    /// Fault kinds: 500, html, truncate, reset, slow, reject (repeatable or comma list). With
+    /// --fail-rate they are drawn at random; without it each is used once, in order, by the first requests.
+    #[arg(long = "fault", value_enum, value_delimiter = ',')]
+    pub faults: Vec<FaultKind>,
+    /// How late a `slow` fault answers (the request is applied; a client with a shorter timeout loses
+    /// the answer).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub slow_delay: Duration,
+    /// An event to refuse with 事件【NAME】不存在 (repeatable), even if it is in --events.
+    #[arg(long = "unknown-event")]
+    pub unknown_events: Vec<String>,
+    /// Refuse any request whose BizData contains this text (repeatable): a poison record.
+    #[arg(long = "reject-biz")]
+    pub reject_biz: Vec<String>,
+    /// Refuse the first N logins with errMsg 密码错误 (more: `POST /_mock/fail-next-login`).
+    #[arg(long, default_value_t = 0)]
+    pub fail_logins: u64,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a probability: use a number from 0 to 1, e.g. 0.2"
+        )),
+    }
 }
 
 /// Run the mock with `args`, printing each accepted order, until Ctrl-C.
@@ -691,6 +968,11 @@ pub async fn mock_panda_main(args: MockPandaArgs) -> anyhow::Result<()> {
             .collect(),
         jsonl: args.jsonl,
         print: true,
+        unknown_events: args.unknown_events,
+        reject_biz: args.reject_biz,
+        fail_rate: args.fail_rate.unwrap_or(0.0),
+        fault_kinds: args.faults.clone(),
+        slow_delay: args.slow_delay,
     };
     println!(
         "Mock Panda on http://{}  project={}  username={}  token_ttl={}  events={}",
@@ -703,7 +985,33 @@ pub async fn mock_panda_main(args: MockPandaArgs) -> anyhow::Result<()> {
     if let Some(p) = &opts.jsonl {
         println!("Appending accepted orders to {}", p.display());
     }
+    if opts.fail_rate > 0.0 {
+        println!(
+            "Faults: {:.0}% of requests, drawn from {:?}",
+            opts.fail_rate * 100.0,
+            if opts.fault_kinds.is_empty() {
+                vec![FaultKind::Status500]
+            } else {
+                opts.fault_kinds.clone()
+            }
+        );
+    }
+    let once = if args.fail_rate.is_none() {
+        args.faults
+    } else {
+        Vec::new()
+    };
+    let slow_delay = opts.slow_delay;
     let mock = MockPanda::start(listener, opts);
+    for kind in once {
+        mock.push_fault(kind.fault(slow_delay));
+    }
+    if args.fail_logins > 0 {
+        mock.fail_next_logins(args.fail_logins);
+    }
+    println!(
+        "Control: POST /_mock/fail-next-login, POST /_mock/fault/{{kind}}, POST /_mock/revoke-tokens, GET /_mock/stats"
+    );
     tokio::signal::ctrl_c().await?;
     println!(
         "Stopping: {} orders accepted, {} tokens issued.",
@@ -736,6 +1044,43 @@ mod tests {
             .args;
         assert_eq!(a.events, vec!["a", "b", "c"]);
         assert_eq!(a.token_ttl, Duration::from_secs(90));
+        let a = Cli::try_parse_from([
+            "x",
+            "--fail-rate",
+            "0.25",
+            "--fault",
+            "500,html",
+            "--fault",
+            "truncate",
+            "--fault",
+            "reset,slow,reject",
+            "--unknown-event",
+            "用水户开阀",
+            "--unknown-event",
+            "B",
+            "--reject-biz",
+            "M13",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(a.fail_rate, Some(0.25));
+        assert_eq!(
+            a.faults,
+            vec![
+                FaultKind::Status500,
+                FaultKind::Html,
+                FaultKind::Truncate,
+                FaultKind::Reset,
+                FaultKind::Slow,
+                FaultKind::Reject
+            ]
+        );
+        assert_eq!(a.unknown_events, vec!["用水户开阀", "B"]);
+        assert_eq!(a.reject_biz, vec!["M13"]);
+        assert!(Cli::try_parse_from(["x", "--fail-rate", "1.5"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--fault", "explode"]).is_err());
+        assert_eq!(FaultKind::parse("RESET"), Some(FaultKind::Reset));
+        assert_eq!(FaultKind::parse("500"), Some(FaultKind::Status500));
     }
 
     #[test]

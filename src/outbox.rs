@@ -11,13 +11,15 @@
 //!   crash loses the commit, it loses the state with it, and the transition is detected again.
 //! - "Stored" means committed *and* [`Outbox::sync`]ed: sled's `flush()` is followed by `fsync` of the
 //!   database files and the folder, because `flush()` alone does not survive a power cut.
-//! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`) or moved by an
-//!   operator. Nothing here ever drops a record to make room: when the bounds are reached, `commit`
+//! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`), or moved between
+//!   `outbox` and `dead` by [`Outbox::bury`] / [`Outbox::requeue`] (each one transaction, keeping the
+//!   record's id). Nothing here ever drops a record to make room: when the bounds are reached, `commit`
 //!   refuses ([`OutboxError::Full`]) and the caller keeps the old state so the change is seen again.
+//! - Dead letters do not count against the bounds (they are few, and an operator's business).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -122,6 +124,9 @@ struct Counts {
     refused: AtomicU64,
     /// One past the highest record id committed.
     committed: AtomicU64,
+    /// Set when a commit was refused for lack of room; cleared by the next commit that fits or by any
+    /// removal. Health reads it: "new states are not being recorded right now".
+    refusing: AtomicBool,
     /// One past the highest record id known to be on disk (committed before a completed sync). The sender only
     /// sees records up to here: a record that a crash could still take back is never delivered,
     /// so a lost commit can never turn into a duplicate work order.
@@ -170,12 +175,15 @@ impl Outbox {
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
         let (state, queue, dead) = (tree("state")?, tree("outbox")?, tree("dead")?);
         let counts = Counts::default();
-        // Whatever is on disk at open is durable.
-        if let Some((k, _)) = queue.last().map_err(|e| open_error(dir, e))? {
-            let top = id_of(&k).saturating_add(1);
-            counts.committed.store(top, Ordering::Relaxed);
-            counts.durable.store(top, Ordering::Relaxed);
+        // Whatever is on disk at open is durable, dead letters included (they may be requeued).
+        let mut top = 0;
+        for t in [&queue, &dead] {
+            if let Some((k, _)) = t.last().map_err(|e| open_error(dir, e))? {
+                top = top.max(id_of(&k).saturating_add(1));
+            }
         }
+        counts.committed.store(top, Ordering::Relaxed);
+        counts.durable.store(top, Ordering::Relaxed);
         for item in queue.iter() {
             let (_, v) = item.map_err(|e| open_error(dir, e))?;
             counts.records.fetch_add(1, Ordering::Relaxed);
@@ -233,6 +241,7 @@ impl Outbox {
                 to: d.to,
                 biz_data: d.biz_data,
                 attempts: 0,
+                rejections: 0,
                 last_error: None,
             });
         }
@@ -254,6 +263,7 @@ impl Outbox {
         }
         self.counts.records.fetch_add(encoded.len() as u64, Ordering::Relaxed);
         self.counts.bytes.fetch_add(new_bytes, Ordering::Relaxed);
+        self.counts.refusing.store(false, Ordering::Relaxed);
         if let Some(top) = records.iter().map(|r| r.id).max() {
             self.counts.committed.fetch_max(top.saturating_add(1), Ordering::SeqCst);
         }
@@ -266,6 +276,7 @@ impl Outbox {
             && (have_records + records > self.limits.max_records || have_bytes + bytes > self.limits.max_bytes)
         {
             self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            self.counts.refusing.store(true, Ordering::Relaxed);
             return Err(OutboxError::Full {
                 records: have_records,
                 bytes: have_bytes,
@@ -318,6 +329,22 @@ impl Outbox {
         self.counts.refused.load(Ordering::Relaxed)
     }
 
+    /// Whether the last commit was refused for lack of room and nothing has been removed since: new
+    /// valve states are not being recorded (health `critical`).
+    pub fn is_refusing(&self) -> bool {
+        self.counts.refusing.load(Ordering::Relaxed)
+    }
+
+    /// The bounds this store was opened with.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Number of dead letters (walks the `dead` tree; it is small).
+    pub fn dead_len(&self) -> usize {
+        self.dead.len()
+    }
+
     /// All queued records, oldest first (for the admin API and tests).
     pub fn list(&self, limit: usize) -> Result<Vec<Record>, OutboxError> {
         self.queue
@@ -331,6 +358,13 @@ impl Outbox {
     /// to `max`, among records already synced to disk. A meter whose older record has another event is skipped from then on, so records of
     /// one meter are always sent in detection order.
     pub fn next_batch(&self, max: usize) -> Result<Vec<Record>, OutboxError> {
+        self.next_batch_where(max, |_| false)
+    }
+
+    /// [`Outbox::next_batch`], passing over records for which `skip` is true (the sender's records on
+    /// hold after a rejection). A skipped record blocks the later records of its meter like a record of
+    /// another event does, so skipping never reorders a meter's records.
+    pub fn next_batch_where(&self, max: usize, skip: impl Fn(&Record) -> bool) -> Result<Vec<Record>, OutboxError> {
         let mut batch: Vec<Record> = Vec::new();
         let mut blocked: HashSet<String> = HashSet::new();
         // Bound the scan: a backlog of other events must not make each batch read the whole queue.
@@ -340,9 +374,16 @@ impl Outbox {
             if r.id >= durable {
                 break;
             }
+            if blocked.contains(&r.meter_no) {
+                continue;
+            }
+            if skip(&r) {
+                blocked.insert(r.meter_no);
+                continue;
+            }
             match batch.first() {
                 None => batch.push(r),
-                Some(first) if first.event_name == r.event_name && !blocked.contains(&r.meter_no) => batch.push(r),
+                Some(first) if first.event_name == r.event_name => batch.push(r),
                 Some(_) => {
                     blocked.insert(r.meter_no);
                 }
@@ -360,6 +401,7 @@ impl Outbox {
             if let Some(v) = self.queue.remove(id.to_be_bytes()).map_err(|e| self.db_error(e))? {
                 self.counts.records.fetch_sub(1, Ordering::Relaxed);
                 self.counts.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+                self.counts.refusing.store(false, Ordering::Relaxed);
             }
         }
         self.sync().await
@@ -367,6 +409,17 @@ impl Outbox {
 
     /// Count a failed attempt on each record and keep the reason; returns the updated records.
     pub fn note_failure(&self, ids: &[u64], error: &str) -> Result<Vec<Record>, OutboxError> {
+        self.update_failed(ids, error, false)
+    }
+
+    /// The server refused this record alone (`code != 0` for a request carrying only it): count an
+    /// attempt *and* a rejection, keep the server's msg. Returns the updated record (`None` if it is no
+    /// longer queued). The caller buries it once `rejections` reaches its limit.
+    pub fn note_rejection(&self, id: u64, msg: &str) -> Result<Option<Record>, OutboxError> {
+        Ok(self.update_failed(&[id], msg, true)?.pop())
+    }
+
+    fn update_failed(&self, ids: &[u64], error: &str, rejected: bool) -> Result<Vec<Record>, OutboxError> {
         let mut out = Vec::new();
         for id in ids {
             let key = id.to_be_bytes();
@@ -378,6 +431,9 @@ impl Outbox {
                 detail: format!("{id}: {e}"),
             })?;
             r.attempts = r.attempts.saturating_add(1);
+            if rejected {
+                r.rejections = r.rejections.saturating_add(1);
+            }
             r.last_error = Some(error.chars().take(500).collect());
             let nv = encode(&r);
             // Compare-and-swap so an ack that raced this update is not undone.
@@ -416,6 +472,7 @@ impl Outbox {
         }
         self.counts.records.fetch_sub(1, Ordering::Relaxed);
         self.counts.bytes.fetch_sub(v.len() as u64, Ordering::Relaxed);
+        self.counts.refusing.store(false, Ordering::Relaxed);
         self.sync().await
     }
 
@@ -433,8 +490,11 @@ impl Outbox {
             .collect()
     }
 
-    /// Put dead letters back in the outbox under their old ids (attempts reset); `None` = all.
-    /// Returns how many moved. Syncs.
+    /// Put dead letters back in the outbox under their old ids (attempts and rejections reset, last
+    /// error kept); `None` = all. Returns how many moved (0 when `id` is not a dead letter). Syncs.
+    ///
+    /// The old id puts the record back at its place in detection order, ahead of anything queued
+    /// after it; later records of its meter that were delivered meanwhile stay delivered.
     pub async fn requeue(&self, id: Option<u64>) -> Result<usize, OutboxError> {
         let letters: Vec<DeadLetter> = self
             .dead()?
@@ -445,6 +505,7 @@ impl Outbox {
             let key = d.record.id.to_be_bytes();
             let mut record = d.record.clone();
             record.attempts = 0;
+            record.rejections = 0;
             let v = encode(&record);
             let result: Result<(), TransactionError<()>> = (&self.queue, &self.dead).transaction(|(q, dt)| {
                 dt.remove(&key)?;
@@ -456,6 +517,11 @@ impl Outbox {
             }
             self.counts.records.fetch_add(1, Ordering::Relaxed);
             self.counts.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+            // The sender sees ids below the durable mark only; the sync below brings the mark past this
+            // id even if the queue held nothing newer since the store was opened.
+            self.counts
+                .committed
+                .fetch_max(d.record.id.saturating_add(1), Ordering::SeqCst);
         }
         self.sync().await?;
         Ok(letters.len())
@@ -580,7 +646,10 @@ mod tests {
         let b = o.commit("M2", &state(0), vec![draft("关")]).unwrap()[0].id;
         let c = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
         let d = o.commit("M3", &state(1), vec![draft("开")]).unwrap()[0].id;
-        assert!(o.next_batch(10).unwrap().is_empty(), "nothing is sent before it is synced");
+        assert!(
+            o.next_batch(10).unwrap().is_empty(),
+            "nothing is sent before it is synced"
+        );
         o.sync().await.unwrap();
         let batch: Vec<u64> = o.next_batch(10).unwrap().iter().map(|r| r.id).collect();
         // M2's "开" waits behind its older "关".
@@ -636,6 +705,51 @@ mod tests {
         assert_eq!(o.requeue(None).await.unwrap(), 1);
         assert_eq!(o.list(10).unwrap()[0].id, id);
         assert!(o.dead().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_requeued_after_a_reopen_with_an_empty_queue_is_sent() {
+        // Found by the model test: the durable mark came from the queue alone, so a record requeued
+        // into an empty queue after a restart stayed invisible to the sender.
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let id = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+            o.bury(id, "x", "t").await.unwrap();
+            id
+        };
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert_eq!(o.requeue(None).await.unwrap(), 1);
+        assert_eq!(
+            o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![id]
+        );
+    }
+
+    #[tokio::test]
+    async fn held_records_are_skipped_and_block_their_meter() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let b = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let c = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        o.sync().await.unwrap();
+        let ids = |skip: u64| -> Vec<u64> {
+            o.next_batch_where(10, |r| r.id == skip)
+                .unwrap()
+                .iter()
+                .map(|r| r.id)
+                .collect()
+        };
+        assert_eq!(ids(a), vec![b], "M1's later record waits behind the held one");
+        assert_eq!(ids(b), vec![a, c]);
+        let r = o.note_rejection(a, "refused").unwrap().unwrap();
+        assert_eq!((r.attempts, r.rejections), (1, 1));
+        assert_eq!(
+            o.note_failure(&[a], "timeout").unwrap()[0].rejections,
+            1,
+            "an outage is no refusal"
+        );
     }
 
     #[test]

@@ -28,9 +28,13 @@ pub struct Record {
     pub to: String,
     /// `FlowDatas[].BizData`: a JSON object serialised to a string.
     pub biz_data: String,
-    /// Delivery attempts that failed so far.
+    /// Delivery attempts that failed so far, for any reason (network, login, rejection).
     #[serde(default)]
     pub attempts: u32,
+    /// Of those, how often the server refused this record *alone* (`code != 0` for a request carrying
+    /// only it). Only these count towards dead-lettering: an outage never kills a record.
+    #[serde(default)]
+    pub rejections: u32,
     /// Why the last attempt failed.
     #[serde(default)]
     pub last_error: Option<String>,

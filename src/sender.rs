@@ -1,39 +1,106 @@
 //! The sender: moves records from the outbox to Panda, oldest first, and removes them only once Panda
 //! answered `code: 0`.
 //!
-//! Owns the delivery loop, its backoff and its counters ([`SenderStats`]). Invariants:
-//! - A record leaves the outbox only through [`Outbox::ack`], called right after a `code: 0` answer for
-//!   the request that carried it (which also fsyncs). Every other outcome keeps it queued, with its attempt
-//!   count and last error updated ([`Outbox::note_failure`]). It retries forever.
-//! - Delivery is at-least-once: if the answer is lost, or the process dies between the answer and the
-//!   ack's fsync, that one batch is sent again. The window is kept to one request.
-//! - After a failure it waits a fully jittered delay, `random(0..=min(retry_max, retry_min * 2^n))` with
-//!   `n` the failures in a row, and resets on success. New records do not cut that wait short.
-//! - Failures are logged when their kind changes and at most once a minute while they repeat, not once
-//!   per retry; recovery is logged once.
-//! - On shutdown no new batch is taken; a request in flight may finish within a grace period (the request
-//!   timeout). If it is abandoned its records stay queued, and are sent again on the next start (the
-//!   server may have applied it: a possible duplicate).
+//! Owns the delivery loop, its backoff, the hold list of refused records and the counters
+//! ([`SenderStats`]). One rule per server answer:
 //!
-//! Rejections (`code != 0`) keep the records and back off like any failure; dead-lettering comes later.
+//! | answer | what the sender does |
+//! |---|---|
+//! | `code: 0` | [`Outbox::ack`] the request's records (removes them, flush + fsync), count them delivered |
+//! | `code != 0` for a request of several records | split it in halves, and the halves again, until single records: deliver what the server accepts, find what it refuses |
+//! | `code != 0` for a single record | [`Outbox::note_rejection`]; hold it (backoff `retry_min·2^(n-1)` up to `max_backoff`, half-jittered) while other records go on; at `dead_after` rejections [`Outbox::bury`] it with the server's msg |
+//! | 401 | the client fetches one token for all waiters and resends once; a second 401 is a failure like a transient one |
+//! | GenerateToken `errMsg` | credentials wrong: [`SenderStats::login_failing`] set, one error log per change of `errMsg`, backoff up to [`LOGIN_BACKOFF_MAX`]; records kept |
+//! | anything else (5xx, HTML, empty/truncated body, timeout, refused/reset connection, DNS) | transient: records kept, full-jitter exponential backoff `retry_min` → `max_backoff`, forever |
+//!
+//! Invariants:
+//! - A record leaves the outbox only through [`Outbox::ack`] right after a `code: 0` for a request that
+//!   carried it, or [`Outbox::bury`] after `dead_after` refusals of it alone. Nothing is deleted otherwise.
+//! - Records of one meter go out in detection order: a held record blocks the later records of its meter
+//!   (the outbox skips them), and within a split batch a refused record blocks its meter for the rest of
+//!   the round. Once buried it blocks nothing.
+//! - A record that was ever refused alone (`rejections > 0`) is sent alone, so one known-bad record does not
+//!   cost a split of every batch it lands in (this also holds across restarts: the count is stored).
+//! - Delivery is at-least-once: if the answer is lost, or the process dies between the answer and the
+//!   ack's fsync, that one request is sent again. The window is one request.
+//! - Failures are logged when their kind (or the server's text) changes and at most once a minute while
+//!   they repeat; a refused login only once per change, its ongoing state is on health. Recovery is logged
+//!   once.
+//! - On shutdown no new request is started; a request in flight may finish within a grace period (the
+//!   request timeout). If it is abandoned its records stay queued, and are sent again on the next start
+//!   (the server may have applied it: a possible duplicate).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{FixedOffset, SecondsFormat, Utc};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PandaConfig;
+use crate::config::{Config, OutboxConfig, PandaConfig, LOGIN_BACKOFF_MAX};
 use crate::outbox::Outbox;
 use crate::panda::{DeliveryError, PandaClient};
+use crate::record::Record;
 
 /// How often an idle sender looks at the outbox without being woken.
 pub const IDLE_TICK: Duration = Duration::from_secs(5);
 
 /// A repeating failure of the same kind is logged at most this often.
 pub const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `dead_after` when none is configured.
+pub const DEFAULT_DEAD_AFTER: u32 = 5;
+
+/// What the delivery loop needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// `FlowDatas` per request.
+    pub max_batch: usize,
+    /// First retry delay.
+    pub retry_min: Duration,
+    /// Largest retry delay (a refused login waits at most [`LOGIN_BACKOFF_MAX`]).
+    pub max_backoff: Duration,
+    /// How long a request in flight may finish after shutdown was asked.
+    pub grace: Duration,
+    /// Refusals of a record alone before it moves to the dead letters.
+    pub dead_after: u32,
+    /// Zone of the `died_at` time written on dead letters.
+    pub tz: FixedOffset,
+}
+
+impl SenderConfig {
+    /// From `[panda]` and `[outbox]`.
+    pub fn new(panda: &PandaConfig, outbox: &OutboxConfig, tz: FixedOffset) -> SenderConfig {
+        SenderConfig {
+            dead_after: outbox.dead_after.max(1),
+            tz,
+            ..SenderConfig::from(panda.clone())
+        }
+    }
+
+    /// From the whole validated configuration.
+    pub fn from_config(cfg: &Config) -> SenderConfig {
+        SenderConfig::new(&cfg.panda, &cfg.outbox, cfg.site.timezone)
+    }
+}
+
+/// `[panda]` alone: `dead_after` = [`DEFAULT_DEAD_AFTER`], dead-letter times in +08:00.
+impl From<PandaConfig> for SenderConfig {
+    fn from(p: PandaConfig) -> SenderConfig {
+        SenderConfig {
+            max_batch: p.max_batch.max(1),
+            retry_min: p.retry_min,
+            max_backoff: p.max_backoff,
+            grace: p.timeout,
+            dead_after: DEFAULT_DEAD_AFTER,
+            tz: FixedOffset::east_opt(8 * 3600).unwrap_or_else(|| unreachable!("+08:00 is a valid offset")),
+        }
+    }
+}
 
 /// Counters of the sender, shared with the admin API and tests.
 #[derive(Debug, Default)]
@@ -42,7 +109,7 @@ pub struct SenderStats {
     pub delivered: AtomicU64,
     /// Requests answered `code: 0`.
     pub ok: AtomicU64,
-    /// Requests answered with `code != 0`.
+    /// Requests answered with `code != 0` (each half of a split batch counts).
     pub rejected: AtomicU64,
     /// Requests without a usable answer (network, timeout, 5xx, HTML, non-JSON).
     pub transient: AtomicU64,
@@ -54,14 +121,69 @@ pub struct SenderStats {
     pub token_refreshes: AtomicU64,
     /// Failed requests since the last success (0 while delivering).
     pub failures_in_a_row: AtomicU64,
+    /// Records moved to the dead letters by this sender.
+    pub dead_lettered: AtomicU64,
+    /// Records on hold after the server refused them alone (gauge).
+    pub held: AtomicU64,
+    /// GenerateToken refuses the configured credentials (`errMsg`): a configuration fault, health
+    /// `critical`. Cleared by the next answer that needed a token.
+    pub login_failing: AtomicBool,
     /// The last delivery error, cleared on success.
     pub last_error: Mutex<Option<String>>,
+}
+
+/// A copy of [`SenderStats`] at one moment, for the admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SenderSnapshot {
+    /// See [`SenderStats::delivered`].
+    pub delivered: u64,
+    /// See [`SenderStats::ok`].
+    pub ok: u64,
+    /// See [`SenderStats::rejected`].
+    pub rejected: u64,
+    /// See [`SenderStats::transient`].
+    pub transient: u64,
+    /// See [`SenderStats::unauthorized`].
+    pub unauthorized: u64,
+    /// See [`SenderStats::login_failed`].
+    pub login_failed: u64,
+    /// See [`SenderStats::token_refreshes`].
+    pub token_refreshes: u64,
+    /// See [`SenderStats::failures_in_a_row`].
+    pub failures_in_a_row: u64,
+    /// See [`SenderStats::dead_lettered`].
+    pub dead_lettered: u64,
+    /// See [`SenderStats::held`].
+    pub held: u64,
+    /// See [`SenderStats::login_failing`].
+    pub login_failing: bool,
+    /// See [`SenderStats::last_error`].
+    pub last_error: Option<String>,
 }
 
 impl SenderStats {
     /// The last delivery error, if the latest attempt failed.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// All counters at once.
+    pub fn snapshot(&self) -> SenderSnapshot {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SenderSnapshot {
+            delivered: n(&self.delivered),
+            ok: n(&self.ok),
+            rejected: n(&self.rejected),
+            transient: n(&self.transient),
+            unauthorized: n(&self.unauthorized),
+            login_failed: n(&self.login_failed),
+            token_refreshes: n(&self.token_refreshes),
+            failures_in_a_row: n(&self.failures_in_a_row),
+            dead_lettered: n(&self.dead_lettered),
+            held: n(&self.held),
+            login_failing: self.login_failing.load(Ordering::Relaxed),
+            last_error: self.last_error(),
+        }
     }
 
     fn set_last_error(&self, e: Option<String>) {
@@ -77,107 +199,301 @@ impl SenderStats {
             Err(DeliveryError::Login(_)) => &self.login_failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Ok(()) => self.failures_in_a_row.store(0, Ordering::Relaxed),
+            Err(_) => {
+                self.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
-/// Deliver the outbox to Panda until `shutdown`. `wake` is notified when new records were committed.
+/// Deliver the outbox to Panda until `shutdown`. `wake` is notified when new records were committed (or
+/// dead letters requeued). `cfg` is a [`SenderConfig`], or a [`PandaConfig`] alone (default `dead_after`).
 pub async fn run_sender(
     outbox: Outbox,
     client: PandaClient,
-    cfg: PandaConfig,
+    cfg: impl Into<SenderConfig>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
     stats: Arc<SenderStats>,
 ) {
-    let mut backoff = Backoff::new(cfg.retry_min, cfg.retry_max);
-    let mut log = FailureLog::default();
-    let max_batch = cfg.max_batch.max(1);
-    let grace = cfg.timeout;
-    tracing::info!(message = "Sender started.", url = %client.post_url(), queued = outbox.len());
-    loop {
-        if shutdown.is_cancelled() {
-            break;
-        }
-        // Register for a wake-up before looking, so a commit between the look and the wait is not missed.
-        let notified = wake.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+    let cfg: SenderConfig = cfg.into();
+    tracing::info!(message = "Sender started.", url = %client.post_url(), queued = outbox.len(), dead_after = cfg.dead_after);
+    let mut sender = Sender {
+        backoff: Backoff::new(cfg.retry_min, cfg.max_backoff),
+        outbox,
+        client,
+        cfg,
+        shutdown,
+        stats,
+        holds: HashMap::new(),
+        log: FailureLog::default(),
+    };
+    sender.run(&wake).await;
+    tracing::info!(message = "Sender stopped.", queued = sender.outbox.len());
+}
 
-        let batch = match outbox.next_batch(max_batch) {
-            Ok(b) => b,
-            Err(e) => {
-                log.failure("outbox", &e.to_string(), false, true);
-                stats.set_last_error(Some(e.to_string()));
-                if !wait(backoff.next_delay(), &shutdown).await {
-                    break;
+/// How a round (one batch, split as needed) ended.
+enum Flow {
+    /// Every request got a definite answer (accepted or refused).
+    Answered,
+    /// A request failed without a definite answer: wait this long before the next round.
+    Retry(Duration),
+    /// Shutdown: stop now.
+    Stop,
+}
+
+struct Sender {
+    outbox: Outbox,
+    client: PandaClient,
+    cfg: SenderConfig,
+    shutdown: CancellationToken,
+    stats: Arc<SenderStats>,
+    backoff: Backoff,
+    /// Records refused alone → not before this instant. In memory only: after a restart a refused record
+    /// is tried once more at once (alone, as its stored `rejections` says).
+    holds: HashMap<u64, Instant>,
+    log: FailureLog,
+}
+
+// === impl Sender ===
+
+impl Sender {
+    async fn run(&mut self, wake: &Notify) {
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            // Register for a wake-up before looking, so a commit between the look and the wait is not missed.
+            let notified = wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            let now = Instant::now();
+            self.holds.retain(|_, until| *until > now);
+            self.stats.held.store(self.holds.len() as u64, Ordering::Relaxed);
+            let holds = &self.holds;
+            let batch = match self
+                .outbox
+                .next_batch_where(self.cfg.max_batch, |r| holds.contains_key(&r.id))
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    self.log.failure("outbox", &e.to_string(), false, false);
+                    self.stats.set_last_error(Some(e.to_string()));
+                    if !wait(self.backoff.next_delay(), &self.shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                let idle = self
+                    .holds
+                    .values()
+                    .min()
+                    .map_or(IDLE_TICK, |t| t.saturating_duration_since(now).min(IDLE_TICK));
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(idle) => {}
+                    _ = self.shutdown.cancelled() => return,
                 }
                 continue;
             }
-        };
-        let Some(first) = batch.first() else {
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(IDLE_TICK) => {}
-                _ = shutdown.cancelled() => break,
-            }
-            continue;
-        };
-        let event_name = first.event_name.clone();
-        let ids: Vec<u64> = batch.iter().map(|r| r.id).collect();
-
-        let post = client.post(&event_name, &batch);
-        tokio::pin!(post);
-        let outcome = tokio::select! {
-            r = &mut post => r,
-            _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut post).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::warn!(
-                        message = "Shutdown abandoned a request in flight; its records stay queued and are sent again on the next start (the server may have applied it).",
-                        records = ids.len(),
-                        event = %event_name
-                    );
-                    break;
+            match self.round(alone_if_suspect(batch)).await {
+                Flow::Answered => self.backoff.reset(),
+                Flow::Retry(delay) => {
+                    tracing::debug!(message = "Retrying after a delay.", delay_ms = delay.as_millis() as u64);
+                    if !wait(delay, &self.shutdown).await {
+                        return;
+                    }
                 }
-            },
-        };
-        stats.count(&outcome);
-        stats.token_refreshes.store(client.token_refreshes(), Ordering::Relaxed);
-
-        match outcome {
-            Ok(()) => {
-                // Acknowledge right after the answer: this is what keeps the duplicate window small.
-                if let Err(e) = outbox.ack(&ids).await {
-                    // The records may be sent again: a duplicate, never a loss.
-                    tracing::error!(message = "Delivered records could not be removed from the outbox; they may be sent again.", records = ids.len(), error = %e);
-                }
-                stats.failures_in_a_row.store(0, Ordering::Relaxed);
-                stats.set_last_error(None);
-                // Last, so that a reader who sees the count also sees the rest of this delivery.
-                stats.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
-                backoff.reset();
-                log.success(ids.len());
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                if let Err(store_err) = outbox.note_failure(&ids, &reason) {
-                    tracing::error!(message = "Cannot record a failed attempt in the outbox.", error = %store_err);
-                }
-                stats.failures_in_a_row.fetch_add(1, Ordering::Relaxed);
-                stats.set_last_error(Some(reason.clone()));
-                // The server's own words (a rejection's msg, a login's errMsg) are a new state when they
-                // change; a network error's details are not.
-                let by_text = matches!(e, DeliveryError::Rejected { .. } | DeliveryError::Login(_));
-                log.failure(e.error_code(), &reason, by_text, matches!(e, DeliveryError::Login(_)));
-                let delay = backoff.next_delay();
-                tracing::debug!(message = "Retrying after a delay.", delay_ms = delay.as_millis() as u64, event = %event_name, records = ids.len());
-                if !wait(delay, &shutdown).await {
-                    break;
-                }
+                Flow::Stop => return,
             }
         }
     }
-    tracing::info!(message = "Sender stopped.", queued = outbox.len());
+
+    /// Send one batch; on a refusal split it until single records.
+    async fn round(&mut self, batch: Vec<Record>) -> Flow {
+        let Some(event) = batch.first().map(|r| r.event_name.clone()) else {
+            return Flow::Answered;
+        };
+        let mut pending: VecDeque<Vec<Record>> = VecDeque::from([batch]);
+        // Meters with a record refused in this round: their later records wait.
+        let mut blocked: HashSet<String> = HashSet::new();
+        while let Some(mut part) = pending.pop_front() {
+            if self.shutdown.is_cancelled() {
+                return Flow::Stop;
+            }
+            part.retain(|r| !blocked.contains(&r.meter_no));
+            if part.is_empty() {
+                continue;
+            }
+            let ids: Vec<u64> = part.iter().map(|r| r.id).collect();
+            let Some(outcome) = self.post(&event, &part).await else {
+                return Flow::Stop;
+            };
+            self.stats.count(&outcome);
+            self.stats
+                .token_refreshes
+                .store(self.client.token_refreshes(), Ordering::Relaxed);
+            if !matches!(outcome, Err(DeliveryError::Login(_)) | Err(DeliveryError::Transient(_))) {
+                self.login_works();
+            }
+            match outcome {
+                Ok(()) => self.delivered(&ids).await,
+                Err(DeliveryError::Rejected { code, msg }) if part.len() > 1 => {
+                    tracing::debug!(message = "Panda refused a batch; splitting it to find the refused records.", records = part.len(), code, msg = %msg);
+                    let right = part.split_off(part.len() / 2);
+                    pending.push_front(right);
+                    pending.push_front(part);
+                }
+                Err(DeliveryError::Rejected { code, msg }) => {
+                    if let Some(record) = part.pop() {
+                        blocked.insert(record.meter_no.clone());
+                        self.refused_alone(record, code, &msg).await;
+                    }
+                }
+                Err(e) => {
+                    let mut unanswered = ids;
+                    unanswered.extend(
+                        pending
+                            .iter()
+                            .flatten()
+                            .filter(|r| !blocked.contains(&r.meter_no))
+                            .map(|r| r.id),
+                    );
+                    return Flow::Retry(self.failed(&unanswered, &e));
+                }
+            }
+        }
+        Flow::Answered
+    }
+
+    /// Post, letting a request in flight finish within the grace period on shutdown; `None` if abandoned.
+    async fn post(&self, event: &str, records: &[Record]) -> Option<Result<(), DeliveryError>> {
+        let post = self.client.post(event, records);
+        tokio::pin!(post);
+        tokio::select! {
+            r = &mut post => Some(r),
+            _ = self.shutdown.cancelled() => match tokio::time::timeout(self.cfg.grace, &mut post).await {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    tracing::warn!(
+                        message = "Shutdown abandoned a request in flight; its records stay queued and are sent again on the next start (the server may have applied it).",
+                        records = records.len(),
+                        event = %event
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    async fn delivered(&mut self, ids: &[u64]) {
+        // Acknowledge right after the answer: this is what keeps the duplicate window small.
+        if let Err(e) = self.outbox.ack(ids).await {
+            // The records may be sent again: a duplicate, never a loss.
+            tracing::error!(message = "Delivered records could not be removed from the outbox; they may be sent again.", records = ids.len(), error = %e);
+        }
+        self.stats.set_last_error(None);
+        // Last, so that a reader who sees the count also sees the rest of this delivery.
+        self.stats.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        self.log.success(ids.len());
+    }
+
+    /// The server refused `record` alone: count it; hold it, or bury it at `dead_after`.
+    async fn refused_alone(&mut self, record: Record, code: i64, msg: &str) {
+        let reason = if msg.trim().is_empty() {
+            format!("code {code} (no msg)")
+        } else {
+            msg.to_string()
+        };
+        let error = DeliveryError::Rejected {
+            code,
+            msg: msg.to_string(),
+        };
+        self.stats.set_last_error(Some(error.to_string()));
+        self.log.failure(error.error_code(), &error.to_string(), true, false);
+        let updated = match self.outbox.note_rejection(record.id, &error.to_string()) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(message = "Cannot record a refusal in the outbox.", id = record.id, error = %e);
+                self.hold(record.id, record.rejections.saturating_add(1));
+                return;
+            }
+        };
+        if updated.rejections < self.cfg.dead_after {
+            tracing::info!(message = "Panda refused a record; it is held and tried again alone.", id = updated.id, meter = %updated.meter_no, event = %updated.event_name, rejections = updated.rejections, dead_after = self.cfg.dead_after, msg = %reason);
+            self.hold(updated.id, updated.rejections);
+            return;
+        }
+        let died_at = Utc::now()
+            .with_timezone(&self.cfg.tz)
+            .to_rfc3339_opts(SecondsFormat::Secs, false);
+        match self.outbox.bury(updated.id, &reason, &died_at).await {
+            Ok(()) => {
+                self.holds.remove(&updated.id);
+                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(message = "Panda refused a record too often; moved it to the dead letters. Fix the cause on the server, then `fieldgate outbox requeue`.", id = updated.id, meter = %updated.meter_no, event = %updated.event_name, rejections = updated.rejections, msg = %reason);
+            }
+            Err(e) => {
+                tracing::error!(message = "Cannot move a refused record to the dead letters; it stays queued.", id = updated.id, error = %e);
+                self.hold(updated.id, updated.rejections);
+            }
+        }
+    }
+
+    /// Hold a record after its `rejections`-th refusal: `retry_min·2^(n-1)` capped at `max_backoff`, the
+    /// delay drawn from the upper half so that there is always a real pause between tries.
+    fn hold(&mut self, id: u64, rejections: u32) {
+        let cap = Backoff::cap_for(self.cfg.retry_min, self.cfg.max_backoff, rejections.saturating_sub(1));
+        let cap_ns = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+        let delay = Duration::from_nanos(rand::rng().random_range(cap_ns / 2..=cap_ns));
+        self.holds.insert(id, Instant::now() + delay);
+        self.stats.held.store(self.holds.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A request without a definite answer: keep the records, note why, pick the delay.
+    fn failed(&mut self, ids: &[u64], e: &DeliveryError) -> Duration {
+        let reason = e.to_string();
+        if let Err(store_err) = self.outbox.note_failure(ids, &reason) {
+            tracing::error!(message = "Cannot record a failed attempt in the outbox.", error = %store_err);
+        }
+        self.stats.set_last_error(Some(reason.clone()));
+        let login = matches!(e, DeliveryError::Login(_));
+        if login {
+            self.stats.login_failing.store(true, Ordering::Relaxed);
+        }
+        // The server's own words (a login's errMsg) are a new state when they change; a network error's
+        // details are not.
+        self.log.failure(e.error_code(), &reason, login, login);
+        if login {
+            self.backoff.next_delay_capped(LOGIN_BACKOFF_MAX)
+        } else {
+            self.backoff.next_delay()
+        }
+    }
+
+    /// An answer that needed a token came: the login works (again).
+    fn login_works(&self) {
+        if self.stats.login_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(message = "Panda accepts the credentials again.");
+        }
+    }
+}
+
+/// A record refused alone before goes alone again; otherwise the batch stops before the first such
+/// record (cutting a suffix keeps every meter's order).
+fn alone_if_suspect(mut batch: Vec<Record>) -> Vec<Record> {
+    match batch.iter().position(|r| r.rejections > 0) {
+        Some(0) => batch.truncate(1),
+        Some(i) => batch.truncate(i),
+        None => {}
+    }
+    batch
 }
 
 /// Sleep `delay` unless shutdown comes first; `false` on shutdown.
@@ -208,14 +524,24 @@ impl Backoff {
         }
     }
 
+    /// `min(max, min·2^n)` without overflow.
+    fn cap_for(min: Duration, max: Duration, n: u32) -> Duration {
+        let factor = 1u32 << n.min(31);
+        min.checked_mul(factor).map_or(max, |d| d.min(max)).max(min.min(max))
+    }
+
     /// The cap of the next delay, without jitter.
     fn cap(&self) -> Duration {
-        let factor = 1u32 << self.failures.min(31);
-        self.min.checked_mul(factor).map_or(self.max, |d| d.min(self.max))
+        Backoff::cap_for(self.min, self.max, self.failures)
     }
 
     fn next_delay(&mut self) -> Duration {
-        let cap = self.cap();
+        self.next_delay_capped(Duration::MAX)
+    }
+
+    /// The next delay, its cap also bounded by `limit`.
+    fn next_delay_capped(&mut self, limit: Duration) -> Duration {
+        let cap = self.cap().min(limit);
         self.failures = self.failures.saturating_add(1);
         let cap_ns = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
         Duration::from_nanos(rand::rng().random_range(0..=cap_ns))
@@ -246,15 +572,16 @@ impl FailureLog {
     fn failure(&mut self, kind: &'static str, reason: &str, by_text: bool, loud: bool) {
         self.in_a_row += 1;
         let text = by_text.then(|| reason.to_string());
+        // A refused login (loud) is a configuration fault: once per change; health carries it meanwhile.
         let due = self.kind != Some(kind)
             || self.text != text
-            || self.last_logged.is_none_or(|t| t.elapsed() >= REPEAT_LOG_INTERVAL);
+            || (!loud && self.last_logged.is_none_or(|t| t.elapsed() >= REPEAT_LOG_INTERVAL));
         if !due {
             self.unlogged += 1;
             return;
         }
         if loud {
-            tracing::error!(message = "Panda delivery failing.", error_code = kind, error = %reason, failures_in_a_row = self.in_a_row, not_logged = self.unlogged);
+            tracing::error!(message = "Panda refuses the login: check panda.username and the password in the configuration. Every record is kept; the login is retried with a backoff of up to 5 minutes.", error_code = kind, error = %reason, failures_in_a_row = self.in_a_row, not_logged = self.unlogged);
         } else {
             tracing::warn!(message = "Panda delivery failing.", error_code = kind, error = %reason, failures_in_a_row = self.in_a_row, not_logged = self.unlogged);
         }

@@ -14,7 +14,7 @@ use fieldgate::mock_panda::{Fault, MockOptions, MockPanda};
 use fieldgate::outbox::{Draft, Limits, Outbox, StoredState};
 use fieldgate::panda::{DeliveryError, PandaClient};
 use fieldgate::record::{render_biz_data, Record};
-use fieldgate::sender::{run_sender, SenderStats};
+use fieldgate::sender::{run_sender, SenderConfig, SenderStats, DEFAULT_DEAD_AFTER};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -46,7 +46,7 @@ fn panda_cfg(base_url: &str, auth: Auth, max_batch: usize) -> PandaConfig {
         timeout: Duration::from_secs(10),
         max_batch,
         retry_min: Duration::from_millis(20),
-        retry_max: Duration::from_millis(200),
+        max_backoff: Duration::from_millis(200),
         refresh_before: Duration::from_secs(60),
     }
 }
@@ -114,7 +114,15 @@ struct Running {
 
 impl Running {
     fn start(outbox: &Outbox, cfg: PandaConfig) -> Running {
+        Running::start_with(outbox, cfg, DEFAULT_DEAD_AFTER)
+    }
+
+    fn start_with(outbox: &Outbox, cfg: PandaConfig, dead_after: u32) -> Running {
         let client = PandaClient::new(&cfg, cst()).unwrap();
+        let cfg = SenderConfig {
+            dead_after,
+            ..SenderConfig::from(cfg)
+        };
         let stats = Arc::new(SenderStats::default());
         let wake = Arc::new(Notify::new());
         let shutdown = CancellationToken::new();
@@ -321,7 +329,12 @@ async fn an_unknown_event_keeps_its_records_with_the_servers_reason() {
     let outbox = open_outbox(&dir);
     let a = queue(&outbox, "M01", "用水户爆管").await;
     let b = queue(&outbox, "M02", "用水户爆管").await;
-    let mut sender = Running::start(&outbox, panda_cfg(&mock.base_url(), token_auth("1vOkb5Ps4XfitL6G"), 50));
+    // Never dead-lettered here: this test is about what is kept while refused.
+    let mut sender = Running::start_with(
+        &outbox,
+        panda_cfg(&mock.base_url(), token_auth("1vOkb5Ps4XfitL6G"), 50),
+        1000,
+    );
     wait_until("several rejected attempts", || {
         outbox.list(10).unwrap().iter().all(|r| r.attempts >= 2)
     })
@@ -511,4 +524,820 @@ async fn a_timeout_is_transient_even_though_the_server_may_still_apply_the_reque
     // The answer was lost, not the request: this is why delivery is at-least-once.
     assert_eq!(mock.orders().len(), 1);
     assert_eq!(mock.orders()[0].biz_data, r.biz_data);
+}
+
+// === issue 4: one rule per server answer, and the bounds of each ===
+
+const PASSWORD: &str = "1vOkb5Ps4XfitL6G";
+const UNKNOWN: &str = "用水户爆管";
+
+/// The BizData text of the record queued with sequence number `seq` (see [`queue_seq`]).
+fn seq_marker(seq: usize) -> String {
+    format!("\"序号\":\"{seq}\"")
+}
+
+/// Queue a record whose BizData is unique (a sequence number among the readings).
+async fn queue_seq(outbox: &Outbox, meter: &str, event: &str, seq: usize) -> Record {
+    let state = if event == CLOSE { "关闭" } else { "开启" };
+    let seq = seq.to_string();
+    let biz = render_biz_data(&[("用户编号", "U-1")], meter, state, [("序号", seq.as_str())]);
+    let stored = StoredState {
+        raw: 1,
+        label: state.into(),
+        since: String::new(),
+    };
+    let draft = Draft {
+        event_name: event.into(),
+        detected_at: format!("2026-01-01T08:00:00+08:00#{seq}"),
+        from: "关闭".into(),
+        to: state.into(),
+        biz_data: biz,
+    };
+    let mut records = outbox.commit(meter, &stored, vec![draft]).unwrap();
+    outbox.sync().await.unwrap();
+    records.pop().unwrap()
+}
+
+/// What the server (or the network) does in a row of the table.
+#[derive(Debug, Clone)]
+enum Given {
+    /// Accepts everything.
+    Accepts,
+    /// These faults for the first requests, then accepts.
+    Faults(Vec<Fault>),
+    /// Refuses one event (事件【X】不存在).
+    UnknownEvent,
+    /// Refuses any request carrying the BizData of the record with this sequence number.
+    Poison(usize),
+    /// Refuses the first `n` logins with errMsg 密码错误, then accepts.
+    LoginRefused(u64),
+    /// Nothing listens at the URL (refused connection).
+    Refused,
+    /// The host does not resolve.
+    NoDns,
+}
+
+struct Row {
+    rule: &'static str,
+    given: Given,
+    /// (meter, event) of each record, in detection order.
+    records: &'static [(&'static str, &'static str)],
+    dead_after: u32,
+    delivered: &'static [usize],
+    queued: &'static [usize],
+    dead: &'static [usize],
+    /// PostFlowNodeData requests the server received, 401s and resends included.
+    requests: u64,
+    /// Tokens issued by the server.
+    logins: u64,
+}
+
+const FOUR_OPEN: &[(&str, &str)] = &[("M1", OPEN), ("M2", OPEN), ("M3", OPEN), ("M4", OPEN)];
+
+fn table() -> Vec<Row> {
+    vec![
+        Row {
+            rule: "code 0: delivered and removed",
+            given: Given::Accepts,
+            records: FOUR_OPEN,
+            dead_after: 2,
+            delivered: &[0, 1, 2, 3],
+            queued: &[],
+            dead: &[],
+            requests: 1,
+            logins: 1,
+        },
+        Row {
+            // [abcd]✗ [ab]✗ [a]✗ [b]✗ [cd]✗ [c]✗ [d]✗, then each alone once more: dead at 2.
+            rule: "code != 0 for every record: split to singles, each dead after dead_after refusals alone",
+            given: Given::UnknownEvent,
+            records: &[("M1", UNKNOWN), ("M2", UNKNOWN), ("M3", UNKNOWN), ("M4", UNKNOWN)],
+            dead_after: 2,
+            delivered: &[],
+            queued: &[],
+            dead: &[0, 1, 2, 3],
+            requests: 7 + 4,
+            logins: 1,
+        },
+        Row {
+            // [a P c d]✗ [a P]✗ [a]✓ [P]✗ [c d]✓, then [P]✗ → dead.
+            rule: "code != 0 for one record: the rest is delivered, the poison is dead-lettered",
+            given: Given::Poison(1),
+            records: FOUR_OPEN,
+            dead_after: 2,
+            delivered: &[0, 2, 3],
+            queued: &[],
+            dead: &[1],
+            requests: 5 + 1,
+            logins: 1,
+        },
+        Row {
+            // [a P b]✗ [a]✓ [P b]✗ [P]✗ — b waits behind P (same meter) — [P]✗ dead, then [b]✓.
+            rule: "a refused record holds back its own meter's later records until it is dead, not others",
+            given: Given::Poison(1),
+            records: &[("M1", OPEN), ("M2", OPEN), ("M2", OPEN)],
+            dead_after: 2,
+            delivered: &[0, 2],
+            queued: &[],
+            dead: &[1],
+            requests: 4 + 1 + 1,
+            logins: 1,
+        },
+        Row {
+            rule: "401 (the nginx page): one new token, the same request again",
+            given: Given::Faults(vec![Fault::Status(401)]),
+            records: FOUR_OPEN,
+            dead_after: 2,
+            delivered: &[0, 1, 2, 3],
+            queued: &[],
+            dead: &[],
+            requests: 2,
+            logins: 2,
+        },
+        Row {
+            rule: "401 again with the fresh token: no loop, a backoff, then delivered",
+            given: Given::Faults(vec![Fault::Status(401), Fault::Status(401)]),
+            records: FOUR_OPEN,
+            dead_after: 2,
+            delivered: &[0, 1, 2, 3],
+            queued: &[],
+            dead: &[],
+            requests: 3,
+            logins: 2,
+        },
+        Row {
+            rule: "GenerateToken errMsg: records kept, retried with backoff, delivered once the login works",
+            given: Given::LoginRefused(3),
+            records: FOUR_OPEN,
+            dead_after: 2,
+            delivered: &[0, 1, 2, 3],
+            queued: &[],
+            dead: &[],
+            requests: 1,
+            logins: 1,
+        },
+        Row {
+            rule: "5xx, HTML, empty, truncated, reset: transient, kept, delivered once",
+            given: Given::Faults(vec![
+                Fault::Status(500),
+                Fault::Html,
+                Fault::Empty,
+                Fault::Truncate,
+                Fault::Reset,
+                Fault::Status(503),
+            ]),
+            records: FOUR_OPEN,
+            dead_after: 2,
+            delivered: &[0, 1, 2, 3],
+            queued: &[],
+            dead: &[],
+            requests: 7,
+            logins: 1,
+        },
+        Row {
+            rule: "refused connection: transient, kept, never dead",
+            given: Given::Refused,
+            records: FOUR_OPEN,
+            dead_after: 1,
+            delivered: &[],
+            queued: &[0, 1, 2, 3],
+            dead: &[],
+            requests: 0,
+            logins: 0,
+        },
+        Row {
+            rule: "DNS failure: transient, kept, never dead",
+            given: Given::NoDns,
+            records: FOUR_OPEN,
+            dead_after: 1,
+            delivered: &[],
+            queued: &[0, 1, 2, 3],
+            dead: &[],
+            requests: 0,
+            logins: 0,
+        },
+    ]
+}
+
+#[tokio::test]
+async fn each_server_answer_has_one_rule() {
+    for row in table() {
+        run_row(&row).await;
+    }
+}
+
+async fn run_row(row: &Row) {
+    let rule = row.rule;
+    let mock = start_mock(MockOptions {
+        reject_biz: match row.given {
+            Given::Poison(seq) => vec![seq_marker(seq)],
+            _ => Vec::new(),
+        },
+        unknown_events: vec![UNKNOWN.into()],
+        events: vec![OPEN.into(), CLOSE.into(), UNKNOWN.into()],
+        ..MockOptions::default()
+    })
+    .await;
+    let base_url = match &row.given {
+        Given::Refused => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            drop(l);
+            format!("http://{addr}")
+        }
+        Given::NoDns => "http://fieldgate-test.invalid:8080".to_string(),
+        _ => mock.base_url(),
+    };
+    match &row.given {
+        Given::Faults(faults) => faults.iter().cloned().for_each(|f| mock.push_fault(f)),
+        Given::LoginRefused(n) => mock.fail_next_logins(*n),
+        _ => {}
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut records = Vec::new();
+    for (i, (meter, event)) in row.records.iter().enumerate() {
+        records.push(queue_seq(&outbox, meter, event, i).await);
+    }
+    let mut sender = Running::start_with(&outbox, panda_cfg(&base_url, token_auth(PASSWORD), 50), row.dead_after);
+    if row.queued.is_empty() {
+        wait_until(rule, || outbox.is_empty()).await;
+    } else {
+        wait_until(rule, || outbox.list(100).unwrap().iter().all(|r| r.attempts >= 3)).await;
+    }
+    sender.stop().await;
+
+    let pick = |idx: &[usize]| -> Vec<u64> { idx.iter().map(|&i| records[i].id).collect() };
+    let by_biz: std::collections::HashMap<&str, u64> = records.iter().map(|r| (r.biz_data.as_str(), r.id)).collect();
+    let delivered: Vec<u64> = mock.orders().iter().map(|o| by_biz[o.biz_data.as_str()]).collect();
+    assert_eq!(delivered, pick(row.delivered), "{rule}: delivered, once each, in order");
+    let queued: Vec<u64> = outbox.list(100).unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(queued, pick(row.queued), "{rule}: queued");
+    let dead = outbox.dead().unwrap();
+    assert_eq!(
+        dead.iter().map(|d| d.record.id).collect::<Vec<_>>(),
+        pick(row.dead),
+        "{rule}: dead"
+    );
+    assert_eq!(mock.requests(), row.requests, "{rule}: requests");
+    assert_eq!(mock.logins(), row.logins, "{rule}: tokens issued");
+    for d in &dead {
+        assert_eq!(
+            d.record.rejections, row.dead_after,
+            "{rule}: refused dead_after times alone"
+        );
+        assert!(
+            d.reason.contains("不存在") || d.reason.contains("序号"),
+            "{rule}: {}",
+            d.reason
+        );
+        assert!(!d.died_at.is_empty());
+    }
+    let stats = &sender.stats;
+    assert_eq!(
+        stats.dead_lettered.load(Ordering::Relaxed),
+        row.dead.len() as u64,
+        "{rule}"
+    );
+    assert_eq!(
+        stats.delivered.load(Ordering::Relaxed),
+        row.delivered.len() as u64,
+        "{rule}"
+    );
+    assert!(
+        !stats.login_failing.load(Ordering::Relaxed),
+        "{rule}: login works at the end"
+    );
+    if let Given::LoginRefused(n) = row.given {
+        assert_eq!(stats.login_failed.load(Ordering::Relaxed), n, "{rule}");
+        assert_eq!(mock.login_attempts(), n + 1, "{rule}");
+    }
+    if !row.queued.is_empty() {
+        for r in outbox.list(100).unwrap() {
+            assert_eq!(r.rejections, 0, "{rule}: an outage is not a refusal");
+            assert!(r.last_error.unwrap_or_default().contains("unreachable"), "{rule}");
+        }
+    }
+}
+
+/// Refusals of the bisection of `n` records with one poison at `p`: every part containing it is refused
+/// and split, every part without it is one accepted request.
+fn bisection_requests(n: usize, p: usize) -> u64 {
+    fn go(lo: usize, hi: usize, p: usize) -> u64 {
+        if !(lo..hi).contains(&p) || hi - lo == 1 {
+            return 1;
+        }
+        let mid = lo + (hi - lo) / 2;
+        1 + go(lo, mid, p) + go(mid, hi, p)
+    }
+    go(0, n, p)
+}
+
+#[tokio::test]
+async fn a_poison_record_in_a_batch_of_50_is_dead_after_dead_after_tries_and_49_are_delivered() {
+    let mock = start_mock(MockOptions {
+        reject_biz: vec![seq_marker(17)],
+        ..MockOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut records = Vec::new();
+    for i in 0..50 {
+        records.push(queue_seq(&outbox, &format!("M{i:02}"), OPEN, i).await);
+    }
+    let dead_after = 5;
+    let mut sender = Running::start_with(
+        &outbox,
+        panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50),
+        dead_after,
+    );
+    wait_until("the outbox to settle", || outbox.is_empty()).await;
+    sender.stop().await;
+
+    let want: Vec<&str> = records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 17)
+        .map(|(_, r)| r.biz_data.as_str())
+        .collect();
+    let got: Vec<String> = mock.orders().iter().map(|o| o.biz_data.clone()).collect();
+    assert_eq!(got, want, "49 delivered, once each, in detection order");
+    let dead = outbox.dead().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].record.id, records[17].id);
+    assert_eq!(dead[0].record.rejections, dead_after);
+    assert_eq!(dead[0].record.biz_data, records[17].biz_data, "kept as it was queued");
+    assert!(dead[0].reason.contains(&seq_marker(17)), "{}", dead[0].reason);
+    assert_eq!(
+        mock.requests(),
+        bisection_requests(50, 17) + u64::from(dead_after) - 1,
+        "one split of the batch, then the poison alone until dead"
+    );
+}
+
+#[tokio::test]
+async fn a_compressed_hour_long_outage_loses_nothing_and_duplicates_nothing() {
+    // Down for the "hour" (60 minutes of 15 ms), then up but flaky: faults that never apply a request.
+    let mock = start_mock(MockOptions {
+        fail_rate: 0.3,
+        fault_kinds: vec![
+            fieldgate::mock_panda::FaultKind::Status500,
+            fieldgate::mock_panda::FaultKind::Html,
+            fieldgate::mock_panda::FaultKind::Truncate,
+            fieldgate::mock_panda::FaultKind::Reset,
+        ],
+        ..MockOptions::default()
+    })
+    .await;
+    mock.set_unavailable(true);
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut sender = Running::start(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 20));
+    let mut records = Vec::new();
+    for minute in 0..60 {
+        // 20 meters; each meter's valve alternates open/close, so a meter's records alternate events.
+        for k in 0..3 {
+            let n = minute * 3 + k;
+            let meter = format!("M{:02}", n % 20);
+            let event = if (n / 20) % 2 == 0 { OPEN } else { CLOSE };
+            records.push(queue_seq(&outbox, &meter, event, n).await);
+        }
+        sender.wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(15)).await; // the clock of the outage, not an assertion
+    }
+    assert_eq!(outbox.len(), records.len() as u64, "nothing dropped during the outage");
+    assert!(mock.orders().is_empty());
+    assert!(sender.stats.transient.load(Ordering::Relaxed) >= 3);
+    assert!(outbox.dead().unwrap().is_empty(), "an outage never dead-letters");
+
+    mock.set_unavailable(false);
+    wait_until("the backlog to drain", || outbox.is_empty()).await;
+    sender.stop().await;
+    let orders = mock.orders();
+    let got: Vec<&str> = orders.iter().map(|o| o.biz_data.as_str()).collect();
+    assert_eq!(got.len(), records.len(), "every record once");
+    assert_eq!(got.iter().collect::<HashSet<_>>().len(), records.len(), "no duplicates");
+    // Per meter, detection order.
+    for m in 0..20 {
+        let meter = format!("\"M{m:02}\"");
+        let sent: Vec<&str> = got.iter().copied().filter(|b| b.contains(&meter)).collect();
+        let want: Vec<&str> = records
+            .iter()
+            .map(|r| r.biz_data.as_str())
+            .filter(|b| b.contains(&meter))
+            .collect();
+        assert_eq!(sent, want, "meter {meter} in detection order");
+    }
+    assert_eq!(sender.stats.delivered.load(Ordering::Relaxed), records.len() as u64);
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_401s_cause_one_generate_token() {
+    let mock = start_mock(MockOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let client = PandaClient::new(&panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50), cst()).unwrap();
+    let warm = queue_seq(&outbox, "M-warm", OPEN, 1000).await;
+    client.post(OPEN, &[warm]).await.unwrap();
+    assert_eq!(mock.logins(), 1);
+    mock.revoke_tokens();
+
+    let mut records = Vec::new();
+    for i in 0..100 {
+        records.push(queue_seq(&outbox, &format!("M{i:03}"), OPEN, i).await);
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(100));
+    let tasks: Vec<_> = records
+        .into_iter()
+        .map(|r| {
+            let (c, start) = (client.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                c.post(OPEN, &[r]).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(mock.logins(), 2, "one GenerateToken for all the 401s");
+    assert_eq!(client.token_refreshes(), 2);
+    assert_eq!(mock.orders().len(), 101);
+    let unauthorized = mock.unauthorized();
+    // The barrier makes every task take the cached (revoked) token before the first 401 comes back, so
+    // normally all 100 are answered 401; under heavy load a late task may already get the new token.
+    // What is under test is the single GenerateToken above.
+    assert!(unauthorized >= 50, "concurrent 401s: {unauthorized}");
+    assert_eq!(mock.requests(), 1 + 100 + unauthorized, "one resend per 401, no more");
+}
+
+#[tokio::test]
+async fn a_refused_login_raises_the_health_flag_until_the_credentials_work() {
+    let mock = start_mock(MockOptions::default()).await;
+    mock.set_login_fails(true);
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let r = queue_seq(&outbox, "M1", OPEN, 1).await;
+    let mut sender = Running::start(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50));
+    wait_until("the login flag", || sender.stats.login_failing.load(Ordering::Relaxed)).await;
+    wait_until("more refused logins", || mock.login_attempts() >= 3).await;
+    assert_eq!(outbox.len(), 1, "the record is kept");
+    assert_eq!(mock.requests(), 0);
+    assert_eq!(
+        outbox.list(1).unwrap()[0].rejections,
+        0,
+        "a login failure is not a refusal of the record"
+    );
+    mock.set_login_fails(false);
+    wait_until("delivery", || outbox.is_empty()).await;
+    assert!(!sender.stats.login_failing.load(Ordering::Relaxed));
+    sender.stop().await;
+    assert_eq!(mock.orders()[0].biz_data, r.biz_data);
+}
+
+#[tokio::test]
+async fn a_truncated_body_and_a_reset_connection_are_transient_and_not_applied() {
+    let mock = start_mock(MockOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let client = PandaClient::new(&panda_cfg(&mock.base_url(), Auth::None, 50), cst()).unwrap();
+    let r = queue_seq(&outbox, "M1", OPEN, 1).await;
+    mock.push_fault(Fault::Truncate);
+    match client.post(OPEN, std::slice::from_ref(&r)).await {
+        Err(DeliveryError::Transient(reason)) => {
+            assert!(reason.contains("HTTP 200") && reason.contains("body"), "{reason}")
+        }
+        other => panic!("expected a transient truncated body, got {other:?}"),
+    }
+    mock.push_fault(Fault::Reset);
+    match client.post(OPEN, std::slice::from_ref(&r)).await {
+        Err(DeliveryError::Transient(reason)) => assert!(!reason.contains("HTTP"), "no answer at all: {reason}"),
+        other => panic!("expected a transient reset, got {other:?}"),
+    }
+    assert!(mock.orders().is_empty());
+    client.post(OPEN, std::slice::from_ref(&r)).await.unwrap();
+    assert_eq!(mock.orders().len(), 1);
+    assert_eq!(mock.requests(), 3);
+}
+
+// === admin API and `fieldgate outbox` ===
+
+use fieldgate::admin::{serve_admin, AdminState, DeadView};
+use fieldgate::outbox_cli::{outbox_run, OutboxArgs, OutboxCliError, OutboxCommand};
+
+struct Admin {
+    url: String,
+    stop: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Admin {
+    async fn start(state: AdminState) -> Admin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve_admin(listener, state, stop.clone()));
+        Admin { url, stop, task }
+    }
+
+    async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::get(format!("{}{path}", self.url)).await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    async fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or_default())
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("the admin server stops on shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn codes(health: &serde_json::Value) -> Vec<String> {
+    health["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_admin_api_shows_health_and_dead_letters_and_requeues_them() {
+    let mock = start_mock(MockOptions {
+        events: vec![OPEN.into(), CLOSE.into(), UNKNOWN.into()],
+        unknown_events: vec![UNKNOWN.into()],
+        ..MockOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let a = queue_seq(&outbox, "M1", UNKNOWN, 1).await;
+    let b = queue_seq(&outbox, "M2", OPEN, 2).await;
+    let mut sender = Running::start_with(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50), 1);
+    wait_until("b delivered, a dead", || outbox.is_empty() && outbox.dead_len() == 1).await;
+    let admin = Admin::start(
+        AdminState::new(outbox.clone(), sender.stats.clone(), "test-station").with_wake(sender.wake.clone()),
+    )
+    .await;
+
+    let (code, health) = admin.get("/healthz").await;
+    assert_eq!((code, health["status"].as_str()), (200, Some("degraded")), "{health}");
+    assert_eq!(codes(&health), vec!["dead_letters"]);
+    assert_eq!(health["site"], "test-station");
+    let (_, view) = admin.get("/outbox").await;
+    assert_eq!(
+        (view["records"].as_u64(), view["dead"].as_u64()),
+        (Some(0), Some(1)),
+        "{view}"
+    );
+    let (code, dead) = admin.get("/outbox/dead").await;
+    assert_eq!(code, 200);
+    let dead: Vec<DeadView> = serde_json::from_value(dead).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (dead[0].id, dead[0].meter_no.as_str(), dead[0].event_name.as_str()),
+        (a.id, "M1", UNKNOWN)
+    );
+    assert_eq!((dead[0].attempts, dead[0].rejections), (1, 1));
+    assert!(dead[0].msg.contains("不存在"), "{}", dead[0].msg);
+
+    assert_eq!(admin.post("/outbox/requeue", r#"{"id": 123456789}"#).await.0, 404);
+    assert_eq!(admin.post("/outbox/requeue", "not json").await.0, 400);
+    assert_eq!(admin.post("/outbox/requeue", r#"{"id": 1, "all": true}"#).await.0, 400);
+    assert_eq!(admin.post("/outbox/requeue", "{}").await.0, 400);
+    assert_eq!(outbox.dead_len(), 1, "bad requests change nothing");
+
+    // The operator creates the event on the server, then requeues: delivered without waiting for a tick.
+    mock.set_unknown_event(UNKNOWN, false);
+    let (code, answer) = admin.post("/outbox/requeue", &format!(r#"{{"id": {}}}"#, a.id)).await;
+    assert_eq!((code, answer["requeued"].as_u64()), (200, Some(1)));
+    wait_until("the requeued record", || mock.orders().len() == 2).await;
+    let sent: Vec<String> = mock.orders().iter().map(|o| o.biz_data.clone()).collect();
+    assert_eq!(sent, vec![b.biz_data.clone(), a.biz_data.clone()]);
+    wait_until("the outbox to empty", || outbox.is_empty()).await;
+    let (code, health) = admin.get("/healthz").await;
+    assert_eq!((code, health["status"].as_str()), (200, Some("ok")), "{health}");
+    assert_eq!(admin.get("/outbox/dead").await.1, serde_json::json!([]));
+
+    // Credentials refused: critical, 503, until the login works again.
+    mock.set_login_fails(true);
+    mock.revoke_tokens();
+    queue_seq(&outbox, "M3", OPEN, 3).await;
+    sender.wake.notify_one();
+    wait_until("login flagged", || sender.stats.login_failing.load(Ordering::Relaxed)).await;
+    let (code, health) = admin.get("/healthz").await;
+    assert_eq!((code, health["status"].as_str()), (503, Some("critical")), "{health}");
+    assert_eq!(codes(&health)[0], "login_failing");
+    mock.set_login_fails(false);
+    wait_until("delivery after the login works", || outbox.is_empty()).await;
+    assert_eq!(admin.get("/healthz").await.0, 200);
+
+    sender.stop().await;
+    admin.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_outbox_is_critical_with_the_refused_commits_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(
+        dir.path(),
+        Limits {
+            max_records: 2,
+            max_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    let admin = Admin::start(AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s")).await;
+    let first = queue_seq(&outbox, "M1", OPEN, 1).await;
+    assert_eq!(admin.get("/healthz").await.1["status"], "ok", "half full");
+    queue_seq(&outbox, "M2", OPEN, 2).await;
+    let (code, health) = admin.get("/healthz").await;
+    assert_eq!(
+        (code, codes(&health)),
+        (200, vec!["outbox_filling".to_string()]),
+        "{health}"
+    );
+    let state = StoredState {
+        raw: 0,
+        label: "关闭".into(),
+        since: String::new(),
+    };
+    let draft = Draft {
+        event_name: CLOSE.into(),
+        detected_at: String::new(),
+        from: "开启".into(),
+        to: "关闭".into(),
+        biz_data: "{}".into(),
+    };
+    assert!(outbox.commit("M1", &state, vec![draft]).is_err());
+    let (code, health) = admin.get("/healthz").await;
+    assert_eq!((code, health["status"].as_str()), (503, Some("critical")), "{health}");
+    assert_eq!(codes(&health)[0], "outbox_full");
+    assert_eq!(health["outbox"]["refused"], 1);
+    let (_, view) = admin.get("/outbox").await;
+    assert_eq!(view["refusing"], true);
+    assert_eq!(view["oldest"][0]["id"], first.id);
+    outbox.ack(&[first.id]).await.unwrap();
+    let (code, health) = admin.get("/healthz").await;
+    assert_eq!(code, 200, "room again: {health}");
+    assert_eq!(health["outbox"]["refused"], 1, "the counter stays");
+    admin.stop().await;
+}
+
+fn outbox_args(command: OutboxCommand) -> OutboxArgs {
+    OutboxArgs {
+        command,
+        config: None,
+        state_dir: None,
+        admin: None,
+        json: false,
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_command_lists_and_requeues_dead_letters_offline_and_through_the_daemon() {
+    let site = crate::util::Site::new(
+        &crate::util::site_config("tcp = \"127.0.0.1:1\"", "http://127.0.0.1:1", "none", 1),
+        &crate::util::mapping_csv(1),
+    );
+    let state_dir = site.path().join("state");
+    let (a, b) = {
+        let outbox = Outbox::open(
+            &state_dir,
+            Limits {
+                max_records: 100,
+                max_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
+        let a = queue_seq(&outbox, "M1", UNKNOWN, 1).await;
+        let b = queue_seq(&outbox, "M2", UNKNOWN, 2).await;
+        for r in [&a, &b] {
+            outbox.note_rejection(r.id, "事件【用水户爆管】不存在").unwrap();
+            outbox
+                .bury(r.id, "事件【用水户爆管】不存在", "2026-01-01T09:00:00+08:00")
+                .await
+                .unwrap();
+        }
+        (a, b)
+    };
+    let offline = |command| OutboxArgs {
+        state_dir: Some(state_dir.clone()),
+        ..outbox_args(command)
+    };
+
+    let text = outbox_run(offline(OutboxCommand::Dead)).await.unwrap();
+    assert!(text.starts_with("2 dead letter(s)"), "{text}");
+    let line = text.lines().find(|l| l.starts_with(&a.id.to_string())).unwrap();
+    for want in ["M1", UNKNOWN, "事件【用水户爆管】不存在", "\t1\t1\t"] {
+        assert!(line.contains(want), "{want} in {line}");
+    }
+    let json = outbox_run(OutboxArgs {
+        json: true,
+        ..offline(OutboxCommand::Dead)
+    })
+    .await
+    .unwrap();
+    let listed: Vec<DeadView> = serde_json::from_str(&json).unwrap();
+    assert_eq!(listed.iter().map(|d| d.id).collect::<Vec<_>>(), vec![a.id, b.id]);
+
+    let err = outbox_run(offline(OutboxCommand::Requeue {
+        id: Some(999_999_999),
+        all: false,
+    }))
+    .await
+    .unwrap_err();
+    assert_eq!(err.error_code(), "not_found", "{err}");
+    let text = outbox_run(offline(OutboxCommand::Requeue {
+        id: Some(a.id),
+        all: false,
+    }))
+    .await
+    .unwrap();
+    assert!(text.contains(&format!("Requeued record {}", a.id)), "{text}");
+    {
+        let outbox = open_outbox_at(&state_dir);
+        let queued = outbox.list(10).unwrap();
+        assert_eq!(queued.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a.id]);
+        assert_eq!((queued[0].attempts, queued[0].rejections), (0, 0), "a fresh start");
+        assert_eq!(queued[0].biz_data, a.biz_data);
+        assert_eq!(outbox.dead_len(), 1);
+    }
+
+    // The daemon runs (the database is locked): a plain error, or the admin API.
+    let daemon = open_outbox_at(&state_dir);
+    let err = outbox_run(offline(OutboxCommand::Dead)).await.unwrap_err();
+    assert!(matches!(err, OutboxCliError::Locked { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("daemon is running") && msg.contains("http://127.0.0.1:9898/outbox/dead"),
+        "{msg}"
+    );
+    let admin = Admin::start(AdminState::new(daemon.clone(), Arc::new(SenderStats::default()), "s")).await;
+    let text = outbox_run(OutboxArgs {
+        admin: Some(admin.url.clone()),
+        ..outbox_args(OutboxCommand::Dead)
+    })
+    .await
+    .unwrap();
+    assert!(
+        text.starts_with("1 dead letter(s) in the running daemon") && text.contains(&b.id.to_string()),
+        "{text}"
+    );
+    // Through --config: the state dir is locked, so it asks the daemon at [admin] listen.
+    let cfg = std::fs::read_to_string(site.config_path()).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{}\"", admin.url.trim_start_matches("http://")),
+    );
+    std::fs::write(site.config_path(), cfg).unwrap();
+    let text = outbox_run(OutboxArgs {
+        config: Some(site.config_path()),
+        ..outbox_args(OutboxCommand::Requeue { id: None, all: true })
+    })
+    .await
+    .unwrap();
+    assert!(
+        text.contains("Requeued 1 dead letter(s) in the running daemon"),
+        "{text}"
+    );
+    assert_eq!(daemon.dead_len(), 0);
+    assert_eq!(daemon.len(), 2);
+    admin.stop().await;
+    drop(daemon);
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = outbox_run(OutboxArgs {
+        state_dir: Some(empty.path().to_path_buf()),
+        ..outbox_args(OutboxCommand::Dead)
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.error_code(), "no_database", "{err}");
+    assert!(!empty.path().join("db").exists(), "never creates a database");
+}
+
+fn open_outbox_at(dir: &std::path::Path) -> Outbox {
+    Outbox::open(
+        dir,
+        Limits {
+            max_records: 100,
+            max_bytes: 1 << 20,
+        },
+    )
+    .unwrap()
 }

@@ -12,3 +12,5 @@ mod crash;
 mod e2e;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
 mod sender;
+/// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
+mod outbox_model;

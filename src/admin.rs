@@ -1,0 +1,519 @@
+//! The admin HTTP API: health and the outbox of the running daemon (sled lets one process open the
+//! database, so while the daemon runs this is the only way in).
+//!
+//! Routes (JSON):
+//! - `GET /healthz`: `ok` / `degraded` / `critical` with the reasons; HTTP 200, or 503 when critical.
+//! - `GET /outbox`: counts, bounds, refused commits and the oldest queued records.
+//! - `GET /outbox/dead`: every dead letter (id, meter, event, msg, attempts, …).
+//! - `POST /outbox/requeue` with `{"id": N}` or `{"all": true}`: dead letters back into the outbox.
+//!
+//! It listens on loopback unless `[admin] allow_remote = true` ([`check_listen`]): there is no
+//! authentication, and requeue changes what is delivered. It never opens the database itself: it works on
+//! the daemon's [`Outbox`] handle. [`router`] returns a plain axum `Router` so more views (buses, meters)
+//! can be merged in; [`HealthCheck`] lets other parts add health findings.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AdminConfig;
+use crate::outbox::{DeadLetter, Outbox};
+use crate::record::Record;
+use crate::sender::{SenderSnapshot, SenderStats};
+
+/// How many of the oldest queued records `GET /outbox` shows.
+pub const OLDEST_SHOWN: usize = 20;
+
+/// At this share of either bound the outbox is reported `degraded` (filling up).
+pub const FILL_WARN_PERCENT: u64 = 80;
+
+/// Why the admin API cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// A non-loopback address without `allow_remote`.
+    #[error("admin.listen {0} is not a loopback address; the admin API has no authentication: use 127.0.0.1, or set [admin] allow_remote = true behind a firewall")]
+    NotLoopback(SocketAddr),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr} for the admin API: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl AdminError {
+    /// A bounded label for metrics.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            AdminError::NotLoopback(_) => "not_loopback",
+            AdminError::Bind { .. } => "bind",
+        }
+    }
+}
+
+/// Health levels, ordered: the worst finding wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Working.
+    Ok,
+    /// Working, but something needs a look (failing deliveries, dead letters, outbox filling).
+    Degraded,
+    /// Losing the ability to do the job (login refused, outbox full).
+    Critical,
+}
+
+/// One reason for a health level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// How bad.
+    pub status: Status,
+    /// A bounded label (`login_failing`, `outbox_full`, …).
+    pub code: String,
+    /// What it means and what to do, in words.
+    pub message: String,
+}
+
+/// Something that contributes health findings (buses, meters, …), added with [`AdminState::with_check`].
+pub trait HealthCheck: Send + Sync {
+    /// The current findings; empty when all is well.
+    fn findings(&self) -> Vec<Finding>;
+}
+
+/// What the admin API serves from. Cheap to clone.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The daemon's store.
+    pub outbox: Outbox,
+    /// The sender's counters.
+    pub sender: Arc<SenderStats>,
+    /// `site.name`.
+    pub site: String,
+    /// Notified after a requeue, so the sender does not wait for its idle tick.
+    pub wake: Option<Arc<Notify>>,
+    /// More health sources.
+    pub checks: Vec<Arc<dyn HealthCheck>>,
+}
+
+impl AdminState {
+    /// State with the outbox, the sender's counters and the site name.
+    pub fn new(outbox: Outbox, sender: Arc<SenderStats>, site: impl Into<String>) -> AdminState {
+        AdminState {
+            outbox,
+            sender,
+            site: site.into(),
+            wake: None,
+            checks: Vec::new(),
+        }
+    }
+
+    /// Wake the sender with this after a requeue.
+    pub fn with_wake(mut self, wake: Arc<Notify>) -> AdminState {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// Add a health source.
+    pub fn with_check(mut self, check: Arc<dyn HealthCheck>) -> AdminState {
+        self.checks.push(check);
+        self
+    }
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    /// The worst of `reasons`, `ok` when there are none.
+    pub status: Status,
+    /// `site.name`.
+    pub site: String,
+    /// Every finding, worst first.
+    pub reasons: Vec<Finding>,
+    /// Outbox counts.
+    pub outbox: OutboxCounts,
+    /// Sender counters.
+    pub sender: SenderSnapshot,
+}
+
+/// Outbox counts and bounds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxCounts {
+    /// Records queued.
+    pub records: u64,
+    /// Bytes of queued records.
+    pub bytes: u64,
+    /// Bound.
+    pub max_records: u64,
+    /// Bound.
+    pub max_bytes: u64,
+    /// Commits refused for lack of room since start.
+    pub refused: u64,
+    /// The last commit was refused and nothing was removed since: new states are not recorded.
+    pub refusing: bool,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+/// `GET /outbox`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxView {
+    /// Counts and bounds.
+    #[serde(flatten)]
+    pub counts: OutboxCounts,
+    /// The oldest queued records (at most [`OLDEST_SHOWN`]).
+    pub oldest: Vec<RecordView>,
+}
+
+/// A queued record, without its BizData.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordView {
+    /// Record id.
+    pub id: u64,
+    /// Meter.
+    pub meter_no: String,
+    /// `eventName`.
+    pub event_name: String,
+    /// When detected.
+    pub detected_at: String,
+    /// Failed attempts.
+    pub attempts: u32,
+    /// Refusals of it alone.
+    pub rejections: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl From<&Record> for RecordView {
+    fn from(r: &Record) -> RecordView {
+        RecordView {
+            id: r.id,
+            meter_no: r.meter_no.clone(),
+            event_name: r.event_name.clone(),
+            detected_at: r.detected_at.clone(),
+            attempts: r.attempts,
+            rejections: r.rejections,
+            last_error: r.last_error.clone(),
+        }
+    }
+}
+
+/// A dead letter as listed by `GET /outbox/dead` and `fieldgate outbox dead`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadView {
+    /// Record id (use it to requeue).
+    pub id: u64,
+    /// Meter.
+    pub meter_no: String,
+    /// `eventName`.
+    pub event_name: String,
+    /// The server's `msg`.
+    pub msg: String,
+    /// Failed attempts, all reasons.
+    pub attempts: u32,
+    /// Refusals of it alone.
+    pub rejections: u32,
+    /// When detected.
+    pub detected_at: String,
+    /// When it was moved to the dead letters.
+    pub died_at: String,
+}
+
+impl From<&DeadLetter> for DeadView {
+    fn from(d: &DeadLetter) -> DeadView {
+        DeadView {
+            id: d.record.id,
+            meter_no: d.record.meter_no.clone(),
+            event_name: d.record.event_name.clone(),
+            msg: d.reason.clone(),
+            attempts: d.record.attempts,
+            rejections: d.record.rejections,
+            detected_at: d.record.detected_at.clone(),
+            died_at: d.died_at.clone(),
+        }
+    }
+}
+
+/// `POST /outbox/requeue` body: `{"id": N}` or `{"all": true}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequeueRequest {
+    /// One dead letter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// All of them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+}
+
+/// `POST /outbox/requeue` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequeueAnswer {
+    /// Records moved back into the outbox.
+    pub requeued: usize,
+}
+
+/// Refuse a non-loopback address unless `allow_remote`.
+pub fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<(), AdminError> {
+    if addr.ip().is_loopback() || allow_remote {
+        Ok(())
+    } else {
+        Err(AdminError::NotLoopback(addr))
+    }
+}
+
+/// Check `[admin]` and bind its address.
+pub async fn bind(cfg: &AdminConfig) -> Result<TcpListener, AdminError> {
+    check_listen(cfg.listen, cfg.allow_remote)?;
+    TcpListener::bind(cfg.listen).await.map_err(|source| AdminError::Bind {
+        addr: cfg.listen,
+        source,
+    })
+}
+
+/// The admin routes over `state`; merge more routes into it before serving if needed.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(get_health))
+        .route("/outbox", get(get_outbox))
+        .route("/outbox/dead", get(get_dead))
+        .route("/outbox/requeue", post(post_requeue))
+        .with_state(state)
+}
+
+/// Serve [`router`]`(state)` on `listener` until `shutdown`.
+pub async fn serve_admin(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+    serve_router(listener, router(state), shutdown).await
+}
+
+/// Serve any router (e.g. [`router`] with more views merged in) until `shutdown`.
+pub async fn serve_router(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(message = "Admin API listening.", addr = %addr);
+    }
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// The health of the gateway as the outbox, the sender and the extra checks see it.
+pub fn health(state: &AdminState) -> Health {
+    let counts = outbox_counts(&state.outbox);
+    let sender = state.sender.snapshot();
+    let mut reasons = Vec::new();
+    let mut add = |status: Status, code: &str, message: String| {
+        reasons.push(Finding {
+            status,
+            code: code.into(),
+            message,
+        })
+    };
+    if sender.login_failing {
+        add(
+            Status::Critical,
+            "login_failing",
+            format!(
+                "GenerateToken refuses the credentials ({}); nothing is delivered, every record is kept. Fix panda.username / the password and restart.",
+                sender.last_error.clone().unwrap_or_default()
+            ),
+        );
+    }
+    if counts.refusing {
+        add(
+            Status::Critical,
+            "outbox_full",
+            format!(
+                "outbox full ({} of {} records, {} of {} bytes): new valve states are not recorded ({} commits refused); they are detected again once deliveries make room.",
+                counts.records, counts.max_records, counts.bytes, counts.max_bytes, counts.refused
+            ),
+        );
+    } else if counts.records.saturating_mul(100) >= counts.max_records.saturating_mul(FILL_WARN_PERCENT)
+        || counts.bytes.saturating_mul(100) >= counts.max_bytes.saturating_mul(FILL_WARN_PERCENT)
+    {
+        add(
+            Status::Degraded,
+            "outbox_filling",
+            format!(
+                "outbox at {} of {} records, {} of {} bytes",
+                counts.records, counts.max_records, counts.bytes, counts.max_bytes
+            ),
+        );
+    }
+    if !sender.login_failing && sender.failures_in_a_row > 0 && counts.records > 0 {
+        add(
+            Status::Degraded,
+            "delivery_failing",
+            format!(
+                "{} failed requests in a row; last: {}",
+                sender.failures_in_a_row,
+                sender.last_error.clone().unwrap_or_default()
+            ),
+        );
+    }
+    if sender.held > 0 {
+        add(
+            Status::Degraded,
+            "records_held",
+            format!(
+                "{} record(s) refused by the server are held and tried again alone",
+                sender.held
+            ),
+        );
+    }
+    if counts.dead > 0 {
+        add(
+            Status::Degraded,
+            "dead_letters",
+            format!(
+                "{} dead letter(s): see `fieldgate outbox dead`, fix the cause on the server, then `fieldgate outbox requeue`",
+                counts.dead
+            ),
+        );
+    }
+    for check in &state.checks {
+        reasons.extend(check.findings());
+    }
+    reasons.sort_by_key(|f| std::cmp::Reverse(f.status));
+    Health {
+        status: reasons.first().map_or(Status::Ok, |f| f.status),
+        site: state.site.clone(),
+        reasons,
+        outbox: counts,
+        sender,
+    }
+}
+
+fn outbox_counts(outbox: &Outbox) -> OutboxCounts {
+    let limits = outbox.limits();
+    OutboxCounts {
+        records: outbox.len(),
+        bytes: outbox.bytes(),
+        max_records: limits.max_records,
+        max_bytes: limits.max_bytes,
+        refused: outbox.refused(),
+        refusing: outbox.is_refusing(),
+        dead: outbox.dead_len() as u64,
+    }
+}
+
+// === handlers ===
+
+async fn get_health(State(state): State<AdminState>) -> Response {
+    let h = health(&state);
+    let code = if h.status == Status::Critical {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(h)).into_response()
+}
+
+async fn get_outbox(State(state): State<AdminState>) -> Response {
+    match state.outbox.list(OLDEST_SHOWN) {
+        Ok(records) => Json(OutboxView {
+            counts: outbox_counts(&state.outbox),
+            oldest: records.iter().map(RecordView::from).collect(),
+        })
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_dead(State(state): State<AdminState>) -> Response {
+    match state.outbox.dead() {
+        Ok(letters) => Json(letters.iter().map(DeadView::from).collect::<Vec<_>>()).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn post_requeue(State(state): State<AdminState>, body: Result<Json<RequeueRequest>, JsonRejection>) -> Response {
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"id\": N}} or {{\"all\": true}}: {}", e.body_text()),
+            )
+        }
+    };
+    let which = match (req.id, req.all) {
+        (Some(id), false) => Some(id),
+        (None, true) => None,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of {\"id\": N} and {\"all\": true}".into(),
+            )
+        }
+    };
+    match state.outbox.requeue(which).await {
+        Ok(0) if which.is_some() => error(
+            StatusCode::NOT_FOUND,
+            format!("no dead letter with id {}", which.unwrap_or_default()),
+        ),
+        Ok(n) => {
+            if n > 0 {
+                tracing::info!(
+                    message = "Dead letters requeued through the admin API.",
+                    records = n,
+                    id = which
+                );
+                if let Some(w) = &state.wake {
+                    w.notify_one();
+                }
+            }
+            Json(RequeueAnswer { requeued: n }).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn error(code: StatusCode, message: String) -> Response {
+    (code, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_unless_allowed() {
+        assert!(check_listen("127.0.0.1:9898".parse().unwrap(), false).is_ok());
+        assert!(check_listen("[::1]:9898".parse().unwrap(), false).is_ok());
+        let err = check_listen("0.0.0.0:9898".parse().unwrap(), false).unwrap_err();
+        assert_eq!(err.error_code(), "not_loopback");
+        assert!(err.to_string().contains("allow_remote"), "{err}");
+        assert!(check_listen("10.0.0.5:9898".parse().unwrap(), true).is_ok());
+    }
+
+    #[test]
+    fn statuses_order_worst_last() {
+        assert!(Status::Critical > Status::Degraded && Status::Degraded > Status::Ok);
+        assert_eq!(serde_json::to_string(&Status::Critical).unwrap(), "\"critical\"");
+    }
+
+    #[test]
+    fn requeue_requests_read_both_shapes() {
+        let one: RequeueRequest = serde_json::from_str(r#"{"id": 7}"#).unwrap();
+        assert_eq!(
+            one,
+            RequeueRequest {
+                id: Some(7),
+                all: false
+            }
+        );
+        let all: RequeueRequest = serde_json::from_str(r#"{"all": true}"#).unwrap();
+        assert_eq!(all, RequeueRequest { id: None, all: true });
+        assert_eq!(serde_json::to_string(&one).unwrap(), r#"{"id":7}"#);
+    }
+}

@@ -1,0 +1,332 @@
+//! `fieldgate outbox dead` and `fieldgate outbox requeue ID|--all`: see and recover dead letters.
+//!
+//! Two ways in, because sled lets one process open the database:
+//! - the daemon is stopped: open the state directory directly (`--state-dir D`, or `state_dir` of
+//!   `--config F`);
+//! - the daemon is running (the database is locked): its admin API, `GET {admin}/outbox/dead` and
+//!   `POST {admin}/outbox/requeue`. Used with `--admin URL`, or found through `[admin] listen` of
+//!   `--config` when the database turns out to be locked. Without either, the error says so plainly.
+//!
+//! It never creates a state directory: a path without a database is an error, not an empty answer.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::admin::{DeadView, RequeueAnswer, RequeueRequest};
+use crate::config::{self, ConfigError};
+use crate::outbox::{Limits, Outbox, OutboxError};
+
+/// Where `--config` points by default (as for `fieldgate run`).
+pub const DEFAULT_CONFIG: &str = "/etc/fieldgate/fieldgate.toml";
+
+/// `fieldgate outbox …`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OutboxArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: OutboxCommand,
+    /// The site configuration: its `state_dir`, and its `[admin] listen` when the daemon runs.
+    /// Default /etc/fieldgate/fieldgate.toml when neither --state-dir nor --admin is given.
+    #[arg(long, short, global = true, conflicts_with = "state_dir")]
+    pub config: Option<PathBuf>,
+    /// The state directory of a stopped daemon.
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// The admin API of a running daemon, e.g. http://127.0.0.1:9898.
+    #[arg(long, global = true)]
+    pub admin: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The `outbox` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum OutboxCommand {
+    /// List the dead letters: records the server refused too often (id, meter, event, msg, attempts).
+    Dead,
+    /// Put dead letters back into the outbox (e.g. after the event was created on the server).
+    Requeue {
+        /// The record id (from `fieldgate outbox dead`).
+        #[arg(required_unless_present = "all")]
+        id: Option<u64>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+}
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxCliError {
+    /// The configuration did not load.
+    #[error("{0}(or give the state directory with --state-dir)")]
+    Config(#[from] ConfigError),
+    /// No database at the path.
+    #[error("no fieldgate state database in {0}: check --state-dir / site.state_dir")]
+    NoDatabase(PathBuf),
+    /// The daemon has the database and no admin API is known.
+    #[error("the state directory {dir} is locked: the fieldgate daemon is running. Ask it through its admin API instead: `fieldgate outbox … --admin http://127.0.0.1:9898` (or --config with its [admin] listen), i.e. GET http://127.0.0.1:9898/outbox/dead and POST http://127.0.0.1:9898/outbox/requeue with {{\"id\": N}} or {{\"all\": true}}")]
+    Locked {
+        /// The state directory.
+        dir: PathBuf,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The admin API did not answer usefully.
+    #[error("admin API {url}: {reason}")]
+    Admin {
+        /// The URL asked.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Requeue of an id that is not a dead letter.
+    #[error("no dead letter with id {0} (see `fieldgate outbox dead`)")]
+    NotFound(u64),
+}
+
+impl OutboxCliError {
+    /// A bounded label for metrics and tests.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            OutboxCliError::Config(_) => "config",
+            OutboxCliError::NoDatabase(_) => "no_database",
+            OutboxCliError::Locked { .. } => "locked",
+            OutboxCliError::Outbox(_) => "outbox",
+            OutboxCliError::Admin { .. } => "admin",
+            OutboxCliError::NotFound(_) => "not_found",
+        }
+    }
+}
+
+/// Run the command and print its output.
+pub async fn outbox_main(args: OutboxArgs) -> anyhow::Result<()> {
+    let text = outbox_run(args).await?;
+    print!("{text}");
+    Ok(())
+}
+
+/// Run the command; returns what it would print.
+pub async fn outbox_run(args: OutboxArgs) -> Result<String, OutboxCliError> {
+    if let Some(url) = &args.admin {
+        return via_admin(url, &args).await;
+    }
+    let (dir, admin) = match (&args.state_dir, &args.config) {
+        (Some(dir), _) => (dir.clone(), None),
+        (None, cfg) => {
+            let path = cfg.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            let cfg = config::load(&path)?;
+            (cfg.site.state_dir.clone(), Some(admin_url(cfg.admin.listen)))
+        }
+    };
+    match open_stopped(&dir).await {
+        Ok(outbox) => offline(&outbox, &dir, &args).await,
+        Err(OutboxCliError::Locked { dir }) => match admin {
+            Some(url) => via_admin(&url, &args).await,
+            None => Err(OutboxCliError::Locked { dir }),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// `http://` URL of a listen address; an unspecified address (0.0.0.0, ::) is asked on loopback.
+pub fn admin_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
+
+async fn open_stopped(dir: &Path) -> Result<Outbox, OutboxCliError> {
+    if !(dir.join("conf").is_file() || dir.join("db").is_file()) {
+        return Err(OutboxCliError::NoDatabase(dir.to_path_buf()));
+    }
+    // Bounds do not matter here: requeue puts back what was there, and nothing new is committed.
+    let limits = Limits {
+        max_records: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+    let d = dir.to_path_buf();
+    match tokio::task::spawn_blocking(move || Outbox::open(&d, limits)).await {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(OutboxError::Locked(dir))) => Err(OutboxCliError::Locked { dir }),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(OutboxError::Sync {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e),
+        }
+        .into()),
+    }
+}
+
+async fn offline(outbox: &Outbox, dir: &Path, args: &OutboxArgs) -> Result<String, OutboxCliError> {
+    let place = dir.display().to_string();
+    match &args.command {
+        OutboxCommand::Dead => {
+            let letters: Vec<DeadView> = outbox.dead()?.iter().map(DeadView::from).collect();
+            Ok(render_dead(&letters, &place, args.json))
+        }
+        OutboxCommand::Requeue { id, all } => {
+            let which = if *all { None } else { *id };
+            let n = outbox.requeue(which).await?;
+            if n == 0 {
+                if let Some(id) = which {
+                    return Err(OutboxCliError::NotFound(id));
+                }
+            }
+            Ok(render_requeued(n, which, &place, args.json))
+        }
+    }
+}
+
+async fn via_admin(base: &str, args: &OutboxArgs) -> Result<String, OutboxCliError> {
+    let base = base.trim_end_matches('/');
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| OutboxCliError::Admin {
+            url: base.to_string(),
+            reason: e.to_string(),
+        })?;
+    let fail = |url: &str, reason: String| OutboxCliError::Admin {
+        url: url.to_string(),
+        reason,
+    };
+    let place = format!("the running daemon ({base})");
+    match &args.command {
+        OutboxCommand::Dead => {
+            let url = format!("{base}/outbox/dead");
+            let resp = http.get(&url).send().await.map_err(|e| fail(&url, unreachable(&e)))?;
+            let status = resp.status();
+            let body = resp.bytes().await.map_err(|e| fail(&url, e.to_string()))?;
+            if !status.is_success() {
+                return Err(fail(
+                    &url,
+                    format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(&body)),
+                ));
+            }
+            let letters: Vec<DeadView> =
+                serde_json::from_slice(&body).map_err(|e| fail(&url, format!("unexpected answer: {e}")))?;
+            Ok(render_dead(&letters, &place, args.json))
+        }
+        OutboxCommand::Requeue { id, all } => {
+            let url = format!("{base}/outbox/requeue");
+            let which = if *all { None } else { *id };
+            let req = RequeueRequest { id: which, all: *all };
+            let resp = http
+                .post(&url)
+                .json(&req)
+                .send()
+                .await
+                .map_err(|e| fail(&url, unreachable(&e)))?;
+            let status = resp.status();
+            let body = resp.bytes().await.map_err(|e| fail(&url, e.to_string()))?;
+            if status == reqwest::StatusCode::NOT_FOUND {
+                if let Some(id) = which {
+                    return Err(OutboxCliError::NotFound(id));
+                }
+            }
+            if !status.is_success() {
+                return Err(fail(
+                    &url,
+                    format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(&body)),
+                ));
+            }
+            let answer: RequeueAnswer =
+                serde_json::from_slice(&body).map_err(|e| fail(&url, format!("unexpected answer: {e}")))?;
+            Ok(render_requeued(answer.requeued, which, &place, args.json))
+        }
+    }
+}
+
+fn unreachable(e: &reqwest::Error) -> String {
+    if e.is_connect() {
+        "does not answer (is the daemon running, and is [admin] listen this address?)".to_string()
+    } else {
+        e.to_string()
+    }
+}
+
+/// The dead letters as a table (or JSON).
+pub fn render_dead(letters: &[DeadView], place: &str, json: bool) -> String {
+    if json {
+        return serde_json::to_string_pretty(letters).unwrap_or_default() + "\n";
+    }
+    if letters.is_empty() {
+        return format!("No dead letters in {place}.\n");
+    }
+    let mut out = format!("{} dead letter(s) in {place}:\n", letters.len());
+    out.push_str("ID\tMETER\tEVENT\tATTEMPTS\tREJECTIONS\tDIED AT\tMSG\n");
+    for d in letters {
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            d.id,
+            d.meter_no,
+            d.event_name,
+            d.attempts,
+            d.rejections,
+            d.died_at,
+            d.msg.replace(['\n', '\t'], " ")
+        ));
+    }
+    out.push_str("Requeue with `fieldgate outbox requeue ID` or `--all` once the cause is fixed on the server.\n");
+    out
+}
+
+fn render_requeued(n: usize, id: Option<u64>, place: &str, json: bool) -> String {
+    if json {
+        return serde_json::json!({ "requeued": n }).to_string() + "\n";
+    }
+    match id {
+        Some(id) => format!("Requeued record {id} in {place}; it is delivered in its place in detection order.\n"),
+        None => format!("Requeued {n} dead letter(s) in {place}.\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: OutboxArgs,
+    }
+
+    #[test]
+    fn arguments_parse() {
+        let a = Cli::try_parse_from(["x", "dead", "--state-dir", "/s"]).unwrap().args;
+        assert!(matches!(a.command, OutboxCommand::Dead));
+        assert_eq!(a.state_dir, Some(PathBuf::from("/s")));
+        let a = Cli::try_parse_from(["x", "requeue", "42", "--config", "/c.toml"])
+            .unwrap()
+            .args;
+        assert!(matches!(
+            a.command,
+            OutboxCommand::Requeue {
+                id: Some(42),
+                all: false
+            }
+        ));
+        let a = Cli::try_parse_from(["x", "requeue", "--all", "--admin", "http://127.0.0.1:9898"])
+            .unwrap()
+            .args;
+        assert!(matches!(a.command, OutboxCommand::Requeue { id: None, all: true }));
+        assert!(Cli::try_parse_from(["x", "requeue"]).is_err(), "an id or --all");
+        assert!(Cli::try_parse_from(["x", "requeue", "1", "--all"]).is_err());
+        assert!(Cli::try_parse_from(["x", "dead", "--state-dir", "/s", "--config", "/c"]).is_err());
+    }
+
+    #[test]
+    fn unspecified_admin_addresses_are_asked_on_loopback() {
+        assert_eq!(admin_url("0.0.0.0:9898".parse().unwrap()), "http://127.0.0.1:9898");
+        assert_eq!(admin_url("[::]:9898".parse().unwrap()), "http://[::1]:9898");
+        assert_eq!(admin_url("127.0.0.1:1".parse().unwrap()), "http://127.0.0.1:1");
+    }
+}
