@@ -12,11 +12,11 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{AdminError, AdminState};
 use crate::bus::{run_bus, BusStats};
 use crate::config::Config;
 use crate::outbox::{Limits, Outbox, OutboxError};
 use crate::panda::{PandaClient, PandaError};
-use crate::admin::{AdminError, AdminState};
 use crate::sender::{run_sender, SenderConfig, SenderStats};
 use crate::station::{Live, Station};
 
@@ -60,11 +60,17 @@ pub struct Gateway {
 /// Open the store and start every task.
 pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
     let cfg = Arc::new(cfg);
-    let limits = Limits { max_records: cfg.outbox.max_records, max_bytes: cfg.outbox.max_bytes };
+    let limits = Limits {
+        max_records: cfg.outbox.max_records,
+        max_bytes: cfg.outbox.max_bytes,
+    };
     let dir = cfg.site.state_dir.clone();
     let outbox = tokio::task::spawn_blocking(move || Outbox::open(&dir, limits))
         .await
-        .map_err(|e| OutboxError::Sync { path: cfg.site.state_dir.clone(), source: std::io::Error::other(e) })??;
+        .map_err(|e| OutboxError::Sync {
+            path: cfg.site.state_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
     let client = PandaClient::new(&cfg.panda, cfg.site.timezone)?;
     // Bound before any task starts, so a bad [admin] listen fails the start cleanly.
     let admin_listener = crate::admin::bind(&cfg.admin).await?;
@@ -84,7 +90,13 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
     for i in 0..cfg.buses.len() {
         let stats = Arc::new(BusStats::default());
         bus_stats.push(stats.clone());
-        buses.push(tokio::spawn(supervise_bus(cfg.clone(), i, tx.clone(), stop_buses.clone(), stats)));
+        buses.push(tokio::spawn(supervise_bus(
+            cfg.clone(),
+            i,
+            tx.clone(),
+            stop_buses.clone(),
+            stats,
+        )));
     }
     drop(tx);
 
@@ -174,7 +186,13 @@ async fn supervise_bus(
     stats: Arc<BusStats>,
 ) {
     loop {
-        let task = tokio::spawn(run_bus(cfg.clone(), bus, cycles.clone(), shutdown.clone(), stats.clone()));
+        let task = tokio::spawn(run_bus(
+            cfg.clone(),
+            bus,
+            cycles.clone(),
+            shutdown.clone(),
+            stats.clone(),
+        ));
         match task.await {
             Ok(()) => return,
             Err(e) => {

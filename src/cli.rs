@@ -13,7 +13,11 @@ use crate::config;
 pub const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "fieldgate", version, about = "Modbus valves and meters -> durable outbox -> Panda work orders")]
+#[command(
+    name = "fieldgate",
+    version,
+    about = "Modbus valves and meters -> durable outbox -> Panda work orders"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -118,7 +122,10 @@ async fn run(path: &std::path::Path) -> ExitCode {
         Ok(cfg) => cfg,
         Err(e) => {
             eprint!("{e}");
-            eprintln!("fieldgate: not started; fix the configuration (`fieldgate check --config {}`)", path.display());
+            eprintln!(
+                "fieldgate: not started; fix the configuration (`fieldgate check --config {}`)",
+                path.display()
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -135,7 +142,9 @@ async fn run(path: &std::path::Path) -> ExitCode {
 fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

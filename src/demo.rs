@@ -44,12 +44,19 @@ async fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> anyhow::Result<()> {
     let mut cfg = config::parse(&config_path, DEMO_CONFIG, &None).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let plant = Plant::with_meters(cfg.meters.len() as u8);
-    let modbus = TcpListener::bind("127.0.0.1:0").await.context("binding the simulator")?;
+    let modbus = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the simulator")?;
     let modbus_addr = modbus.local_addr()?;
     let _sim = serve_tcp(modbus, plant.clone());
     let panda = MockPanda::start(
-        TcpListener::bind("127.0.0.1:0").await.context("binding the mock server")?,
-        MockOptions { token_ttl: Duration::from_secs(20), ..MockOptions::default() },
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the mock server")?,
+        MockOptions {
+            token_ttl: Duration::from_secs(20),
+            ..MockOptions::default()
+        },
     );
     for bus in &mut cfg.buses {
         bus.transport = Transport::Tcp(modbus_addr.to_string());
@@ -57,11 +64,25 @@ async fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> anyhow::Result<()> {
     cfg.panda.base_url = panda.base_url();
 
     println!("fieldgate demo");
-    println!("  simulated Modbus TCP slave with {} meters on {modbus_addr}", cfg.meters.len());
-    println!("  mock Panda WorkFlow server on {} (tokens expire every 20 s)", panda.base_url());
+    println!(
+        "  simulated Modbus TCP slave with {} meters on {modbus_addr}",
+        cfg.meters.len()
+    );
+    println!(
+        "  mock Panda WorkFlow server on {} (tokens expire every 20 s)",
+        panda.base_url()
+    );
     println!("  gateway polling every 500 ms; state in {}", dir.display());
-    println!("A valve is flipped every {}; each flip becomes a work order.", humantime::format_duration(args.flip_every));
-    println!("Stop with Ctrl-C{}.\n", args.run_for.map(|d| format!(" (or after {})", humantime::format_duration(d))).unwrap_or_default());
+    println!(
+        "A valve is flipped every {}; each flip becomes a work order.",
+        humantime::format_duration(args.flip_every)
+    );
+    println!(
+        "Stop with Ctrl-C{}.\n",
+        args.run_for
+            .map(|d| format!(" (or after {})", humantime::format_duration(d)))
+            .unwrap_or_default()
+    );
 
     let meters: Vec<(u8, String)> = cfg.meters.iter().map(|m| (m.unit, m.meter_no.clone())).collect();
     let gateway = crate::app::start(cfg).await.context("starting the gateway")?;
@@ -95,7 +116,11 @@ async fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> anyhow::Result<()> {
         }
     }
     let queued = gateway.stop(Duration::from_secs(5)).await;
-    println!("\n{} work order(s) delivered; {queued} still queued; {} login(s) to the server.", panda.orders().len(), panda.logins());
+    println!(
+        "\n{} work order(s) delivered; {queued} still queued; {} login(s) to the server.",
+        panda.orders().len(),
+        panda.logins()
+    );
     panda.stop().await;
     Ok(())
 }

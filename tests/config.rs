@@ -22,7 +22,10 @@ fn errors(cfg: &str, mapping: &str) -> ConfigError {
 
 /// Line (1-based) of the first line of `text` containing `needle`.
 fn line_of(text: &str, needle: &str) -> usize {
-    text.lines().position(|l| l.contains(needle)).map(|i| i + 1).expect(needle)
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .expect(needle)
 }
 
 #[test]
@@ -32,7 +35,10 @@ fn the_example_config_and_mapping_pass() {
     assert_eq!(cfg.meters.len(), 3);
     assert_eq!(cfg.mapping.len(), 3);
     assert!(matches!(cfg.buses[1].transport, Transport::Serial { baud: 9600, .. }));
-    assert_eq!(cfg.buses[2].transport, Transport::RtuOverTcp("192.168.1.30:4001".into()));
+    assert_eq!(
+        cfg.buses[2].transport,
+        Transport::RtuOverTcp("192.168.1.30:4001".into())
+    );
     // M0002 has inline points and confirm = 2.
     assert_eq!(cfg.meters[1].confirm, 2);
     assert_eq!(cfg.meters[1].valve.states.get(&2).map(String::as_str), Some("故障"));
@@ -92,7 +98,10 @@ fn every_semantic_error_is_reported_at_once_with_line_and_field() {
     let missing = find("meter_no", "meter `M9` is not in the mapping file");
     assert!(missing.line > dup.line);
     let label = find("to", "no valve can take the label `故障`");
-    assert!(label.message.contains("开启") && label.message.contains("关闭"), "lists labels in use: {text}");
+    assert!(
+        label.message.contains("开启") && label.message.contains("关闭"),
+        "lists labels in use: {text}"
+    );
     let dur = find("timeout", "`fast` is not a duration");
     assert_eq!(dur.line, Some(line_of(&cfg, "[[bus]]")));
     assert_eq!(e.issues.len(), 5, "{text}");
@@ -109,25 +118,40 @@ fn unreadable_files_are_named() {
     assert!(e.issues[0].file.ends_with("nope.csv"), "{e}");
     assert!(e.issues[0].message.contains("file not found"), "{e}");
 
-    let cfg = base().replace("auth = \"none\"", "auth = \"token\"\nusername = \"u\"\npassword_file = \"secret\"");
+    let cfg = base().replace(
+        "auth = \"none\"",
+        "auth = \"token\"\nusername = \"u\"\npassword_file = \"secret\"",
+    );
     let e = errors(&cfg, &mapping_csv(2));
     assert_eq!(e.issues[0].field, "panda.password_file", "{e}");
-    assert!(e.issues[0].message.contains("secret") && e.issues[0].message.contains("file not found"), "{e}");
+    assert!(
+        e.issues[0].message.contains("secret") && e.issues[0].message.contains("file not found"),
+        "{e}"
+    );
 
     let e = config::load(Path::new("/nonexistent/fieldgate.toml")).unwrap_err();
-    assert!(e.to_string().contains("/nonexistent/fieldgate.toml: file not found"), "{e}");
+    assert!(
+        e.to_string().contains("/nonexistent/fieldgate.toml: file not found"),
+        "{e}"
+    );
 }
 
 #[test]
 fn password_comes_from_file_or_environment_and_is_never_printed() {
     let site = Site::new(
-        &base().replace("auth = \"none\"", "auth = \"token\"\nusername = \"u\"\npassword_file = \"secret\""),
+        &base().replace(
+            "auth = \"none\"",
+            "auth = \"token\"\nusername = \"u\"\npassword_file = \"secret\"",
+        ),
         &mapping_csv(2),
     );
     std::fs::write(site.path().join("secret"), "s3cr3t-pw\n").unwrap();
     let cfg = site.load();
     assert!(matches!(&cfg.panda.auth, config::Auth::Token { password, .. } if password == "s3cr3t-pw"));
-    assert!(!format!("{cfg:?}").contains("s3cr3t-pw"), "Debug must redact the password");
+    assert!(
+        !format!("{cfg:?}").contains("s3cr3t-pw"),
+        "Debug must redact the password"
+    );
 
     let text = base().replace("auth = \"none\"", "auth = \"token\"\nusername = \"u\"");
     let path = site.path().join("env.toml");
@@ -155,15 +179,31 @@ fn gb18030_and_bom_mapping_files_load_through_the_config() {
 
 #[test]
 fn bus_kinds_are_exclusive_and_serial_settings_are_checked() {
-    let cfg = base().replace("tcp = \"127.0.0.1:502\"", "tcp = \"127.0.0.1:502\"\nserial = \"/dev/ttyUSB0\"");
+    let cfg = base().replace(
+        "tcp = \"127.0.0.1:502\"",
+        "tcp = \"127.0.0.1:502\"\nserial = \"/dev/ttyUSB0\"",
+    );
     let e = errors(&cfg, &mapping_csv(2));
-    assert!(e.to_string().contains("exactly one of: tcp, serial, rtu_over_tcp"), "{e}");
-    let cfg = base().replace("tcp = \"127.0.0.1:502\"", "serial = \"/dev/ttyUSB0\"\nparity = \"mark\"\nbaud = 19200");
+    assert!(
+        e.to_string().contains("exactly one of: tcp, serial, rtu_over_tcp"),
+        "{e}"
+    );
+    let cfg = base().replace(
+        "tcp = \"127.0.0.1:502\"",
+        "serial = \"/dev/ttyUSB0\"\nparity = \"mark\"\nbaud = 19200",
+    );
     let e = errors(&cfg, &mapping_csv(2));
-    assert!(e.to_string().contains("`mark` is not allowed: use \"none\", \"even\" or \"odd\""), "{e}");
+    assert!(
+        e.to_string()
+            .contains("`mark` is not allowed: use \"none\", \"even\" or \"odd\""),
+        "{e}"
+    );
     let cfg = base().replace("tcp = \"127.0.0.1:502\"", "tcp = \"127.0.0.1\"");
     let e = errors(&cfg, &mapping_csv(2));
-    assert!(e.to_string().contains("bus[0].tcp: `127.0.0.1` is not host:port"), "{e}");
+    assert!(
+        e.to_string().contains("bus[0].tcp: `127.0.0.1` is not host:port"),
+        "{e}"
+    );
 }
 
 #[test]

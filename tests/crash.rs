@@ -38,16 +38,23 @@ async fn wait_polls(rig: &Rig, more: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_the_batch_in_flight() {
-    let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     println!("crash test seed: {seed} (rerun with CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rig = rig(METERS as usize, "token", MockOptions::default()).await;
     // One record per request, so "the batch in flight" is one record and the bound below is sharp.
-    let text = std::fs::read_to_string(rig.site.config_path()).unwrap().replace("max_batch = 50", "max_batch = 1");
+    let text = std::fs::read_to_string(rig.site.config_path())
+        .unwrap()
+        .replace("max_batch = 50", "max_batch = 1");
     std::fs::write(rig.site.config_path(), text).unwrap();
 
     // First run in-process, stopped cleanly: the baselines are the initial (closed) valves, on disk.
-    let gw = fieldgate::app::start(rig.site.load()).await.unwrap_or_else(|e| panic!("start: {e}"));
+    let gw = fieldgate::app::start(rig.site.load())
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
     wait_for_baselines(&gw).await;
     gw.stop(Duration::from_secs(10)).await;
     let mut child = spawn_gateway(&rig);
@@ -73,7 +80,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_the_batc
 
     // Last run in-process, to the end: every meter read, the outbox empty.
     let cfg = rig.site.load();
-    let gw = fieldgate::app::start(cfg).await.unwrap_or_else(|e| panic!("restart after SIGKILL: {e}"));
+    let gw = fieldgate::app::start(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("restart after SIGKILL: {e}"));
     wait_for_baselines(&gw).await;
     wait_until("outbox drained", || async { gw.outbox.is_empty() }).await;
     wait_rounds(&gw, 5).await;
@@ -84,9 +93,19 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_the_batc
     let orders = rig.panda.orders();
     let unique: HashSet<&str> = orders.iter().map(|o| o.biz_data.as_str()).collect();
     let duplicates = orders.len() - unique.len();
-    println!("{flips} flips, {KILLS} kills, {} work orders, {duplicates} duplicate(s)", orders.len());
-    assert!(orders.len() >= 5, "the test must exercise delivery: {} orders", orders.len());
-    assert!(duplicates <= KILLS, "{duplicates} duplicates for {KILLS} kills with max_batch = 1");
+    println!(
+        "{flips} flips, {KILLS} kills, {} work orders, {duplicates} duplicate(s)",
+        orders.len()
+    );
+    assert!(
+        orders.len() >= 5,
+        "the test must exercise delivery: {} orders",
+        orders.len()
+    );
+    assert!(
+        duplicates <= KILLS,
+        "{duplicates} duplicates for {KILLS} kills with max_batch = 1"
+    );
 
     let mut per_meter: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     let mut seen = HashSet::new();
@@ -95,20 +114,33 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_the_batc
             continue; // a resend of the batch in flight at a kill
         }
         let get = |k: &str| o.biz.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-        per_meter.entry(get("水表表号")).or_default().push((get("阀门当前状态"), get("累计流量")));
+        per_meter
+            .entry(get("水表表号"))
+            .or_default()
+            .push((get("阀门当前状态"), get("累计流量")));
     }
     for unit in 1..=METERS {
         let meter = format!("M{unit}");
         let delivered = per_meter.get(&meter).cloned().unwrap_or_default();
         // Each record is a change from the stored state, so states alternate and flows only grow.
         for pair in delivered.windows(2) {
-            assert_ne!(pair[0].0, pair[1].0, "{meter}: the same state twice in a row: {delivered:?}");
+            assert_ne!(
+                pair[0].0, pair[1].0,
+                "{meter}: the same state twice in a row: {delivered:?}"
+            );
             let (a, b): (f64, f64) = (pair[0].1.parse().unwrap(), pair[1].1.parse().unwrap());
             assert!(a < b, "{meter}: delivered out of detection order: {delivered:?}");
         }
-        let visible = if rig.plant.valve(unit).unwrap() { "开启" } else { "关闭" };
+        let visible = if rig.plant.valve(unit).unwrap() {
+            "开启"
+        } else {
+            "关闭"
+        };
         let last_delivered = delivered.last().map_or("关闭", |d| d.0.as_str());
-        assert_eq!(last_delivered, visible, "{meter}: the visible state was not delivered: {delivered:?}");
+        assert_eq!(
+            last_delivered, visible,
+            "{meter}: the visible state was not delivered: {delivered:?}"
+        );
         assert_eq!(view[unit as usize - 1].state.as_deref(), Some(visible));
     }
 }

@@ -31,24 +31,37 @@ pub async fn rig(n: usize, auth: &str, opts: MockOptions) -> Rig {
     let panda = MockPanda::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), opts);
     let config = site_config(&format!("tcp = \"{modbus}\""), &panda.base_url(), auth, n);
     let site = Site::new(&config, &mapping_csv(n));
-    Rig { plant, _sim: sim, panda, site }
+    Rig {
+        plant,
+        _sim: sim,
+        panda,
+        site,
+    }
 }
 
 impl Rig {
     pub async fn start(&self) -> Gateway {
-        app::start(self.site.load()).await.unwrap_or_else(|e| panic!("start: {e}"))
+        app::start(self.site.load())
+            .await
+            .unwrap_or_else(|e| panic!("start: {e}"))
     }
 }
 
 /// Wait until the gateway has read every meter at least once (so baselines are taken).
 pub async fn wait_for_baselines(gw: &Gateway) {
-    wait_until("every meter read once", || async { gw.live.snapshot().iter().all(|m| m.state.is_some()) }).await;
+    wait_until("every meter read once", || async {
+        gw.live.snapshot().iter().all(|m| m.state.is_some())
+    })
+    .await;
 }
 
 /// Wait until the bus has completed `n` more rounds: lets "nothing happens" be observed without sleeps.
 pub async fn wait_rounds(gw: &Gateway, n: u64) {
     let start = gw.bus_stats[0].rounds.load(Ordering::Relaxed);
-    wait_until("more poll rounds", || async { gw.bus_stats[0].rounds.load(Ordering::Relaxed) >= start + n }).await;
+    wait_until("more poll rounds", || async {
+        gw.bus_stats[0].rounds.load(Ordering::Relaxed) >= start + n
+    })
+    .await;
 }
 
 pub async fn wait_orders(panda: &MockPanda, n: usize) -> Vec<WorkOrder> {
@@ -57,7 +70,11 @@ pub async fn wait_orders(panda: &MockPanda, n: usize) -> Vec<WorkOrder> {
 }
 
 fn s(o: &WorkOrder, key: &str) -> String {
-    o.biz.get(key).and_then(|v| v.as_str()).unwrap_or_else(|| panic!("BizData has no {key}: {:?}", o.biz)).to_string()
+    o.biz
+        .get(key)
+        .and_then(|v| v.as_str())
+        .unwrap_or_else(|| panic!("BizData has no {key}: {:?}", o.biz))
+        .to_string()
 }
 
 /// The flow reading the simulator holds for `unit`, rendered as the gateway renders it (scale 0.01).
@@ -122,7 +139,12 @@ async fn a_flip_while_the_gateway_is_down_is_reported_once_after_restart() {
     assert_order(&orders[0], &rig.site, 2, "用水户开阀", "开启", &flow(&rig.plant, 2));
     wait_rounds(&gw, 10).await;
     wait_until("outbox drained", || async { gw.outbox.is_empty() }).await;
-    assert_eq!(rig.panda.orders().len(), 1, "exactly one work order: {:#?}", rig.panda.orders());
+    assert_eq!(
+        rig.panda.orders().len(),
+        1,
+        "exactly one work order: {:#?}",
+        rig.panda.orders()
+    );
     gw.stop(GRACE).await;
 
     // A third start sees nothing new.
@@ -144,17 +166,33 @@ async fn records_detected_while_the_server_is_down_all_arrive_in_order() {
     let mut expected = Vec::new();
     for (i, unit) in [1u8, 2, 1, 3, 2, 1].into_iter().enumerate() {
         let open = rig.plant.flip_valve(unit).unwrap();
-        expected.push((format!("M{unit}"), if open { "开启" } else { "关闭" }, flow(&rig.plant, unit)));
+        expected.push((
+            format!("M{unit}"),
+            if open { "开启" } else { "关闭" },
+            flow(&rig.plant, unit),
+        ));
         wait_until("transition queued", || async { gw.outbox.len() as usize == i + 1 }).await;
     }
-    assert!(gw.sender_stats.transient.load(Ordering::Relaxed) > 0 || gw.sender_stats.delivered.load(Ordering::Relaxed) == 0);
+    assert!(
+        gw.sender_stats.transient.load(Ordering::Relaxed) > 0 || gw.sender_stats.delivered.load(Ordering::Relaxed) == 0
+    );
 
     let panda = MockPanda::start(TcpListener::bind(panda_addr).await.unwrap(), MockOptions::default());
     let orders = wait_orders(&panda, 6).await;
     wait_until("outbox drained", || async { gw.outbox.is_empty() }).await;
     let got: Vec<(String, &str, String)> = orders
         .iter()
-        .map(|o| (s(o, "水表表号"), if s(o, "阀门当前状态") == "开启" { "开启" } else { "关闭" }, s(o, "累计流量")))
+        .map(|o| {
+            (
+                s(o, "水表表号"),
+                if s(o, "阀门当前状态") == "开启" {
+                    "开启"
+                } else {
+                    "关闭"
+                },
+                s(o, "累计流量"),
+            )
+        })
         .collect();
     // Order per meter is detection order; batching groups by eventName, so compare per meter.
     for meter in ["M1", "M2", "M3"] {
@@ -168,7 +206,10 @@ async fn records_detected_while_the_server_is_down_all_arrive_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_go_on_across_token_expiries() {
-    let opts = MockOptions { token_ttl: Duration::from_secs(1), ..MockOptions::default() };
+    let opts = MockOptions {
+        token_ttl: Duration::from_secs(1),
+        ..MockOptions::default()
+    };
     let rig = rig(2, "token", opts).await;
     let gw = rig.start().await;
     wait_for_baselines(&gw).await;
@@ -182,7 +223,10 @@ async fn deliveries_go_on_across_token_expiries() {
     wait_until("outbox drained", || async { gw.outbox.is_empty() }).await;
     let orders = rig.panda.orders();
     assert_eq!(orders.len(), n, "one work order per flip, none lost or doubled");
-    let mut flows: Vec<String> = orders.iter().map(|o| format!("{}/{}", s(o, "水表表号"), s(o, "累计流量"))).collect();
+    let mut flows: Vec<String> = orders
+        .iter()
+        .map(|o| format!("{}/{}", s(o, "水表表号"), s(o, "累计流量")))
+        .collect();
     flows.sort();
     flows.dedup();
     assert_eq!(flows.len(), n, "no duplicates");
@@ -203,7 +247,10 @@ async fn a_dead_unit_goes_offline_and_the_others_still_deliver() {
     let mut meters: Vec<String> = orders.iter().map(|o| s(o, "水表表号")).collect();
     meters.sort();
     assert_eq!(meters, ["M1", "M3"]);
-    assert!(orders.iter().all(|o| !o.external), "auth = none posts to the internal URL");
+    assert!(
+        orders.iter().all(|o| !o.external),
+        "auth = none posts to the internal URL"
+    );
     let view = gw.live.snapshot();
     assert!(view[0].online && !view[1].online && view[2].online, "{view:?}");
 

@@ -10,7 +10,7 @@ mod config;
 mod crash;
 /// Simulator → gateway → mock Panda, in-process, over TCP and loopback HTTP.
 mod e2e;
-/// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
-mod sender;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
 mod outbox_model;
+/// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
+mod sender;

@@ -16,7 +16,10 @@ where
 {
     let start = Instant::now();
     while !cond().await {
-        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -25,7 +28,10 @@ where
 pub fn wait_until_sync(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -34,7 +40,9 @@ pub fn wait_until_sync(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn mapping_csv(n: usize) -> String {
     let mut s = String::from("用户编号,用户名称,用户状态,电话号码,用户地址,水表表号,水表位置,阀门口径,营业区域\n");
     for i in 1..=n {
-        s.push_str(&format!("U{i:04},用户{i},正常,1380000{i:04},东风路{i}号,M{i},井内,DN20,城东营业所\n"));
+        s.push_str(&format!(
+            "U{i:04},用户{i},正常,1380000{i:04},东风路{i}号,M{i},井内,DN20,城东营业所\n"
+        ));
     }
     s
 }
@@ -119,7 +127,9 @@ to = "关闭"
 "#
     );
     for i in 1..=n {
-        s.push_str(&format!("\n[[meter]]\nmeter_no = \"M{i}\"\nbus = \"line-a\"\nunit = {i}\nprofile = \"sim\"\n"));
+        s.push_str(&format!(
+            "\n[[meter]]\nmeter_no = \"M{i}\"\nbus = \"line-a\"\nunit = {i}\nprofile = \"sim\"\n"
+        ));
     }
     s
 }
