@@ -397,6 +397,7 @@ impl Sender {
             // The records may be sent again: a duplicate, never a loss.
             tracing::error!(message = "Delivered records could not be removed from the outbox; they may be sent again.", records = ids.len(), error = %e);
         }
+        tracing::info!(message = "Work orders delivered.", records = ids.len(), ids = ?ids);
         self.stats.set_last_error(None);
         // Last, so that a reader who sees the count also sees the rest of this delivery.
         self.stats.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
