@@ -440,3 +440,38 @@ async fn a_second_instance_on_the_same_state_dir_fails_with_a_clear_message() {
         .is_ok()
     });
 }
+
+// === packaging ===
+
+/// The config the .deb installs as /etc/fieldgate/fieldgate.toml is the documented example with the
+/// install paths, and it validates with the mapping the .deb installs beside it.
+#[test]
+fn the_packaged_config_is_the_example_with_install_paths() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example = std::fs::read_to_string(root.join("config/fieldgate.example.toml")).unwrap();
+    let packaged = std::fs::read_to_string(root.join("pkg/deb/fieldgate.toml")).unwrap();
+    let (a, b): (Vec<&str>, Vec<&str>) = (example.lines().collect(), packaged.lines().collect());
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "pkg/deb/fieldgate.toml must follow config/fieldgate.example.toml"
+    );
+    for (n, (a, b)) in a.iter().zip(&b).enumerate() {
+        if a.starts_with("state_dir =") {
+            assert!(
+                b.starts_with("state_dir = \"/var/lib/fieldgate\""),
+                "line {}: {b}",
+                n + 1
+            );
+        } else if a.starts_with("mapping =") {
+            assert!(b.starts_with("mapping = \"mapping.csv\""), "line {}: {b}", n + 1);
+        } else {
+            assert_eq!(a, b, "line {}: only state_dir and mapping may differ", n + 1);
+        }
+    }
+    let etc = tempfile::tempdir().unwrap();
+    std::fs::write(etc.path().join("fieldgate.toml"), &packaged).unwrap();
+    std::fs::copy(root.join("config/mapping.example.csv"), etc.path().join("mapping.csv")).unwrap();
+    let cfg = fieldgate::config::load(&etc.path().join("fieldgate.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.site.state_dir, Path::new("/var/lib/fieldgate"));
+}
