@@ -4,7 +4,20 @@
 //! Shutdown order: buses stop first (a request in flight finishes or times out); the station then
 //! applies every cycle still in the channel and syncs; last the sender stops (an in-flight request
 //! may finish; if abandoned, its records stay queued and are sent again next start).
+//!
+//! Under systemd (`Type=notify`, see [`crate::notify`]): READY=1 once the state dir is open and every
+//! task runs, STOPPING=1 when shutdown begins, and WATCHDOG=1 pings only while every bus task makes
+//! progress ([`crate::watchdog`]).
+//!
+//! Reload (SIGHUP, [`Gateway::reload`]): the new config and mapping are loaded and validated first;
+//! an invalid one is refused (every issue logged) and the running one stays. A valid one replaces the
+//! *field side* only: the buses and the station are stopped as in [`Gateway::stop`]'s first stages
+//! and started again with the new config. The outbox (same sled handle, never reopened), the sender
+//! and the admin API keep running, and queued records keep the BizData rendered when they were
+//! detected. What cannot change live (`[site] state_dir` and `timezone`, `[admin]`, `[panda]`,
+//! `[outbox]`) keeps its running value, and the log says a restart is needed.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,11 +27,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminError, AdminState};
 use crate::bus::{run_bus, BusStats};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox, OutboxError};
 use crate::panda::{PandaClient, PandaError};
 use crate::sender::{run_sender, SenderConfig, SenderStats};
 use crate::station::{Live, Station};
+use crate::watchdog::{run_watchdog, stall_bound, Liveness, DEFAULT_STALL_SLACK};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,17 +63,67 @@ pub struct Gateway {
     pub sender_stats: Arc<SenderStats>,
     /// Where the admin API listens (the bound address, useful with port 0).
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// How long each stage of a stop (or of a reload) may take.
+    grace: Duration,
+    notifier: Notifier,
+    liveness: Arc<Liveness>,
+    stall_slack: Duration,
+    /// Wakes the sender; the station of every generation gets it.
+    wake: Arc<Notify>,
     stop_admin: CancellationToken,
     admin: JoinHandle<()>,
-    stop_buses: CancellationToken,
+    stop_watchdog: CancellationToken,
+    watchdog: JoinHandle<()>,
+    /// `None` only while a reload swaps it.
+    field: Option<Field>,
     stop_sender: CancellationToken,
-    buses: Vec<JoinHandle<()>>,
-    station: JoinHandle<()>,
     sender: JoinHandle<()>,
 }
 
-/// Open the store and start every task.
+/// The field side, which a reload replaces: the bus tasks and the station they feed.
+struct Field {
+    stop_buses: CancellationToken,
+    buses: Vec<JoinHandle<()>>,
+    station: JoinHandle<()>,
+}
+
+/// How the gateway reports to its supervisor (systemd).
+#[derive(Debug, Clone)]
+pub struct Supervision {
+    /// Where READY/STOPPING/WATCHDOG go; disabled outside systemd.
+    pub notifier: Notifier,
+    /// Added to every bus's stall bound ([`crate::watchdog::stall_bound`]).
+    pub stall_slack: Duration,
+}
+
+impl Default for Supervision {
+    /// Nothing is sent; the production slack.
+    fn default() -> Supervision {
+        Supervision {
+            notifier: Notifier::disabled(),
+            stall_slack: DEFAULT_STALL_SLACK,
+        }
+    }
+}
+
+impl Supervision {
+    /// From `$NOTIFY_SOCKET` / `$WATCHDOG_USEC`, as systemd sets them.
+    pub fn from_env() -> Supervision {
+        Supervision {
+            notifier: Notifier::from_env(),
+            ..Supervision::default()
+        }
+    }
+}
+
+/// Open the store and start every task (no systemd notifications).
 pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
+    start_with(cfg, Supervision::default()).await
+}
+
+/// Open the store and start every task; then tell `sup.notifier` READY=1 and start the watchdog if
+/// systemd asked for one.
+pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartError> {
     let cfg = Arc::new(cfg);
     let limits = Limits {
         max_records: cfg.outbox.max_records,
@@ -77,28 +142,12 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
     let admin_addr = admin_listener.local_addr().ok();
     let live = Live::new(cfg.meters.len());
     let wake = Arc::new(Notify::new());
-    let stop_buses = CancellationToken::new();
     let stop_sender = CancellationToken::new();
 
-    // Bounded: a slow disk makes bus tasks wait instead of piling up samples.
-    let (tx, rx) = mpsc::channel(4 * cfg.buses.len().max(1));
-    let station = Station::new(cfg.clone(), outbox.clone(), wake.clone(), live.clone());
-    let station = tokio::spawn(station.run(rx));
-
-    let mut bus_stats = Vec::new();
-    let mut buses = Vec::new();
-    for i in 0..cfg.buses.len() {
-        let stats = Arc::new(BusStats::default());
-        bus_stats.push(stats.clone());
-        buses.push(tokio::spawn(supervise_bus(
-            cfg.clone(),
-            i,
-            tx.clone(),
-            stop_buses.clone(),
-            stats,
-        )));
-    }
-    drop(tx);
+    let bus_stats: Vec<Arc<BusStats>> = cfg.buses.iter().map(|_| Arc::new(BusStats::default())).collect();
+    let liveness = Liveness::new();
+    liveness.watch(watch_list(&cfg, &bus_stats, sup.stall_slack));
+    let field = spawn_field(&cfg, &outbox, &wake, &live, &bus_stats);
 
     let sender_stats = Arc::new(SenderStats::default());
     let stop_admin = CancellationToken::new();
@@ -116,9 +165,15 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
         outbox.clone(),
         client,
         SenderConfig::from_config(&cfg),
-        wake,
+        wake.clone(),
         stop_sender.clone(),
         sender_stats.clone(),
+    ));
+    let stop_watchdog = CancellationToken::new();
+    let watchdog = tokio::spawn(run_watchdog(
+        sup.notifier.clone(),
+        liveness.clone(),
+        stop_watchdog.clone(),
     ));
     tracing::info!(
         message = "Gateway started.",
@@ -126,22 +181,95 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
         buses = cfg.buses.len(),
         meters = cfg.meters.len(),
         queued = outbox.len(),
+        watchdog = ?sup.notifier.watchdog_timeout(),
     );
+    sup.notifier.ready(&running_status(&cfg, &outbox));
     Ok(Gateway {
+        grace: cfg.panda.timeout.max(Duration::from_secs(2)),
         cfg,
         outbox,
         live,
         bus_stats,
         sender_stats,
         admin_addr,
+        notifier: sup.notifier,
+        liveness,
+        stall_slack: sup.stall_slack,
+        wake,
         stop_admin,
         admin,
-        stop_buses,
+        stop_watchdog,
+        watchdog,
+        field: Some(field),
         stop_sender,
-        buses,
-        station,
         sender,
     })
+}
+
+/// The STATUS= line while running.
+fn running_status(cfg: &Config, outbox: &Outbox) -> String {
+    format!(
+        "Polling {} bus(es), {} meter(s); {} record(s) queued.",
+        cfg.buses.len(),
+        cfg.meters.len(),
+        outbox.len()
+    )
+}
+
+/// What the watchdog watches: every bus of `cfg` with its counters and stall bound.
+fn watch_list(cfg: &Config, stats: &[Arc<BusStats>], slack: Duration) -> Vec<(String, Arc<BusStats>, Duration)> {
+    cfg.buses
+        .iter()
+        .zip(stats)
+        .enumerate()
+        .map(|(i, (b, s))| (b.name.clone(), s.clone(), stall_bound(cfg, i, slack)))
+        .collect()
+}
+
+/// Start the station and one (supervised) task per bus; `stats` is indexed like `cfg.buses`.
+fn spawn_field(
+    cfg: &Arc<Config>,
+    outbox: &Outbox,
+    wake: &Arc<Notify>,
+    live: &Arc<Live>,
+    stats: &[Arc<BusStats>],
+) -> Field {
+    let stop_buses = CancellationToken::new();
+    // Bounded: a slow disk makes bus tasks wait instead of piling up samples.
+    let (tx, rx) = mpsc::channel(4 * cfg.buses.len().max(1));
+    let station = Station::new(cfg.clone(), outbox.clone(), wake.clone(), live.clone());
+    let station = tokio::spawn(station.run(rx));
+    let buses = stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| tokio::spawn(supervise_bus(cfg.clone(), i, tx.clone(), stop_buses.clone(), s.clone())))
+        .collect();
+    Field {
+        stop_buses,
+        buses,
+        station,
+    }
+}
+
+impl Field {
+    /// Buses first, then the station (which applies every cycle left in the channel and syncs).
+    /// A task that overruns `grace` is aborted, so it can never run beside its successor; that loses
+    /// nothing committed (a commit is one sled transaction; the sync is repeated by the next cycle).
+    async fn stop(self, grace: Duration) {
+        self.stop_buses.cancel();
+        for b in self.buses {
+            let abort = b.abort_handle();
+            if tokio::time::timeout(grace, b).await.is_err() {
+                tracing::warn!(message = "A bus task did not stop in time; abandoned.");
+                abort.abort();
+            }
+        }
+        let abort = self.station.abort_handle();
+        if tokio::time::timeout(grace, self.station).await.is_err() {
+            tracing::warn!(message = "The station did not finish in time; abandoned.");
+            abort.abort();
+        }
+    }
 }
 
 impl Gateway {
@@ -149,14 +277,11 @@ impl Gateway {
     /// gets `grace`; a stage that overruns is abandoned, which loses nothing already committed.
     /// Returns the number of records still queued.
     pub async fn stop(self, grace: Duration) -> u64 {
-        self.stop_buses.cancel();
-        for b in self.buses {
-            if tokio::time::timeout(grace, b).await.is_err() {
-                tracing::warn!(message = "A bus task did not stop in time; abandoned.");
-            }
-        }
-        if tokio::time::timeout(grace, self.station).await.is_err() {
-            tracing::warn!(message = "The station did not finish in time; abandoned.");
+        self.notifier.stopping();
+        self.stop_watchdog.cancel();
+        let _ = self.watchdog.await;
+        if let Some(field) = self.field {
+            field.stop(grace).await;
         }
         self.stop_sender.cancel();
         if tokio::time::timeout(grace, self.sender).await.is_err() {
@@ -174,6 +299,150 @@ impl Gateway {
         tracing::info!(message = "Gateway stopped.", queued);
         queued
     }
+}
+
+impl Gateway {
+    /// The registry the watchdog reads; tests use its [`Liveness::freeze`] hook.
+    pub fn liveness(&self) -> &Arc<Liveness> {
+        &self.liveness
+    }
+
+    /// Reload the config file at `path` (and the mapping it names), as on SIGHUP. An invalid file is
+    /// refused: every issue is logged at error level, the running configuration stays, and the
+    /// error is returned. A valid one restarts the buses and the station with it (see the module
+    /// docs for what is kept and what needs a restart).
+    pub async fn reload(&mut self, path: &Path) -> Result<(), ConfigError> {
+        self.notifier.reloading();
+        tracing::info!(message = "Reloading the configuration.", path = %path.display());
+        let load_path = path.to_path_buf();
+        let loaded = tokio::task::spawn_blocking(move || crate::config::load(&load_path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigError {
+                    issues: vec![crate::config::ConfigIssue {
+                        file: path.to_path_buf(),
+                        line: None,
+                        field: String::new(),
+                        message: format!("the loader failed: {e}"),
+                    }],
+                })
+            });
+        match loaded {
+            Ok(cfg) => {
+                self.apply(cfg).await;
+                Ok(())
+            }
+            Err(e) => {
+                for issue in &e.issues {
+                    tracing::error!(message = "Invalid configuration.", issue = %issue);
+                }
+                tracing::error!(
+                    message = "Reload refused; the running configuration stays.",
+                    path = %path.display(),
+                    errors = e.issues.len(),
+                );
+                self.notifier.ready(&format!(
+                    "{} Last reload refused: {} error(s) in {}.",
+                    running_status(&self.cfg, &self.outbox),
+                    e.issues.len(),
+                    path.display()
+                ));
+                Err(e)
+            }
+        }
+    }
+
+    /// Apply a validated config: restart the field side with it, keep everything else.
+    pub async fn apply(&mut self, new: Config) {
+        let new = Arc::new(keep_what_needs_a_restart(&self.cfg, new));
+        // Counters of buses that keep their name go on (monotonic for the admin API and metrics).
+        let bus_stats: Vec<Arc<BusStats>> = new
+            .buses
+            .iter()
+            .map(|b| {
+                self.cfg
+                    .buses
+                    .iter()
+                    .position(|old| old.name == b.name)
+                    .and_then(|i| self.bus_stats.get(i).cloned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        // The live view is indexed by meter: keep it when the meter list is the same.
+        let same_meters = self.cfg.meters.len() == new.meters.len()
+            && self
+                .cfg
+                .meters
+                .iter()
+                .zip(&new.meters)
+                .all(|(a, b)| a.meter_no == b.meter_no);
+        let live = if same_meters {
+            self.live.clone()
+        } else {
+            Live::new(new.meters.len())
+        };
+
+        if let Some(field) = self.field.take() {
+            field.stop(self.grace).await;
+        }
+        self.liveness.watch(watch_list(&new, &bus_stats, self.stall_slack));
+        self.field = Some(spawn_field(&new, &self.outbox, &self.wake, &live, &bus_stats));
+        self.cfg = new;
+        self.bus_stats = bus_stats;
+        self.live = live;
+        tracing::info!(
+            message = "Configuration reloaded.",
+            buses = self.cfg.buses.len(),
+            meters = self.cfg.meters.len(),
+            mapping_rows = self.cfg.mapping.len(),
+            events = self.cfg.events.len(),
+            queued = self.outbox.len(),
+        );
+        self.notifier.ready(&running_status(&self.cfg, &self.outbox));
+    }
+}
+
+/// `new`, with the parts that cannot change in a running gateway set back to their running values;
+/// each such change is logged with "restart needed".
+fn keep_what_needs_a_restart(old: &Config, mut new: Config) -> Config {
+    let mut kept = Vec::new();
+    if new.site.state_dir != old.site.state_dir {
+        kept.push("[site] state_dir");
+        new.site.state_dir = old.site.state_dir.clone();
+    }
+    if new.site.timezone != old.site.timezone {
+        kept.push("[site] timezone");
+        new.site.timezone = old.site.timezone;
+    }
+    if new.admin.listen != old.admin.listen || new.admin.allow_remote != old.admin.allow_remote {
+        kept.push("[admin]");
+        new.admin = old.admin.clone();
+    }
+    if panda_differs(&old.panda, &new.panda) {
+        kept.push("[panda]");
+        new.panda = old.panda.clone();
+    }
+    if format!("{:?}", old.outbox) != format!("{:?}", new.outbox) {
+        kept.push("[outbox]");
+        new.outbox = old.outbox.clone();
+    }
+    if !kept.is_empty() {
+        tracing::warn!(
+            message = "These settings changed but cannot be applied to a running gateway; they keep their running values until a restart (systemctl restart fieldgate).",
+            sections = %kept.join(", "),
+        );
+    }
+    new
+}
+
+/// Whether two `[panda]` sections differ, password included (its Debug form is redacted).
+fn panda_differs(a: &crate::config::PandaConfig, b: &crate::config::PandaConfig) -> bool {
+    use crate::config::Auth;
+    let password = |p: &crate::config::PandaConfig| match &p.auth {
+        Auth::Token { password, .. } => Some(password.clone()),
+        Auth::None => None,
+    };
+    format!("{a:?}") != format!("{b:?}") || password(a) != password(b)
 }
 
 /// Run a bus task; if it ever panics (a bug, never expected), log it and start it again after a
@@ -207,14 +476,101 @@ async fn supervise_bus(
     }
 }
 
-/// Run until SIGTERM or Ctrl-C, then stop cleanly.
+/// Run until SIGTERM or Ctrl-C, then stop cleanly; SIGHUP reloads the config file `cfg.path`. Under
+/// systemd, notifies READY/STOPPING and pings the watchdog (from the environment systemd sets).
 pub async fn run(cfg: Config) -> Result<(), StartError> {
-    let grace = cfg.panda.timeout.max(Duration::from_secs(2));
-    let gw = start(cfg).await?;
-    shutdown_signal().await;
+    run_with(cfg, Supervision::from_env()).await
+}
+
+/// [`run`] with an explicit supervisor.
+pub async fn run_with(cfg: Config, sup: Supervision) -> Result<(), StartError> {
+    let path = cfg.path.clone();
+    // Listen before starting: an early SIGHUP would otherwise kill the process (its default action).
+    let mut signals = Signals::new();
+    let mut gw = start_with(cfg, sup).await?;
+    loop {
+        match signals.next().await {
+            Signal::Shutdown => break,
+            Signal::Reload => {
+                // Refusals are logged inside; the running configuration stays.
+                let _ = gw.reload(&path).await;
+            }
+        }
+    }
     tracing::info!(message = "Shutdown requested.");
+    let grace = gw.grace;
     gw.stop(grace).await;
     Ok(())
+}
+
+/// What a signal asks for.
+enum Signal {
+    Shutdown,
+    Reload,
+}
+
+/// SIGTERM / SIGINT (shutdown) and SIGHUP (reload), registered once for the life of the daemon.
+struct Signals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(message = "Cannot listen for a signal.", signal = name, error = %e);
+                    None
+                }
+            };
+            Signals {
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+                hup: listen(SignalKind::hangup(), "SIGHUP"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Signals {}
+        }
+    }
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match &mut self.term {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let hup = async {
+                match &mut self.hup {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = term => Signal::Shutdown,
+                _ = tokio::signal::ctrl_c() => Signal::Shutdown,
+                () = hup => Signal::Reload,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Shutdown
+        }
+    }
 }
 
 /// Resolves on SIGTERM, SIGINT or Ctrl-C.

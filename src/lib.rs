@@ -22,6 +22,8 @@
 //! - [`admin`]: the admin HTTP API: health, outbox, dead letters, requeue.
 //! - [`outbox_cli`]: `fieldgate outbox dead|requeue`, on a stopped state dir or through the admin API.
 //! - [`bus`]: one task per bus: read plan, Modbus polling with timeouts and recovery, offline meters.
+//! - [`notify`]: the systemd notification protocol (READY, STOPPING, WATCHDOG) over `$NOTIFY_SOCKET`.
+//! - [`watchdog`]: liveness of the bus tasks; WATCHDOG=1 only while every bus makes progress.
 //! - [`simulator`]: simulated Modbus meters with fault injection (`fieldgate simulate`, demo, tests).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -35,6 +37,7 @@ pub mod demo;
 pub mod detect;
 pub mod mapping;
 pub mod mock_panda;
+pub mod notify;
 pub mod outbox;
 pub mod outbox_cli;
 pub mod panda;
@@ -43,3 +46,4 @@ pub mod record;
 pub mod sender;
 pub mod simulator;
 pub mod station;
+pub mod watchdog;

@@ -10,6 +10,8 @@ mod config;
 mod crash;
 /// Simulator → gateway → mock Panda, in-process, over TCP and loopback HTTP.
 mod e2e;
+/// Running as a service: systemd notify + watchdog, SIGHUP reload, SIGTERM, a second instance.
+mod ops;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
 mod outbox_model;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
