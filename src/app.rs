@@ -102,8 +102,9 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
 
     let sender_stats = Arc::new(SenderStats::default());
     let stop_admin = CancellationToken::new();
-    let admin_state =
-        AdminState::new(outbox.clone(), sender_stats.clone(), cfg.site.name.clone()).with_wake(wake.clone());
+    let admin_state = AdminState::new(outbox.clone(), sender_stats.clone(), cfg.site.name.clone())
+        .with_wake(wake.clone())
+        .with_field(cfg.clone(), live.clone(), bus_stats.clone());
     let admin = tokio::spawn({
         let stop = stop_admin.clone();
         async move {

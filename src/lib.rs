@@ -19,7 +19,8 @@
 //! - [`sender`]: the delivery loop: outbox batch → Panda → ack on `code: 0`; jittered backoff; counters.
 //! - [`mock_panda`]: a strict in-process Panda server for tests, the demo and `fieldgate mock-panda`,
 //!   with fault injection.
-//! - [`admin`]: the admin HTTP API: health, outbox, dead letters, requeue.
+//! - [`admin`]: the admin HTTP API: health, metrics, buses, meters, outbox, dead letters, requeue.
+//! - [`metrics`]: `GET /metrics`, the Prometheus text format, written by hand.
 //! - [`outbox_cli`]: `fieldgate outbox dead|requeue`, on a stopped state dir or through the admin API.
 //! - [`bus`]: one task per bus: read plan, Modbus polling with timeouts and recovery, offline meters.
 //! - [`simulator`]: simulated Modbus meters with fault injection (`fieldgate simulate`, demo, tests).
@@ -34,6 +35,7 @@ pub mod config;
 pub mod demo;
 pub mod detect;
 pub mod mapping;
+pub mod metrics;
 pub mod mock_panda;
 pub mod outbox;
 pub mod outbox_cli;
