@@ -798,6 +798,46 @@ mod tests {
         assert_eq!(serde_json::to_string(&Status::Critical).unwrap(), "\"critical\"");
     }
 
+    #[tokio::test]
+    async fn a_record_waiting_over_an_hour_degrades_health() {
+        use crate::outbox::{Draft, Limits, StoredState};
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_records: 100,
+            max_bytes: 1 << 20,
+        };
+        let outbox = Outbox::open(dir.path(), limits).unwrap();
+        let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
+        assert_eq!(health(&state).outbox.oldest_age_seconds, None);
+        let old = (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
+        // From JSON, as stored: fields added to StoredState later default (and do not break this test).
+        let stored: StoredState =
+            serde_json::from_value(serde_json::json!({"raw": 1, "label": "open", "since": old})).unwrap();
+        let draft = Draft {
+            event_name: "e".into(),
+            detected_at: old,
+            from: "closed".into(),
+            to: "open".into(),
+            biz_data: "{}".into(),
+        };
+        outbox.commit("M1", &stored, vec![draft]).unwrap();
+        let h = health(&state);
+        assert!(h.outbox.oldest_age_seconds.is_some_and(|a| a >= 7200), "{:?}", h.outbox);
+        assert_eq!(h.status, Status::Degraded);
+        assert_eq!(h.reasons.first().map(|f| f.code.as_str()), Some("oldest_record_age"));
+        assert!(crate::metrics::render(&state).contains("\nfieldgate_outbox_oldest_age_seconds 72"));
+    }
+
+    #[test]
+    fn ages_come_from_rfc3339_times_in_any_zone() {
+        let now = chrono::DateTime::parse_from_rfc3339("2024-05-01T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(age_seconds("2024-05-01T19:59:00+08:00", now), Some(60));
+        assert_eq!(age_seconds("2024-05-01T12:00:30Z", now), Some(0), "future is 0");
+        assert_eq!(age_seconds("yesterday", now), None);
+    }
+
     #[test]
     fn requeue_requests_read_both_shapes() {
         let one: RequeueRequest = serde_json::from_str(r#"{"id": 7}"#).unwrap();
