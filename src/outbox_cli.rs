@@ -412,6 +412,16 @@ mod tests {
             .unwrap()
             .args;
         assert!(matches!(a.command, OutboxCommand::Requeue { id: None, all: true }));
+        let a = Cli::try_parse_from(["x", "list", "--limit", "5", "--admin", "http://127.0.0.1:9898"])
+            .unwrap()
+            .args;
+        assert!(matches!(a.command, OutboxCommand::List { limit: 5 }));
+        let a = Cli::try_parse_from(["x", "list"]).unwrap().args;
+        assert!(matches!(a.command, OutboxCommand::List { limit: 100 }));
+        let a = Cli::try_parse_from(["x", "stats", "--json", "--state-dir", "/s"])
+            .unwrap()
+            .args;
+        assert!(matches!(a.command, OutboxCommand::Stats) && a.json);
         assert!(Cli::try_parse_from(["x", "requeue"]).is_err(), "an id or --all");
         assert!(Cli::try_parse_from(["x", "requeue", "1", "--all"]).is_err());
         assert!(Cli::try_parse_from(["x", "dead", "--state-dir", "/s", "--config", "/c"]).is_err());
