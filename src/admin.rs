@@ -1,23 +1,29 @@
 //! The admin HTTP API: health and the outbox of the running daemon (sled lets one process open the
 //! database, so while the daemon runs this is the only way in).
 //!
-//! Routes (JSON):
+//! Routes (JSON unless said otherwise):
 //! - `GET /healthz`: `ok` / `degraded` / `critical` with the reasons; HTTP 200, or 503 when critical.
-//! - `GET /outbox`: counts, bounds, refused commits and the oldest queued records.
+//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]).
+//! - `GET /buses`: each bus: up, requests, errors by kind, reconnects, last round time.
+//! - `GET /meters`: each meter: bus, unit, current state, readings, last change, online, last sample age.
+//! - `GET /outbox[?limit=N]`: counts, bounds, refused commits, oldest age and the oldest queued records.
 //! - `GET /outbox/dead`: every dead letter (id, meter, event, msg, attempts, …).
 //! - `POST /outbox/requeue` with `{"id": N}` or `{"all": true}`: dead letters back into the outbox.
 //!
 //! It listens on loopback unless `[admin] allow_remote = true` ([`check_listen`]): there is no
 //! authentication, and requeue changes what is delivered. It never opens the database itself: it works on
-//! the daemon's [`Outbox`] handle. [`router`] returns a plain axum `Router` so more views (buses, meters)
-//! can be merged in; [`HealthCheck`] lets other parts add health findings.
+//! the daemon's [`Outbox`] handle, and on the buses' counters and the live meter view ([`FieldView`]) when
+//! the daemon gives them. [`router`] returns a plain axum `Router` so more views can be merged in;
+//! [`HealthCheck`] lets other parts add health findings.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,16 +32,27 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AdminConfig;
+use crate::bus::BusStats;
+use crate::config::{AdminConfig, Config, Transport};
 use crate::outbox::{DeadLetter, Outbox};
 use crate::record::Record;
 use crate::sender::{SenderSnapshot, SenderStats};
+use crate::station::Live;
 
 /// How many of the oldest queued records `GET /outbox` shows.
 pub const OLDEST_SHOWN: usize = 20;
 
 /// At this share of either bound the outbox is reported `degraded` (filling up).
 pub const FILL_WARN_PERCENT: u64 = 80;
+
+/// Most records `GET /outbox?limit=N` lists.
+pub const LIST_MAX: usize = 10_000;
+
+/// A queued record older than this makes health `degraded` (`oldest_record_age`): deliveries are stuck.
+pub const OLDEST_WARN: Duration = Duration::from_secs(3600);
+
+/// Offline meters named in the `meters_offline` finding; more are counted, not named.
+const OFFLINE_NAMED: usize = 10;
 
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +109,19 @@ pub trait HealthCheck: Send + Sync {
     fn findings(&self) -> Vec<Finding>;
 }
 
+/// The field side as the admin API sees it: names from the configuration, the live meter view and the
+/// bus counters. Without it (e.g. an outbox-only admin in tests) `/buses` and `/meters` are empty and
+/// health has no bus or meter findings.
+#[derive(Clone)]
+pub struct FieldView {
+    /// The configuration the buses and the station run with (bus and meter names, units, reading fields).
+    pub cfg: Arc<Config>,
+    /// Live meter view, indexed like `cfg.meters`.
+    pub live: Arc<Live>,
+    /// Bus counters, indexed like `cfg.buses`.
+    pub buses: Vec<Arc<BusStats>>,
+}
+
 /// What the admin API serves from. Cheap to clone.
 #[derive(Clone)]
 pub struct AdminState {
@@ -105,7 +135,12 @@ pub struct AdminState {
     pub wake: Option<Arc<Notify>>,
     /// More health sources.
     pub checks: Vec<Arc<dyn HealthCheck>>,
+    /// Buses and meters, when the daemon runs them. Shared with the daemon, which swaps it on reload.
+    pub field: Option<SharedField>,
 }
+
+/// A [`FieldView`] the daemon replaces when a reload changes buses or meters.
+pub type SharedField = Arc<std::sync::RwLock<FieldView>>;
 
 impl AdminState {
     /// State with the outbox, the sender's counters and the site name.
@@ -116,7 +151,27 @@ impl AdminState {
             site: site.into(),
             wake: None,
             checks: Vec::new(),
+            field: None,
         }
+    }
+
+    /// Serve buses and meters too (`/buses`, `/meters`, their metrics and health findings).
+    pub fn with_field(mut self, cfg: Arc<Config>, live: Arc<Live>, buses: Vec<Arc<BusStats>>) -> AdminState {
+        self.field = Some(Arc::new(std::sync::RwLock::new(FieldView { cfg, live, buses })));
+        self
+    }
+
+    /// Serve buses and meters from a view the daemon keeps current across reloads.
+    pub fn with_shared_field(mut self, field: SharedField) -> AdminState {
+        self.field = Some(field);
+        self
+    }
+
+    /// The current field view (a copy of its handles).
+    pub fn field_view(&self) -> Option<FieldView> {
+        self.field
+            .as_ref()
+            .map(|f| f.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     /// Wake the sender with this after a requeue.
@@ -164,6 +219,9 @@ pub struct OutboxCounts {
     pub refusing: bool,
     /// Dead letters.
     pub dead: u64,
+    /// Age of the oldest queued record (from its `detected_at`), in seconds; `None` when nothing is queued.
+    #[serde(default)]
+    pub oldest_age_seconds: Option<u64>,
 }
 
 /// `GET /outbox`.
@@ -263,6 +321,75 @@ pub struct RequeueAnswer {
     pub requeued: usize,
 }
 
+/// `GET /outbox?limit=N`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ListQuery {
+    /// Oldest records to list (default [`OLDEST_SHOWN`], at most [`LIST_MAX`]).
+    pub limit: Option<usize>,
+}
+
+/// One bus in `GET /buses`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BusView {
+    /// `[[bus]] name`.
+    pub name: String,
+    /// `tcp`, `serial` or `rtu_over_tcp`.
+    pub transport: String,
+    /// Address or device path.
+    pub endpoint: String,
+    /// The port or connection opened the last time it was tried.
+    pub up: bool,
+    /// Whether an open was tried at all yet (`up` means nothing before).
+    pub tried: bool,
+    /// Meters on the bus.
+    pub meters: usize,
+    /// Of them, online.
+    pub meters_online: usize,
+    /// Requests sent.
+    pub requests: u64,
+    /// Failed requests, all kinds.
+    pub errors: u64,
+    /// Exception answers.
+    pub exceptions: u64,
+    /// No answer within the timeout.
+    pub timeouts: u64,
+    /// Answers that did not fit the request.
+    pub protocol_errors: u64,
+    /// Transport failures.
+    pub transport_errors: u64,
+    /// Opens after the first.
+    pub reconnects: u64,
+    /// Failed opens.
+    pub connect_failures: u64,
+    /// Rounds completed.
+    pub rounds: u64,
+    /// Duration of the last round, seconds.
+    pub last_round_seconds: f64,
+}
+
+/// One meter in `GET /meters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeterInfo {
+    /// `meter_no`.
+    pub meter_no: String,
+    /// Its bus's name.
+    pub bus: String,
+    /// Modbus unit id.
+    pub unit: u8,
+    /// Answering (false after `offline_after` failures in a row).
+    pub online: bool,
+    /// The valve label of the latest read; `None` before the first.
+    pub state: Option<String>,
+    /// The accepted (stored) valve label; it differs from `state` while a change waits for `confirm`.
+    pub stored_state: Option<String>,
+    /// When the stored state was accepted (RFC 3339): the last change, or the baseline.
+    pub last_change: Option<String>,
+    /// Reading field → latest value, in configuration order.
+    pub readings: serde_json::Map<String, serde_json::Value>,
+    /// Seconds since the latest answer; `None` before the first.
+    pub last_sample_age_seconds: Option<f64>,
+}
+
 /// Refuse a non-loopback address unless `allow_remote`.
 pub fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<(), AdminError> {
     if addr.ip().is_loopback() || allow_remote {
@@ -285,6 +412,9 @@ pub async fn bind(cfg: &AdminConfig) -> Result<TcpListener, AdminError> {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(get_health))
+        .route("/metrics", get(get_metrics))
+        .route("/buses", get(get_buses))
+        .route("/meters", get(get_meters))
         .route("/outbox", get(get_outbox))
         .route("/outbox/dead", get(get_dead))
         .route("/outbox/requeue", post(post_requeue))
@@ -380,6 +510,19 @@ pub fn health(state: &AdminState) -> Health {
             ),
         );
     }
+    if let Some(age) = counts.oldest_age_seconds.filter(|a| *a > OLDEST_WARN.as_secs()) {
+        add(
+            Status::Degraded,
+            "oldest_record_age",
+            format!(
+                "the oldest queued record waits for {}: deliveries are not getting through (see the other reasons and `fieldgate outbox list`)",
+                humantime::format_duration(Duration::from_secs(age))
+            ),
+        );
+    }
+    if let Some(field) = state.field_view() {
+        reasons.extend(field_findings(&field));
+    }
     for check in &state.checks {
         reasons.extend(check.findings());
     }
@@ -393,7 +536,72 @@ pub fn health(state: &AdminState) -> Health {
     }
 }
 
-fn outbox_counts(outbox: &Outbox) -> OutboxCounts {
+/// Bus down (`critical`: nothing on that line is watched) and meters offline on buses that are up
+/// (`degraded`).
+fn field_findings(field: &FieldView) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut down = vec![false; field.cfg.buses.len()];
+    for (i, (bus, stats)) in field.cfg.buses.iter().zip(&field.buses).enumerate() {
+        let s = stats.snapshot();
+        if !s.up && s.connects + s.connect_failures > 0 {
+            if let Some(d) = down.get_mut(i) {
+                *d = true;
+            }
+            out.push(Finding {
+                status: Status::Critical,
+                code: "bus_down".into(),
+                message: format!(
+                    "bus {} ({}) cannot be opened: its meters are not read; it is retried by itself (see the log for why)",
+                    bus.name,
+                    bus.transport.endpoint()
+                ),
+            });
+        }
+    }
+    let offline: Vec<&str> = field
+        .live
+        .snapshot()
+        .iter()
+        .zip(&field.cfg.meters)
+        .filter(|(view, m)| !view.online && !down.get(m.bus).copied().unwrap_or(false))
+        .map(|(_, m)| m.meter_no.as_str())
+        .collect();
+    if !offline.is_empty() {
+        let mut names = offline
+            .iter()
+            .take(OFFLINE_NAMED)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if offline.len() > OFFLINE_NAMED {
+            names.push_str(&format!(" and {} more", offline.len() - OFFLINE_NAMED));
+        }
+        out.push(Finding {
+            status: Status::Degraded,
+            code: "meters_offline".into(),
+            message: format!(
+                "{} meter(s) do not answer: {names}; check wiring, unit id, baud and parity (`fieldgate probe`)",
+                offline.len()
+            ),
+        });
+    }
+    out
+}
+
+/// Seconds since an RFC 3339 time; `None` if it does not parse. A time in the future counts as 0.
+pub fn age_seconds(rfc3339: &str, now: chrono::DateTime<chrono::Utc>) -> Option<u64> {
+    let t = chrono::DateTime::parse_from_rfc3339(rfc3339).ok()?;
+    Some(u64::try_from((now - t.with_timezone(&chrono::Utc)).num_seconds()).unwrap_or(0))
+}
+
+/// Age of the oldest queued record, in seconds.
+fn oldest_age(outbox: &Outbox) -> Option<u64> {
+    let oldest = outbox.list(1).ok()?;
+    age_seconds(&oldest.first()?.detected_at, chrono::Utc::now())
+}
+
+/// Counts and bounds of the outbox, and the age of its oldest record.
+pub fn outbox_counts(outbox: &Outbox) -> OutboxCounts {
     let limits = outbox.limits();
     OutboxCounts {
         records: outbox.len(),
@@ -403,7 +611,93 @@ fn outbox_counts(outbox: &Outbox) -> OutboxCounts {
         refused: outbox.refused(),
         refusing: outbox.is_refusing(),
         dead: outbox.dead_len() as u64,
+        oldest_age_seconds: oldest_age(outbox),
     }
+}
+
+/// The buses as `GET /buses` shows them.
+pub fn buses(state: &AdminState) -> Vec<BusView> {
+    let Some(field) = state.field_view() else {
+        return Vec::new();
+    };
+    let live = field.live.snapshot();
+    field
+        .cfg
+        .buses
+        .iter()
+        .zip(&field.buses)
+        .enumerate()
+        .map(|(i, (bus, stats))| {
+            let s = stats.snapshot();
+            let on_bus = || live.iter().zip(&field.cfg.meters).filter(move |(_, m)| m.bus == i);
+            BusView {
+                name: bus.name.clone(),
+                transport: match bus.transport {
+                    Transport::Tcp(_) => "tcp",
+                    Transport::Serial { .. } => "serial",
+                    Transport::RtuOverTcp(_) => "rtu_over_tcp",
+                }
+                .to_string(),
+                endpoint: bus.transport.endpoint().to_string(),
+                up: s.up,
+                tried: s.connects + s.connect_failures > 0,
+                meters: on_bus().count(),
+                meters_online: on_bus().filter(|(v, _)| v.online).count(),
+                requests: s.requests,
+                errors: s.exceptions + s.timeouts + s.protocol_errors + s.transport_errors,
+                exceptions: s.exceptions,
+                timeouts: s.timeouts,
+                protocol_errors: s.protocol_errors,
+                transport_errors: s.transport_errors,
+                reconnects: s.reconnects,
+                connect_failures: s.connect_failures,
+                rounds: s.rounds,
+                last_round_seconds: s.last_round_micros as f64 / 1e6,
+            }
+        })
+        .collect()
+}
+
+/// The meters as `GET /meters` shows them (reads each stored state from the outbox).
+pub fn meters(state: &AdminState) -> Vec<MeterInfo> {
+    let Some(field) = state.field_view() else {
+        return Vec::new();
+    };
+    let live = field.live.snapshot();
+    field
+        .cfg
+        .meters
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let view = live.get(i).cloned().unwrap_or_default();
+            let stored = state.outbox.state(&m.meter_no).ok().flatten();
+            let readings = m
+                .readings
+                .iter()
+                .zip(&view.readings)
+                .map(|(r, v)| (r.field.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            MeterInfo {
+                meter_no: m.meter_no.clone(),
+                bus: field.cfg.buses.get(m.bus).map(|b| b.name.clone()).unwrap_or_default(),
+                unit: m.unit,
+                online: view.online,
+                state: view.state,
+                stored_state: stored.as_ref().map(|s| s.label.clone()),
+                last_change: stored.map(|s| s.since),
+                readings,
+                last_sample_age_seconds: view.last_sample.map(|t| t.elapsed().as_secs_f64()),
+            }
+        })
+        .collect()
+}
+
+/// Valve transitions committed since start (0 without a field view).
+pub fn transitions(state: &AdminState) -> u64 {
+    state
+        .field_view()
+        .map_or(0, |f| f.live.transitions.load(Ordering::Relaxed))
 }
 
 // === handlers ===
@@ -418,8 +712,25 @@ async fn get_health(State(state): State<AdminState>) -> Response {
     (code, Json(h)).into_response()
 }
 
-async fn get_outbox(State(state): State<AdminState>) -> Response {
-    match state.outbox.list(OLDEST_SHOWN) {
+async fn get_metrics(State(state): State<AdminState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(&state),
+    )
+        .into_response()
+}
+
+async fn get_buses(State(state): State<AdminState>) -> Response {
+    Json(buses(&state)).into_response()
+}
+
+async fn get_meters(State(state): State<AdminState>) -> Response {
+    Json(meters(&state)).into_response()
+}
+
+async fn get_outbox(State(state): State<AdminState>, Query(q): Query<ListQuery>) -> Response {
+    let limit = q.limit.unwrap_or(OLDEST_SHOWN).min(LIST_MAX);
+    match state.outbox.list(limit) {
         Ok(records) => Json(OutboxView {
             counts: outbox_counts(&state.outbox),
             oldest: records.iter().map(RecordView::from).collect(),
@@ -500,6 +811,46 @@ mod tests {
     fn statuses_order_worst_last() {
         assert!(Status::Critical > Status::Degraded && Status::Degraded > Status::Ok);
         assert_eq!(serde_json::to_string(&Status::Critical).unwrap(), "\"critical\"");
+    }
+
+    #[tokio::test]
+    async fn a_record_waiting_over_an_hour_degrades_health() {
+        use crate::outbox::{Draft, Limits, StoredState};
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_records: 100,
+            max_bytes: 1 << 20,
+        };
+        let outbox = Outbox::open(dir.path(), limits).unwrap();
+        let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
+        assert_eq!(health(&state).outbox.oldest_age_seconds, None);
+        let old = (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
+        // From JSON, as stored: fields added to StoredState later default (and do not break this test).
+        let stored: StoredState =
+            serde_json::from_value(serde_json::json!({"raw": 1, "label": "open", "since": old})).unwrap();
+        let draft = Draft {
+            event_name: "e".into(),
+            detected_at: old,
+            from: "closed".into(),
+            to: "open".into(),
+            biz_data: "{}".into(),
+        };
+        outbox.commit("M1", &stored, vec![draft]).unwrap();
+        let h = health(&state);
+        assert!(h.outbox.oldest_age_seconds.is_some_and(|a| a >= 7200), "{:?}", h.outbox);
+        assert_eq!(h.status, Status::Degraded);
+        assert_eq!(h.reasons.first().map(|f| f.code.as_str()), Some("oldest_record_age"));
+        assert!(crate::metrics::render(&state).contains("\nfieldgate_outbox_oldest_age_seconds 72"));
+    }
+
+    #[test]
+    fn ages_come_from_rfc3339_times_in_any_zone() {
+        let now = chrono::DateTime::parse_from_rfc3339("2024-05-01T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(age_seconds("2024-05-01T19:59:00+08:00", now), Some(60));
+        assert_eq!(age_seconds("2024-05-01T12:00:30Z", now), Some(0), "future is 0");
+        assert_eq!(age_seconds("yesterday", now), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! `[outbox]`) keeps its running value, and the log says a restart is needed.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,8 @@ pub struct Gateway {
     grace: Duration,
     notifier: Notifier,
     liveness: Arc<Liveness>,
+    /// What the admin API shows of buses and meters; replaced on reload.
+    admin_field: crate::admin::SharedField,
     stall_slack: Duration,
     /// Wakes the sender; the station of every generation gets it.
     wake: Arc<Notify>,
@@ -151,8 +154,14 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
 
     let sender_stats = Arc::new(SenderStats::default());
     let stop_admin = CancellationToken::new();
-    let admin_state =
-        AdminState::new(outbox.clone(), sender_stats.clone(), cfg.site.name.clone()).with_wake(wake.clone());
+    let admin_field: crate::admin::SharedField = Arc::new(std::sync::RwLock::new(crate::admin::FieldView {
+        cfg: cfg.clone(),
+        live: live.clone(),
+        buses: bus_stats.clone(),
+    }));
+    let admin_state = AdminState::new(outbox.clone(), sender_stats.clone(), cfg.site.name.clone())
+        .with_wake(wake.clone())
+        .with_shared_field(admin_field.clone());
     let admin = tokio::spawn({
         let stop = stop_admin.clone();
         async move {
@@ -194,6 +203,7 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
         admin_addr,
         notifier: sup.notifier,
         liveness,
+        admin_field,
         stall_slack: sup.stall_slack,
         wake,
         stop_admin,
@@ -379,7 +389,12 @@ impl Gateway {
         let live = if same_meters {
             self.live.clone()
         } else {
-            Live::new(new.meters.len())
+            let fresh = Live::new(new.meters.len());
+            // `fieldgate_transitions_total` stays monotonic across a reload.
+            fresh
+                .transitions
+                .store(self.live.transitions.load(Ordering::Relaxed), Ordering::Relaxed);
+            fresh
         };
 
         if let Some(field) = self.field.take() {
@@ -387,6 +402,11 @@ impl Gateway {
         }
         self.liveness.watch(watch_list(&new, &bus_stats, self.stall_slack));
         self.field = Some(spawn_field(&new, &self.outbox, &self.wake, &live, &bus_stats));
+        *self.admin_field.write().unwrap_or_else(|e| e.into_inner()) = crate::admin::FieldView {
+            cfg: new.clone(),
+            live: live.clone(),
+            buses: bus_stats.clone(),
+        };
         self.cfg = new;
         self.bus_stats = bus_stats;
         self.live = live;

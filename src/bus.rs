@@ -316,20 +316,25 @@ struct Link {
 
 impl Link {
     fn new(bus: &BusConfig, stats: Arc<BusStats>) -> Link {
+        Link::with(&bus.name, &bus.transport, bus.timeout, bus.frame_gap, bus.guard, stats)
+    }
+
+    /// A link with explicit timings (`frame_gap` and `guard` apply to RTU only).
+    fn with(
+        name: &str,
+        transport: &Transport,
+        timeout: Duration,
+        frame_gap: Duration,
+        guard: Duration,
+        stats: Arc<BusStats>,
+    ) -> Link {
+        let rtu = transport.is_rtu();
         Link {
-            name: bus.name.clone(),
-            transport: bus.transport.clone(),
-            timeout: bus.timeout,
-            frame_gap: if bus.transport.is_rtu() {
-                bus.frame_gap
-            } else {
-                Duration::ZERO
-            },
-            guard: if bus.transport.is_rtu() {
-                bus.guard
-            } else {
-                Duration::ZERO
-            },
+            name: name.to_string(),
+            transport: transport.clone(),
+            timeout,
+            frame_gap: if rtu { frame_gap } else { Duration::ZERO },
+            guard: if rtu { guard } else { Duration::ZERO },
             ctx: None,
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
@@ -616,6 +621,141 @@ fn raw_at(spec: &PointSpec, slot: Slot, data: &[Data]) -> Result<Raw, Failure> {
             let words = words.get(off..off + usize::from(spec.count())).ok_or_else(missing)?;
             point::decode_registers(spec, words).map_err(|e| Failure::Protocol(e.to_string()))
         }
+    }
+}
+
+// === one read, for `fieldgate probe` ===
+
+/// What [`read_once`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readout {
+    /// Coils or discrete inputs, one per address.
+    Bits(Vec<bool>),
+    /// Holding or input registers, one per address.
+    Registers(Vec<u16>),
+}
+
+/// Why [`read_once`] failed; each variant carries what the engineer needs to act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The request itself is impossible (no I/O was done).
+    #[error("cannot read {count} {table} item(s) from address {address}: {why}")]
+    Range {
+        /// The table asked.
+        table: Table,
+        /// First address.
+        address: u16,
+        /// Items asked.
+        count: u16,
+        /// What is wrong.
+        why: String,
+    },
+    /// The port or connection cannot be opened.
+    #[error("{message}")]
+    Open {
+        /// A bounded kind: `missing`, `permission`, `busy`, `serial`, `clear`, `refused`, `connect`,
+        /// `connect_timeout`.
+        kind: &'static str,
+        /// What failed, in words.
+        message: String,
+    },
+    /// The device answered with a Modbus exception.
+    #[error("the device answered with exception {code:#04x} ({})", exception_name(*code))]
+    Exception {
+        /// The exception code.
+        code: u8,
+    },
+    /// No answer within the timeout.
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// An answer that does not fit the request (length, function, undecodable bytes).
+    #[error("bad answer: {0}")]
+    Protocol(String),
+    /// The transport failed after opening.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+impl ProbeError {
+    /// A bounded label.
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            ProbeError::Range { .. } => "range",
+            ProbeError::Open { .. } => "open",
+            ProbeError::Exception { .. } => "exception",
+            ProbeError::Timeout(_) => "timeout",
+            ProbeError::Protocol(_) => "protocol",
+            ProbeError::Transport(_) => "transport",
+        }
+    }
+}
+
+/// The name the Modbus application protocol gives an exception code.
+pub fn exception_name(code: u8) -> &'static str {
+    match code {
+        0x01 => "illegal function",
+        0x02 => "illegal data address",
+        0x03 => "illegal data value",
+        0x04 => "server device failure",
+        0x05 => "acknowledge",
+        0x06 => "server device busy",
+        0x08 => "memory parity error",
+        0x0A => "gateway path unavailable",
+        0x0B => "gateway target device failed to respond",
+        _ => "unknown exception",
+    }
+}
+
+/// Read `count` items of `table` from `address` of `unit` once, with the same open, timeout and answer
+/// checks as the bus task (an answer of the wrong length or function is an error, never data). Opens the
+/// port or connection, reads, and closes it again. For commissioning (`fieldgate probe`): do not use it on
+/// a bus the daemon is polling at the same time (a serial port has one user; a TCP device may allow
+/// only one connection).
+pub async fn read_once(
+    transport: &Transport,
+    limit: Duration,
+    unit: u8,
+    table: Table,
+    address: u16,
+    count: u16,
+) -> Result<Readout, ProbeError> {
+    let range = |why: String| ProbeError::Range {
+        table,
+        address,
+        count,
+        why,
+    };
+    if count == 0 || count > table.max_count() {
+        return Err(range(format!("count must be 1..={} for {table}", table.max_count())));
+    }
+    if u32::from(address) + u32::from(count) > 65536 {
+        return Err(range("the range passes address 65535".to_string()));
+    }
+    let ctx = open(transport, limit).await.map_err(|e| ProbeError::Open {
+        kind: e.kind,
+        message: e.message,
+    })?;
+    // One read, then the link is dropped: no frame gap or guard time is needed after it.
+    let mut link = Link::with(
+        "probe",
+        transport,
+        limit,
+        Duration::ZERO,
+        Duration::ZERO,
+        Arc::new(BusStats::default()),
+    );
+    link.ctx = Some(ctx);
+    match link.read(unit, Block { table, address, count }).await {
+        Ok(Data::Bits(bits)) => Ok(Readout::Bits(bits)),
+        Ok(Data::Words(words)) => Ok(Readout::Registers(words)),
+        Err(Failure::Exception(code)) => Err(ProbeError::Exception { code: u8::from(code) }),
+        Err(Failure::Timeout) => Err(ProbeError::Timeout(limit)),
+        Err(Failure::Protocol(why) | Failure::Decode(why)) => Err(ProbeError::Protocol(why)),
+        Err(Failure::Transport(why)) => Err(ProbeError::Transport(why)),
+        Err(Failure::BusDown(why)) => Err(ProbeError::Open {
+            kind: "connect",
+            message: why,
+        }),
     }
 }
 

@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `demo`, `simulate`, `mock-panda`. Thin: each subcommand parses
+//! The command line: `run`, `check`, `status`, `probe`, `outbox`, `demo`, `simulate`, `mock-panda`. Thin: each subcommand parses
 //! its arguments and calls the library. Exit codes: 0 done, 1 failed at run time, 2 bad configuration
 //! or arguments.
 
@@ -52,8 +52,12 @@ enum Command {
     Simulate(crate::simulator::SimulateArgs),
     /// A strict Panda WorkFlow server for tests and commissioning.
     MockPanda(crate::mock_panda::MockPandaArgs),
-    /// Dead letters: `outbox dead` lists them, `outbox requeue ID|--all` puts them back.
+    /// The outbox: `stats`, `list` (queued records), `dead` (dead letters), `requeue ID|--all`.
     Outbox(crate::outbox_cli::OutboxArgs),
+    /// Buses, meters, outbox and health of the running daemon, from its admin API.
+    Status(crate::status::StatusArgs),
+    /// Read registers or bits once and print them in every word and byte order (commissioning).
+    Probe(crate::probe::ProbeArgs),
 }
 
 /// Entry point of the binary.
@@ -82,6 +86,8 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Simulate(args) => report(crate::simulator::simulate_main(args).await),
         Command::MockPanda(args) => report(crate::mock_panda::mock_panda_main(args).await),
         Command::Outbox(args) => report(crate::outbox_cli::outbox_main(args).await),
+        Command::Status(args) => report(crate::status::status_main(args).await),
+        Command::Probe(args) => report(crate::probe::probe_main(args).await),
     }
 }
 

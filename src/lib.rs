@@ -12,15 +12,19 @@
 //! - [`record`]: a queued work order and its BizData.
 //! - [`outbox`]: the sled store: states, outbox, dead letters; commit + fsync.
 //! - [`app`]: wiring of the daemon and its shutdown order.
-//! - [`cli`]: the command line (`run`, `check`, `demo`, `simulate`, `mock-panda`).
+//! - [`cli`]: the command line (`run`, `check`, `status`, `probe`, `outbox`, `demo`, `simulate`, `mock-panda`).
 //! - [`demo`]: `fieldgate demo`, the whole product in one process.
 //! - [`station`]: applies poll cycles to the store and wakes the sender.
 //! - [`panda`]: the Panda WorkFlow client: token, PostFlowNodeData, classification of every answer.
 //! - [`sender`]: the delivery loop: outbox batch → Panda → ack on `code: 0`; jittered backoff; counters.
 //! - [`mock_panda`]: a strict in-process Panda server for tests, the demo and `fieldgate mock-panda`,
 //!   with fault injection.
-//! - [`admin`]: the admin HTTP API: health, outbox, dead letters, requeue.
-//! - [`outbox_cli`]: `fieldgate outbox dead|requeue`, on a stopped state dir or through the admin API.
+//! - [`admin`]: the admin HTTP API: health, metrics, buses, meters, outbox, dead letters, requeue.
+//! - [`metrics`]: `GET /metrics`, the Prometheus text format, written by hand.
+//! - [`outbox_cli`]: `fieldgate outbox stats|list|dead|requeue`, on a stopped state dir or through the admin API.
+//! - [`admin_client`]: the CLI's client of the admin API, and `[admin] listen` from a config file.
+//! - [`probe`]: `fieldgate probe`, one read printed in every word and byte order, with advice on failure.
+//! - [`status`]: `fieldgate status`, tables of the running daemon from its admin API.
 //! - [`bus`]: one task per bus: read plan, Modbus polling with timeouts and recovery, offline meters.
 //! - [`notify`]: the systemd notification protocol (READY, STOPPING, WATCHDOG) over `$NOTIFY_SOCKET`.
 //! - [`watchdog`]: liveness of the bus tasks; WATCHDOG=1 only while every bus makes progress.
@@ -29,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod bus;
 pub mod cli;
@@ -36,14 +41,17 @@ pub mod config;
 pub mod demo;
 pub mod detect;
 pub mod mapping;
+pub mod metrics;
 pub mod mock_panda;
 pub mod notify;
 pub mod outbox;
 pub mod outbox_cli;
 pub mod panda;
 pub mod point;
+pub mod probe;
 pub mod record;
 pub mod sender;
 pub mod simulator;
 pub mod station;
+pub mod status;
 pub mod watchdog;

@@ -1,11 +1,12 @@
-//! `fieldgate outbox dead` and `fieldgate outbox requeue ID|--all`: see and recover dead letters.
+//! `fieldgate outbox stats|list|dead|requeue`: what is queued, and seeing and recovering dead letters.
 //!
 //! Two ways in, because sled lets one process open the database:
 //! - the daemon is stopped: open the state directory directly (`--state-dir D`, or `state_dir` of
 //!   `--config F`);
-//! - the daemon is running (the database is locked): its admin API, `GET {admin}/outbox/dead` and
-//!   `POST {admin}/outbox/requeue`. Used with `--admin URL`, or found through `[admin] listen` of
-//!   `--config` when the database turns out to be locked. Without either, the error says so plainly.
+//! - the daemon is running (the database is locked): its admin API, `GET {admin}/outbox[?limit=N]`,
+//!   `GET {admin}/outbox/dead` and `POST {admin}/outbox/requeue`. Used with `--admin URL`, or found through
+//!   `[admin] listen` of `--config` when the database turns out to be locked. Without either, the error
+//!   says so plainly.
 //!
 //! It never creates a state directory: a path without a database is an error, not an empty answer.
 
@@ -13,7 +14,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::admin::{DeadView, RequeueAnswer, RequeueRequest};
+use crate::admin::{self, DeadView, OutboxCounts, OutboxView, RecordView, RequeueAnswer, RequeueRequest};
+use crate::admin_client::{AdminClient, AdminClientError};
 use crate::config::{self, ConfigError};
 use crate::outbox::{Limits, Outbox, OutboxError};
 
@@ -44,6 +46,14 @@ pub struct OutboxArgs {
 /// The `outbox` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum OutboxCommand {
+    /// Records queued, their bytes, dead letters, and the age of the oldest queued record.
+    Stats,
+    /// The oldest queued records: id, meter, event, detected at, attempts, last error.
+    List {
+        /// How many, oldest first.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// List the dead letters: records the server refused too often (id, meter, event, msg, attempts).
     Dead,
     /// Put dead letters back into the outbox (e.g. after the event was created on the server).
@@ -86,6 +96,9 @@ pub enum OutboxCliError {
     /// Requeue of an id that is not a dead letter.
     #[error("no dead letter with id {0} (see `fieldgate outbox dead`)")]
     NotFound(u64),
+    /// The admin API could not be asked (`stats`, `list`).
+    #[error(transparent)]
+    Client(#[from] AdminClientError),
 }
 
 impl OutboxCliError {
@@ -98,6 +111,7 @@ impl OutboxCliError {
             OutboxCliError::Outbox(_) => "outbox",
             OutboxCliError::Admin { .. } => "admin",
             OutboxCliError::NotFound(_) => "not_found",
+            OutboxCliError::Client(e) => e.error_code(),
         }
     }
 }
@@ -167,6 +181,11 @@ async fn open_stopped(dir: &Path) -> Result<Outbox, OutboxCliError> {
 async fn offline(outbox: &Outbox, dir: &Path, args: &OutboxArgs) -> Result<String, OutboxCliError> {
     let place = dir.display().to_string();
     match &args.command {
+        OutboxCommand::Stats => Ok(render_stats(&admin::outbox_counts(outbox), &place, args.json)),
+        OutboxCommand::List { limit } => {
+            let records: Vec<RecordView> = outbox.list(*limit)?.iter().map(RecordView::from).collect();
+            Ok(render_list(&records, outbox.len(), &place, args.json))
+        }
         OutboxCommand::Dead => {
             let letters: Vec<DeadView> = outbox.dead()?.iter().map(DeadView::from).collect();
             Ok(render_dead(&letters, &place, args.json))
@@ -199,6 +218,15 @@ async fn via_admin(base: &str, args: &OutboxArgs) -> Result<String, OutboxCliErr
     };
     let place = format!("the running daemon ({base})");
     match &args.command {
+        OutboxCommand::Stats => {
+            let view: OutboxView = AdminClient::new(base)?.get("/outbox?limit=1").await?;
+            Ok(render_stats(&view.counts, &place, args.json))
+        }
+        OutboxCommand::List { limit } => {
+            let limit = (*limit).min(admin::LIST_MAX);
+            let view: OutboxView = AdminClient::new(base)?.get(&format!("/outbox?limit={limit}")).await?;
+            Ok(render_list(&view.oldest, view.counts.records, &place, args.json))
+        }
         OutboxCommand::Dead => {
             let url = format!("{base}/outbox/dead");
             let resp = http.get(&url).send().await.map_err(|e| fail(&url, unreachable(&e)))?;
@@ -278,6 +306,72 @@ pub fn render_dead(letters: &[DeadView], place: &str, json: bool) -> String {
     out
 }
 
+/// Counts of the outbox as lines (or JSON). Bounds are shown when known (a stopped state directory
+/// opened without a configuration has none).
+pub fn render_stats(c: &OutboxCounts, place: &str, json: bool) -> String {
+    if json {
+        return serde_json::to_string_pretty(c).unwrap_or_default() + "\n";
+    }
+    let bound = |n: u64| {
+        if n == u64::MAX {
+            String::new()
+        } else {
+            format!(" (bound {n})")
+        }
+    };
+    let mut out = format!("Outbox of {place}:\n");
+    out.push_str(&format!(
+        "  queued        {} record(s){}\n",
+        c.records,
+        bound(c.max_records)
+    ));
+    out.push_str(&format!("  bytes         {}{}\n", c.bytes, bound(c.max_bytes)));
+    out.push_str(&format!("  dead letters  {}\n", c.dead));
+    out.push_str(&format!(
+        "  oldest        {}\n",
+        c.oldest_age_seconds
+            .map_or_else(|| "-".to_string(), |s| crate::status::age(s as f64))
+    ));
+    if c.refusing {
+        out.push_str("  FULL: new valve states are not recorded until deliveries make room.\n");
+    }
+    out
+}
+
+/// Queued records as a table (or JSON). `total` is how many are queued in all.
+pub fn render_list(records: &[RecordView], total: u64, place: &str, json: bool) -> String {
+    if json {
+        return serde_json::to_string_pretty(records).unwrap_or_default() + "\n";
+    }
+    if records.is_empty() {
+        return format!("Nothing queued in {place}.\n");
+    }
+    let mut out = format!(
+        "{} of {total} queued record(s) in {place}, oldest first:\n",
+        records.len()
+    );
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.meter_no.clone(),
+                r.event_name.clone(),
+                r.detected_at.clone(),
+                r.attempts.to_string(),
+                r.last_error
+                    .as_deref()
+                    .map_or_else(|| "-".to_string(), |e| e.replace(['\n', '\t'], " ")),
+            ]
+        })
+        .collect();
+    out.push_str(&crate::status::table(
+        &["ID", "METER", "EVENT", "DETECTED AT", "ATTEMPTS", "LAST ERROR"],
+        &rows,
+    ));
+    out
+}
+
 fn render_requeued(n: usize, id: Option<u64>, place: &str, json: bool) -> String {
     if json {
         return serde_json::json!({ "requeued": n }).to_string() + "\n";
@@ -318,6 +412,16 @@ mod tests {
             .unwrap()
             .args;
         assert!(matches!(a.command, OutboxCommand::Requeue { id: None, all: true }));
+        let a = Cli::try_parse_from(["x", "list", "--limit", "5", "--admin", "http://127.0.0.1:9898"])
+            .unwrap()
+            .args;
+        assert!(matches!(a.command, OutboxCommand::List { limit: 5 }));
+        let a = Cli::try_parse_from(["x", "list"]).unwrap().args;
+        assert!(matches!(a.command, OutboxCommand::List { limit: 100 }));
+        let a = Cli::try_parse_from(["x", "stats", "--json", "--state-dir", "/s"])
+            .unwrap()
+            .args;
+        assert!(matches!(a.command, OutboxCommand::Stats) && a.json);
         assert!(Cli::try_parse_from(["x", "requeue"]).is_err(), "an id or --all");
         assert!(Cli::try_parse_from(["x", "requeue", "1", "--all"]).is_err());
         assert!(Cli::try_parse_from(["x", "dead", "--state-dir", "/s", "--config", "/c"]).is_err());

@@ -111,6 +111,8 @@ pub struct SenderStats {
     pub ok: AtomicU64,
     /// Requests answered with `code != 0` (each half of a split batch counts).
     pub rejected: AtomicU64,
+    /// Refusals of a record sent alone (each refusal counts; at `dead_after` of them the record is dead).
+    pub records_rejected: AtomicU64,
     /// Requests without a usable answer (network, timeout, 5xx, HTML, non-JSON).
     pub transient: AtomicU64,
     /// Requests answered 401 even with a fresh token.
@@ -141,6 +143,9 @@ pub struct SenderSnapshot {
     pub ok: u64,
     /// See [`SenderStats::rejected`].
     pub rejected: u64,
+    /// See [`SenderStats::records_rejected`].
+    #[serde(default)]
+    pub records_rejected: u64,
     /// See [`SenderStats::transient`].
     pub transient: u64,
     /// See [`SenderStats::unauthorized`].
@@ -174,6 +179,7 @@ impl SenderStats {
             delivered: n(&self.delivered),
             ok: n(&self.ok),
             rejected: n(&self.rejected),
+            records_rejected: n(&self.records_rejected),
             transient: n(&self.transient),
             unauthorized: n(&self.unauthorized),
             login_failed: n(&self.login_failed),
@@ -415,6 +421,7 @@ impl Sender {
             code,
             msg: msg.to_string(),
         };
+        self.stats.records_rejected.fetch_add(1, Ordering::Relaxed);
         self.stats.set_last_error(Some(error.to_string()));
         self.log.failure(error.error_code(), &error.to_string(), true, false);
         let updated = match self.outbox.note_rejection(record.id, &error.to_string()) {

@@ -5,6 +5,7 @@
 //!
 //! Also keeps the live view of every meter (online, state, readings) for the admin API and tests.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -57,6 +58,8 @@ pub struct MeterView {
 #[derive(Debug, Default)]
 pub struct Live {
     meters: Mutex<Vec<MeterView>>,
+    /// Valve transitions committed since start (for `/metrics`).
+    pub transitions: AtomicU64,
 }
 
 impl Live {
@@ -70,6 +73,7 @@ impl Live {
                 };
                 n
             ]),
+            transitions: AtomicU64::new(0),
         })
     }
 
@@ -202,6 +206,7 @@ impl Station {
                 let drafts = self.drafts(s, &from, &label, &at);
                 let n = drafts.len();
                 let records = self.outbox.commit(&meter.meter_no, &new_state, drafts)?;
+                self.live.transitions.fetch_add(1, Ordering::Relaxed);
                 self.full_logged = false;
                 for r in &records {
                     tracing::info!(message = "Valve transition queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %from, to = %label);

@@ -475,3 +475,35 @@ fn the_packaged_config_is_the_example_with_install_paths() {
     let cfg = fieldgate::config::load(&etc.path().join("fieldgate.toml")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.site.state_dir, Path::new("/var/lib/fieldgate"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_a_meter_is_what_the_admin_api_shows() {
+    let rig = rig(3, "none", MockOptions::default()).await;
+    let mut gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    let url = format!("http://{}/meters", gw.admin_addr.expect("admin bound"));
+    let meters = |body: serde_json::Value| -> Vec<String> {
+        body.as_array()
+            .expect("array")
+            .iter()
+            .map(|m| m["meter_no"].as_str().expect("meter_no").to_string())
+            .collect()
+    };
+    let before: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(meters(before), ["M1", "M2", "M3"]);
+
+    let text = std::fs::read_to_string(rig.site.config_path()).unwrap();
+    let cut = text.find("\n[[meter]]\nmeter_no = \"M3\"").expect("M3 section");
+    std::fs::write(rig.site.config_path(), &text[..cut]).unwrap();
+    gw.reload(&rig.site.config_path())
+        .await
+        .unwrap_or_else(|e| panic!("reload: {e}"));
+
+    let after: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        meters(after),
+        ["M1", "M2"],
+        "the admin API follows the reloaded meter list"
+    );
+    gw.stop(GRACE).await;
+}

@@ -2,6 +2,8 @@
 
 mod util;
 
+/// The admin API of a running gateway (metrics, meters, health), `status`, `outbox stats|list`, `probe`.
+mod admin;
 /// `run_bus` against the in-process simulator over sockets and ptys (one test needs `socat`).
 mod bus;
 /// Config and mapping files: every error class, encodings, profiles; `fieldgate check`.

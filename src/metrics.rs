@@ -1,0 +1,510 @@
+//! `GET /metrics`: every counter and gauge of the daemon in the Prometheus text format (version 0.0.4),
+//! written by hand: the format is a few lines per family and not worth a dependency.
+//!
+//! Names follow `fieldgate_<name>_<unit>` for gauges and `fieldgate_<name>_total` for counters; every
+//! family has `# HELP` and `# TYPE` lines. Label sets are bounded: `bus` and `meter` come from the
+//! configuration, `kind` and `outcome` from fixed lists ([`ERROR_KINDS`], [`HTTP_OUTCOMES`]). Counters
+//! start at zero with the process.
+//!
+//! Split in two: [`gather`] copies the numbers out of the running daemon ([`Metrics`], plain data), and
+//! [`encode`] turns them into text; `encode` is pure and tested on its own.
+
+use std::fmt::Write as _;
+
+use crate::admin::{self, AdminState, OutboxCounts, Status};
+use crate::bus::BusStatsSnapshot;
+use crate::sender::SenderSnapshot;
+
+/// The `Content-Type` of the text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Values of the `kind` label of `fieldgate_bus_errors_total`.
+pub const ERROR_KINDS: [&str; 4] = ["exception", "timeout", "protocol", "transport"];
+
+/// Values of the `outcome` label of `fieldgate_http_requests_total`.
+pub const HTTP_OUTCOMES: [&str; 5] = ["ok", "rejected", "transient", "unauthorized", "login_failed"];
+
+/// One meter's numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeterMetrics {
+    /// `meter_no`.
+    pub meter: String,
+    /// Answering.
+    pub online: bool,
+    /// Seconds since the last answer; `None` before the first (the series is left out then).
+    pub last_sample_age: Option<f64>,
+}
+
+/// Everything `/metrics` shows, copied out of the daemon at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
+    /// The crate version.
+    pub version: String,
+    /// Health at this moment.
+    pub health: Status,
+    /// (bus name, its counters), in configuration order.
+    pub buses: Vec<(String, BusStatsSnapshot)>,
+    /// In configuration order.
+    pub meters: Vec<MeterMetrics>,
+    /// Valve transitions committed.
+    pub transitions: u64,
+    /// The outbox.
+    pub outbox: OutboxCounts,
+    /// The sender.
+    pub sender: SenderSnapshot,
+}
+
+/// Copy the numbers out of the running daemon.
+pub fn gather(state: &AdminState) -> Metrics {
+    let health = admin::health(state);
+    let (buses, meters) = match state.field_view() {
+        Some(field) => {
+            let buses = field
+                .cfg
+                .buses
+                .iter()
+                .zip(&field.buses)
+                .map(|(b, s)| (b.name.clone(), s.snapshot()))
+                .collect();
+            let live = field.live.snapshot();
+            let meters = field
+                .cfg
+                .meters
+                .iter()
+                .zip(live)
+                .map(|(m, v)| MeterMetrics {
+                    meter: m.meter_no.clone(),
+                    online: v.online,
+                    last_sample_age: v.last_sample.map(|t| t.elapsed().as_secs_f64()),
+                })
+                .collect();
+            (buses, meters)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    Metrics {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        health: health.status,
+        buses,
+        meters,
+        transitions: admin::transitions(state),
+        outbox: health.outbox,
+        sender: health.sender,
+    }
+}
+
+/// `GET /metrics` of the running daemon.
+pub fn render(state: &AdminState) -> String {
+    encode(&gather(state))
+}
+
+/// The text format of `m`.
+pub fn encode(m: &Metrics) -> String {
+    let mut w = Writer::default();
+
+    w.family(
+        "fieldgate_build_info",
+        Kind::Gauge,
+        "Always 1; the version is in the label.",
+    );
+    w.sample("fieldgate_build_info", &[("version", &m.version)], 1.0);
+    w.family(
+        "fieldgate_health_status",
+        Kind::Gauge,
+        "Health as /healthz reports it: 0 ok, 1 degraded, 2 critical.",
+    );
+    let level = match m.health {
+        Status::Ok => 0.0,
+        Status::Degraded => 1.0,
+        Status::Critical => 2.0,
+    };
+    w.sample("fieldgate_health_status", &[], level);
+
+    // === buses ===
+    let bus_counter = |w: &mut Writer, name: &str, help: &str, f: fn(&BusStatsSnapshot) -> u64| {
+        w.family(name, Kind::Counter, help);
+        for (bus, s) in &m.buses {
+            w.sample(name, &[("bus", bus)], f(s) as f64);
+        }
+    };
+    bus_counter(&mut w, "fieldgate_bus_requests_total", "Modbus requests sent.", |s| {
+        s.requests
+    });
+    w.family(
+        "fieldgate_bus_errors_total",
+        Kind::Counter,
+        "Failed Modbus requests by kind: exception (the device refused), timeout (no answer), protocol (an answer that does not fit), transport (connection or device lost).",
+    );
+    for (bus, s) in &m.buses {
+        let by_kind = [s.exceptions, s.timeouts, s.protocol_errors, s.transport_errors];
+        for (kind, n) in ERROR_KINDS.iter().zip(by_kind) {
+            w.sample("fieldgate_bus_errors_total", &[("bus", bus), ("kind", kind)], n as f64);
+        }
+    }
+    bus_counter(
+        &mut w,
+        "fieldgate_bus_timeouts_total",
+        "Modbus requests without an answer within the bus timeout.",
+        |s| s.timeouts,
+    );
+    bus_counter(
+        &mut w,
+        "fieldgate_bus_reconnects_total",
+        "Opens of the port or connection after the first (each follows a lost or poisoned link).",
+        |s| s.reconnects,
+    );
+    bus_counter(
+        &mut w,
+        "fieldgate_bus_connect_failures_total",
+        "Failed opens of the port or connection.",
+        |s| s.connect_failures,
+    );
+    bus_counter(&mut w, "fieldgate_bus_rounds_total", "Poll rounds completed.", |s| {
+        s.rounds
+    });
+    w.family(
+        "fieldgate_bus_last_round_seconds",
+        Kind::Gauge,
+        "Duration of the last poll round.",
+    );
+    for (bus, s) in &m.buses {
+        w.sample(
+            "fieldgate_bus_last_round_seconds",
+            &[("bus", bus)],
+            s.last_round_micros as f64 / 1e6,
+        );
+    }
+    w.family(
+        "fieldgate_bus_up",
+        Kind::Gauge,
+        "1 if the port or connection opened the last time it was tried.",
+    );
+    for (bus, s) in &m.buses {
+        w.sample("fieldgate_bus_up", &[("bus", bus)], bool_value(s.up));
+    }
+
+    // === meters ===
+    w.family(
+        "fieldgate_meter_online",
+        Kind::Gauge,
+        "1 while the meter answers; 0 after offline_after failed reads in a row.",
+    );
+    for meter in &m.meters {
+        w.sample(
+            "fieldgate_meter_online",
+            &[("meter", &meter.meter)],
+            bool_value(meter.online),
+        );
+    }
+    w.family(
+        "fieldgate_meter_last_sample_age_seconds",
+        Kind::Gauge,
+        "Time since the meter last answered (absent before its first answer).",
+    );
+    for meter in &m.meters {
+        if let Some(age) = meter.last_sample_age {
+            w.sample(
+                "fieldgate_meter_last_sample_age_seconds",
+                &[("meter", &meter.meter)],
+                age,
+            );
+        }
+    }
+    w.family(
+        "fieldgate_transitions_total",
+        Kind::Counter,
+        "Valve transitions detected and committed.",
+    );
+    w.sample("fieldgate_transitions_total", &[], m.transitions as f64);
+
+    // === records and outbox ===
+    let o = &m.outbox;
+    let s = &m.sender;
+    w.gauge(
+        "fieldgate_records_queued",
+        "Records waiting for delivery (the same number as fieldgate_outbox_records).",
+        o.records as f64,
+    );
+    w.counter(
+        "fieldgate_records_delivered_total",
+        "Records Panda accepted (code 0) and removed from the outbox.",
+        s.delivered,
+    );
+    w.counter(
+        "fieldgate_records_rejected_total",
+        "Refusals by Panda of a record sent alone; at dead_after refusals it becomes a dead letter.",
+        s.records_rejected,
+    );
+    w.gauge(
+        "fieldgate_records_dead",
+        "Dead letters: records Panda refused too often (see fieldgate outbox dead).",
+        o.dead as f64,
+    );
+    w.counter(
+        "fieldgate_records_dead_lettered_total",
+        "Records moved to the dead letters.",
+        s.dead_lettered,
+    );
+    w.gauge(
+        "fieldgate_records_held",
+        "Records refused alone and waiting to be tried again.",
+        s.held as f64,
+    );
+    w.gauge("fieldgate_outbox_records", "Records in the outbox.", o.records as f64);
+    w.gauge(
+        "fieldgate_outbox_bytes",
+        "Bytes of the records in the outbox.",
+        o.bytes as f64,
+    );
+    w.gauge(
+        "fieldgate_outbox_max_records",
+        "Bound on records; at it new valve states are not committed.",
+        o.max_records as f64,
+    );
+    w.gauge(
+        "fieldgate_outbox_max_bytes",
+        "Bound on bytes; at it new valve states are not committed.",
+        o.max_bytes as f64,
+    );
+    w.gauge(
+        "fieldgate_outbox_oldest_age_seconds",
+        "Age of the oldest queued record (0 when empty).",
+        o.oldest_age_seconds.unwrap_or(0) as f64,
+    );
+    w.counter(
+        "fieldgate_outbox_refused_total",
+        "Commits refused because the outbox was full.",
+        o.refused,
+    );
+
+    // === delivery ===
+    w.family(
+        "fieldgate_http_requests_total",
+        Kind::Counter,
+        "PostFlowNodeData requests by outcome: ok (code 0), rejected (code != 0), transient (network, timeout, 5xx, not JSON), unauthorized (401 with a fresh token), login_failed (no token).",
+    );
+    let by_outcome = [s.ok, s.rejected, s.transient, s.unauthorized, s.login_failed];
+    for (outcome, n) in HTTP_OUTCOMES.iter().zip(by_outcome) {
+        w.sample("fieldgate_http_requests_total", &[("outcome", outcome)], n as f64);
+    }
+    w.counter(
+        "fieldgate_token_refreshes_total",
+        "Tokens fetched from GenerateToken.",
+        s.token_refreshes,
+    );
+    w.gauge(
+        "fieldgate_login_failing",
+        "1 while GenerateToken refuses the configured credentials.",
+        bool_value(s.login_failing),
+    );
+    w.out
+}
+
+fn bool_value(b: bool) -> f64 {
+    if b {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+#[derive(Default)]
+struct Writer {
+    out: String,
+}
+
+impl Writer {
+    fn family(&mut self, name: &str, kind: Kind, help: &str) {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape_label(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {}", number(value));
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.family(name, Kind::Gauge, help);
+        self.sample(name, &[], value);
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.family(name, Kind::Counter, help);
+        self.sample(name, &[], value as f64);
+    }
+}
+
+/// A label value with `\`, `"` and newlines escaped, as the text format requires.
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A sample value: integers without a fraction, `+Inf`/`-Inf`/`NaN` as the format spells them.
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_metrics() -> Metrics {
+        Metrics {
+            version: "1.2.3".into(),
+            health: Status::Degraded,
+            buses: vec![(
+                "line-a".into(),
+                BusStatsSnapshot {
+                    requests: 10,
+                    ok: 6,
+                    exceptions: 1,
+                    timeouts: 2,
+                    protocol_errors: 0,
+                    transport_errors: 1,
+                    reconnects: 3,
+                    last_round_micros: 52_000,
+                    up: true,
+                    ..BusStatsSnapshot::default()
+                },
+            )],
+            meters: vec![
+                MeterMetrics {
+                    meter: "M1".into(),
+                    online: true,
+                    last_sample_age: Some(0.25),
+                },
+                MeterMetrics {
+                    meter: "表\"2\"".into(),
+                    online: false,
+                    last_sample_age: None,
+                },
+            ],
+            transitions: 2,
+            outbox: OutboxCounts {
+                records: 3,
+                bytes: 900,
+                max_records: 100,
+                max_bytes: 1000,
+                refused: 0,
+                refusing: false,
+                dead: 1,
+                oldest_age_seconds: Some(42),
+            },
+            sender: SenderSnapshot {
+                delivered: 2,
+                ok: 2,
+                transient: 5,
+                token_refreshes: 1,
+                ..SenderSnapshot::default()
+            },
+        }
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_samples_carry_their_labels() {
+        let text = encode(&sample_metrics());
+        for line in [
+            "fieldgate_build_info{version=\"1.2.3\"} 1",
+            "fieldgate_health_status 1",
+            "fieldgate_bus_requests_total{bus=\"line-a\"} 10",
+            "fieldgate_bus_errors_total{bus=\"line-a\",kind=\"exception\"} 1",
+            "fieldgate_bus_errors_total{bus=\"line-a\",kind=\"timeout\"} 2",
+            "fieldgate_bus_errors_total{bus=\"line-a\",kind=\"protocol\"} 0",
+            "fieldgate_bus_errors_total{bus=\"line-a\",kind=\"transport\"} 1",
+            "fieldgate_bus_timeouts_total{bus=\"line-a\"} 2",
+            "fieldgate_bus_reconnects_total{bus=\"line-a\"} 3",
+            "fieldgate_bus_last_round_seconds{bus=\"line-a\"} 0.052",
+            "fieldgate_bus_up{bus=\"line-a\"} 1",
+            "fieldgate_meter_online{meter=\"M1\"} 1",
+            "fieldgate_meter_online{meter=\"表\\\"2\\\"\"} 0",
+            "fieldgate_meter_last_sample_age_seconds{meter=\"M1\"} 0.25",
+            "fieldgate_transitions_total 2",
+            "fieldgate_records_queued 3",
+            "fieldgate_records_delivered_total 2",
+            "fieldgate_records_rejected_total 0",
+            "fieldgate_records_dead 1",
+            "fieldgate_outbox_records 3",
+            "fieldgate_outbox_bytes 900",
+            "fieldgate_outbox_oldest_age_seconds 42",
+            "fieldgate_http_requests_total{outcome=\"ok\"} 2",
+            "fieldgate_http_requests_total{outcome=\"transient\"} 5",
+            "fieldgate_token_refreshes_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+        }
+        assert!(
+            !text.contains("fieldgate_meter_last_sample_age_seconds{meter=\"表"),
+            "no age before the first answer"
+        );
+        // Every sample's family is declared before it, once, with HELP then TYPE.
+        let mut declared = Vec::new();
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap();
+                let ty = lines.next().unwrap();
+                assert!(ty.starts_with(&format!("# TYPE {name} ")), "{ty}");
+                assert!(
+                    ty.ends_with(" counter") == name.ends_with("_total"),
+                    "counters and only counters end in _total: {ty}"
+                );
+                assert!(!declared.contains(&name.to_string()), "{name} declared twice");
+                declared.push(name.to_string());
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert_eq!(declared.last().map(String::as_str), Some(name), "{line}");
+                assert!(name.starts_with("fieldgate_"));
+                let value = line.rsplit(' ').next().unwrap();
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn values_use_the_spellings_of_the_text_format() {
+        assert_eq!(number(3.0), "3");
+        assert_eq!(number(0.5), "0.5");
+        assert_eq!(number(f64::INFINITY), "+Inf");
+        assert_eq!(number(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(number(f64::NAN), "NaN");
+        assert_eq!(escape_label("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+    }
+}

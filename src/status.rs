@@ -1,0 +1,312 @@
+//! `fieldgate status`: a readable table of the running daemon (health, buses, meters, outbox), from its
+//! admin API. It never opens the state database and never loads the whole configuration: only
+//! `[admin] listen` is read from it (see [`crate::admin_client::admin_url_of`]).
+//!
+//! [`status_run`] returns the text, so tests check exactly what a person sees; [`render_status`] is
+//! the pure part. Also home of [`table`], the column layout the CLI uses (aware of double-width CJK
+//! characters, which meter states and reading names often are).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::admin::{BusView, Health, MeterInfo, OutboxView, Status};
+use crate::admin_client::{admin_url_of, AdminClient, AdminClientError};
+use crate::outbox_cli::DEFAULT_CONFIG;
+
+/// `fieldgate status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The site configuration; only its `[admin] listen` is read. Default /etc/fieldgate/fieldgate.toml.
+    #[arg(long, short, conflicts_with = "admin")]
+    pub config: Option<PathBuf>,
+    /// The admin API of the running daemon, e.g. http://127.0.0.1:9898.
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Everything `status` shows, as fetched.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The admin URL asked.
+    pub admin: String,
+    /// `GET /healthz`.
+    pub health: Health,
+    /// `GET /buses`.
+    pub buses: Vec<BusView>,
+    /// `GET /meters`.
+    pub meters: Vec<MeterInfo>,
+    /// `GET /outbox`.
+    pub outbox: OutboxView,
+}
+
+/// Run `status`; prints the text.
+pub async fn status_main(args: StatusArgs) -> anyhow::Result<()> {
+    print!("{}", status_run(args).await?);
+    Ok(())
+}
+
+/// Run `status`; returns the text it would print.
+pub async fn status_run(args: StatusArgs) -> Result<String, AdminClientError> {
+    let url = match &args.admin {
+        Some(url) => url.clone(),
+        None => admin_url_of(&args.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG)))?,
+    };
+    let report = fetch(&url).await?;
+    if args.json {
+        return Ok(serde_json::to_string_pretty(&report).unwrap_or_default() + "\n");
+    }
+    Ok(render_status(&report))
+}
+
+/// Ask the daemon at `url` for everything `status` shows.
+pub async fn fetch(url: &str) -> Result<StatusReport, AdminClientError> {
+    let client = AdminClient::new(url)?;
+    // Health first: if the daemon is not there, this is the one error to show.
+    let health: Health = client.get_accepting("/healthz", &[200, 503]).await?;
+    let (buses, meters, outbox) = tokio::try_join!(
+        client.get::<Vec<BusView>>("/buses"),
+        client.get::<Vec<MeterInfo>>("/meters"),
+        client.get::<OutboxView>("/outbox?limit=1"),
+    )?;
+    Ok(StatusReport {
+        admin: client.base().to_string(),
+        health,
+        buses,
+        meters,
+        outbox,
+    })
+}
+
+/// The report as tables.
+pub fn render_status(r: &StatusReport) -> String {
+    let h = &r.health;
+    let mut out = format!(
+        "fieldgate at site `{}` ({}): {}\n",
+        h.site,
+        r.admin,
+        status_word(h.status)
+    );
+    for f in &h.reasons {
+        out.push_str(&format!("  {:<8}  {}: {}\n", status_word(f.status), f.code, f.message));
+    }
+
+    out.push_str("\nBuses\n");
+    if r.buses.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let rows: Vec<Vec<String>> = r
+            .buses
+            .iter()
+            .map(|b| {
+                vec![
+                    b.name.clone(),
+                    format!("{} {}", b.transport, b.endpoint),
+                    if !b.tried {
+                        "-".to_string()
+                    } else if b.up {
+                        "yes".to_string()
+                    } else {
+                        "DOWN".to_string()
+                    },
+                    format!("{}/{}", b.meters_online, b.meters),
+                    b.requests.to_string(),
+                    b.errors.to_string(),
+                    b.timeouts.to_string(),
+                    b.reconnects.to_string(),
+                    format!("{:.3} s", b.last_round_seconds),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "BUS",
+                "ENDPOINT",
+                "UP",
+                "ONLINE",
+                "REQUESTS",
+                "ERRORS",
+                "TIMEOUTS",
+                "RECONNECTS",
+                "LAST ROUND",
+            ],
+            &rows,
+        ));
+    }
+
+    out.push_str("\nMeters\n");
+    if r.meters.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let rows: Vec<Vec<String>> = r
+            .meters
+            .iter()
+            .map(|m| {
+                let readings = m
+                    .readings
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                vec![
+                    m.meter_no.clone(),
+                    m.bus.clone(),
+                    m.unit.to_string(),
+                    if m.online { "yes" } else { "OFFLINE" }.to_string(),
+                    m.state.clone().unwrap_or_else(|| "-".into()),
+                    m.last_change.clone().unwrap_or_else(|| "-".into()),
+                    m.last_sample_age_seconds.map_or_else(|| "never".into(), age),
+                    readings,
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "METER",
+                "BUS",
+                "UNIT",
+                "ONLINE",
+                "STATE",
+                "SINCE",
+                "LAST READ",
+                "READINGS",
+            ],
+            &rows,
+        ));
+    }
+
+    let c = &r.outbox.counts;
+    out.push_str(&format!(
+        "\nOutbox\n  queued {} record(s), {} bytes (bounds {} records, {} bytes){}; dead letters {}; oldest {}\n",
+        c.records,
+        c.bytes,
+        c.max_records,
+        c.max_bytes,
+        if c.refusing {
+            ", FULL: new states are not recorded"
+        } else {
+            ""
+        },
+        c.dead,
+        c.oldest_age_seconds.map_or_else(|| "-".into(), |s| age(s as f64)),
+    ));
+    let s = &h.sender;
+    out.push_str(&format!(
+        "  delivered {} since start; failures in a row {}{}\n",
+        s.delivered,
+        s.failures_in_a_row,
+        s.last_error
+            .as_ref()
+            .map_or_else(String::new, |e| format!("; last error: {e}"))
+    ));
+    out
+}
+
+fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Ok => "ok",
+        Status::Degraded => "DEGRADED",
+        Status::Critical => "CRITICAL",
+    }
+}
+
+/// A duration in seconds, short and readable: `0.4 s`, `42 s`, `12 min`, `5 h`, `3 d`.
+pub fn age(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "-".into();
+    }
+    if secs < 10.0 {
+        format!("{secs:.1} s")
+    } else if secs < 120.0 {
+        format!("{secs:.0} s")
+    } else if secs < 2.0 * 3600.0 {
+        format!("{:.0} min", secs / 60.0)
+    } else if secs < 48.0 * 3600.0 {
+        format!("{:.0} h", secs / 3600.0)
+    } else {
+        format!("{:.0} d", secs / 86400.0)
+    }
+}
+
+/// Columns padded to the widest cell, two spaces apart, each line indented by two; the last column is
+/// not padded. Double-width characters count as two columns.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| width(h)).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(width(cell));
+            }
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut s = String::from("  ");
+        let cells: Vec<&str> = cells.collect();
+        for (i, cell) in cells.iter().enumerate() {
+            s.push_str(cell);
+            if i + 1 < cells.len() {
+                let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(width(cell)) + 2;
+                s.push_str(&" ".repeat(pad));
+            }
+        }
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(&mut headers.iter().copied());
+    for row in rows {
+        out.push_str(&line(&mut row.iter().map(String::as_str)));
+    }
+    out
+}
+
+/// Terminal columns of `s`: East Asian wide characters count two.
+fn width(s: &str) -> usize {
+    s.chars()
+        .map(|c| {
+            let c = u32::from(c);
+            let wide = matches!(c,
+                0x1100..=0x115F | 0x2E80..=0x303E | 0x3041..=0x33FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF
+                | 0xA000..=0xA4CF | 0xAC00..=0xD7A3 | 0xF900..=0xFAFF | 0xFE30..=0xFE4F | 0xFF00..=0xFF60
+                | 0xFFE0..=0xFFE6 | 0x20000..=0x3FFFD);
+            if wide {
+                2
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_line_up_with_chinese_text() {
+        let t = table(
+            &["METER", "STATE", "X"],
+            &[
+                vec!["M1".into(), "开启".into(), "a".into()],
+                vec!["M22".into(), "closed".into(), "b".into()],
+            ],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "  METER  STATE   X");
+        assert_eq!(lines[1], "  M1     开启    a");
+        assert_eq!(lines[2], "  M22    closed  b");
+    }
+
+    #[test]
+    fn ages_read_like_a_person_would_say_them() {
+        assert_eq!(age(0.25), "0.2 s");
+        assert_eq!(age(42.0), "42 s");
+        assert_eq!(age(600.0), "10 min");
+        assert_eq!(age(5.0 * 3600.0), "5 h");
+        assert_eq!(age(3.0 * 86400.0), "3 d");
+        assert_eq!(age(f64::NAN), "-");
+    }
+}
