@@ -10,6 +10,8 @@ mod config;
 mod crash;
 /// Simulator → gateway → mock Panda, in-process, over TCP and loopback HTTP.
 mod e2e;
+/// Event rules end to end: valve fault, link offline/online with `for`, thresholds, `rises_by`.
+mod events;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
 mod outbox_model;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
