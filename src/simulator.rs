@@ -1147,7 +1147,7 @@ pub fn command(plant: &Plant, line: &str) -> String {
 /// A non-negative decimal with at most two decimals, in hundredths: "3.2" → 320.
 fn hundredths(s: &str) -> Option<u64> {
     let v: f64 = s.trim().parse().ok()?;
-    if !v.is_finite() || v < 0.0 || v > 4.0e7 {
+    if !(0.0..=4.0e7).contains(&v) {
         return None;
     }
     Some((v * 100.0).round() as u64)
