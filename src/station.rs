@@ -423,6 +423,12 @@ impl Station {
                         continue;
                     };
                     let in_state = !st.valve_unknown && st.label == *while_valve;
+                    if in_state && meter.valve.label(s.valve_raw) != *while_valve {
+                        // The valve reads another state that `confirm` has not accepted yet: the flow
+                        // of a valve being opened is no leak. Wait, keeping the baseline (a glitch
+                        // must not hide a leak in progress).
+                        continue;
+                    }
                     let mem = st.rules.entry(e.key.clone()).or_default();
                     let fired = detect::rises_by(*by, mem, in_state, detect::reading_value(rendered));
                     let base = mem.baseline.map(|b| b.to_string()).unwrap_or_default();

@@ -405,3 +405,23 @@ async fn a_restart_in_the_middle_of_a_rises_by_window_keeps_its_baseline() {
     assert_eq!(orders.len(), 1, "{orders:#?}");
     gw.stop(GRACE).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flow_of_a_valve_being_opened_is_no_leak_while_confirm_is_pending() {
+    let rig = rig_with(3, LEAK_EVENTS).await;
+    let text = std::fs::read_to_string(rig.site.config_path())
+        .unwrap()
+        .replace("[profile.sim]\n", "[profile.sim]\nconfirm = 3\n");
+    std::fs::write(rig.site.config_path(), text).unwrap();
+    let gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    wait_rounds(&gw, 3).await;
+    // The flip opens the valve and adds 1.23 m³ at once; the open state needs 3 equal samples, and
+    // during the first two the accepted state is still 关闭.
+    rig.plant.flip_valve(2);
+    let orders = wait_orders(&rig.panda, 1).await;
+    assert_eq!(orders[0].event_name, "用水户开阀");
+    let orders = settle(&gw, &rig.panda, 10).await;
+    assert_eq!(orders.len(), 1, "{orders:#?}");
+    gw.stop(GRACE).await;
+}
