@@ -495,7 +495,17 @@ impl Station {
         let records = self.outbox.commit(&meter_no, &after, drafts)?;
         self.full_logged = false;
         for r in &records {
-            tracing::info!(message = "Work order queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+            // "Valve transition queued." is the message operators and tests/ops.rs know; keep it for valves.
+            if self
+                .cfg
+                .events
+                .iter()
+                .any(|e| e.name == r.event_name && matches!(e.kind, EventKind::Valve { .. }))
+            {
+                tracing::info!(message = "Valve transition queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+            } else {
+                tracing::info!(message = "Work order queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+            }
         }
         Ok((true, n))
     }
