@@ -367,6 +367,7 @@ async fn sender_rate(records: usize) -> f64 {
                     raw: 1,
                     label: "开启".into(),
                     since: String::new(),
+                    ..StoredState::default()
                 },
                 vec![d],
             )

@@ -787,7 +787,8 @@ struct BusTask {
 }
 
 /// Poll the meters of `cfg.buses[bus]` until `shutdown`: one round every `poll_interval`, one [`Cycle`]
-/// per round that read a meter or changed a meter's link. Never returns before shutdown and never
+/// per round that read a meter, changed a meter's link, or ended with a meter offline (also when
+/// the port cannot be opened: its meters go offline after `offline_after` rounds). Never returns before shutdown and never
 /// panics; a closed `cycles` channel is logged once, then the task waits for shutdown.
 pub async fn run_bus(
     cfg: Arc<Config>,
@@ -841,7 +842,10 @@ pub async fn run_bus(
                 .last_round_micros
                 .store(took.as_micros() as u64, Ordering::Relaxed);
             bump(&task.stats.rounds);
-            if !cycle.samples.is_empty() || !cycle.links.is_empty() {
+            // While a meter is offline every round is sent, even empty: the station's `for` timers of
+            // link events run on the cycles of their bus.
+            let any_offline = task.meters.iter().any(|m| !m.online);
+            if !cycle.samples.is_empty() || !cycle.links.is_empty() || any_offline {
                 let sent = tokio::select! {
                     r = cycles.send(cycle) => r.is_ok(),
                     () = shutdown.cancelled() => break,

@@ -1,7 +1,9 @@
 //! `fieldgate demo`: the whole product in one process, for a newcomer. A simulated Modbus TCP slave
 //! with four meters, a mock Panda server and the real gateway (embedded config from `config/demo/`)
-//! run on free loopback ports; valves are flipped every few seconds and each work order that reaches
-//! the server is printed in a readable form.
+//! run on free loopback ports. Every few seconds one scripted thing happens in the field (a valve
+//! opens and closes, a meter dies, a battery drops, water flows through a shut valve, the dead
+//! meter answers again, a valve reports a fault; then valves flip round robin), and each work order
+//! that reaches the server is printed in a readable form.
 //!
 //! The state directory is a fresh temporary folder, removed at the end.
 
@@ -24,7 +26,7 @@ pub struct DemoArgs {
     /// Stop after this long (e.g. `30s`); default: run until Ctrl-C.
     #[arg(long = "for", value_parser = humantime::parse_duration)]
     pub run_for: Option<Duration>,
-    /// How often a valve is flipped in the simulator.
+    /// How often something happens in the simulated field (the script, then valve flips).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub flip_every: Duration,
 }
@@ -49,12 +51,19 @@ async fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> anyhow::Result<()> {
         .context("binding the simulator")?;
     let modbus_addr = modbus.local_addr()?;
     let _sim = serve_tcp(modbus, plant.clone());
+    let mut events: Vec<String> = Vec::new();
+    for e in &cfg.events {
+        if !events.contains(&e.name) {
+            events.push(e.name.clone());
+        }
+    }
     let panda = MockPanda::start(
         TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the mock server")?,
         MockOptions {
             token_ttl: Duration::from_secs(20),
+            events,
             ..MockOptions::default()
         },
     );
@@ -74,7 +83,17 @@ async fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> anyhow::Result<()> {
     );
     println!("  gateway polling every 500 ms; state in {}", dir.display());
     println!(
-        "A valve is flipped every {}; each flip becomes a work order.",
+        "  {} event rules: {}",
+        cfg.events.len(),
+        cfg.events
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "Every {} something happens in the field; what the rules in config/demo/fieldgate.toml make of it\n\
+         arrives at the server as a work order.",
         humantime::format_duration(args.flip_every)
     );
     println!(
@@ -91,7 +110,7 @@ async fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> anyhow::Result<()> {
     flips.tick().await; // the first tick is immediate: let the gateway take its baseline first
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut shown = 0usize;
-    let mut next = 0usize;
+    let mut step = 0usize;
     let stop = crate::app::shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -99,12 +118,8 @@ async fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> anyhow::Result<()> {
             () = &mut stop => break,
             () = sleep_until(deadline) => break,
             _ = flips.tick() => {
-                if let Some((unit, meter_no)) = meters.get(next % meters.len().max(1)) {
-                    next += 1;
-                    if let Some(open) = plant.flip_valve(*unit) {
-                        println!("field   : valve of meter {meter_no} (unit {unit}) turned {}", if open { "开启 (open)" } else { "关闭 (closed)" });
-                    }
-                }
+                println!("field   : {}", field_step(&plant, &meters, step));
+                step += 1;
             }
             _ = poll.tick() => {
                 let orders = panda.orders();
@@ -132,10 +147,61 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Do step `n` of the demo script in the simulated field; what was done, in words.
+///
+/// One of each event kind first (meters 1–4 by position), then valves flip round robin.
+fn field_step(plant: &Plant, meters: &[(u8, String)], n: usize) -> String {
+    let meter = |i: usize| meters.get(i % meters.len().max(1)).cloned().unwrap_or_default();
+    let valve = |open: bool| if open { "开启 (open)" } else { "关闭 (closed)" };
+    let flip = |i: usize| {
+        let (unit, no) = meter(i);
+        match plant.flip_valve(unit) {
+            Some(open) => format!("valve of meter {no} (unit {unit}) turned {}", valve(open)),
+            None => format!("meter {no} (unit {unit}) is not simulated"),
+        }
+    };
+    match n {
+        0 => flip(0),
+        1 => {
+            let (unit, no) = meter(3);
+            plant.silence(unit, true);
+            format!("meter {no} (unit {unit}) stops answering")
+        }
+        2 => flip(0),
+        3 => {
+            let (unit, no) = meter(1);
+            plant.set_battery(unit, 320);
+            format!("battery of meter {no} (unit {unit}) drops to 3.20 V")
+        }
+        4 => {
+            let (unit, no) = meter(2);
+            plant.add_flow(unit, 5);
+            format!("water flows through the shut valve of meter {no} (unit {unit}): +0.05 m³")
+        }
+        5 => {
+            let (unit, no) = meter(3);
+            plant.silence(unit, false);
+            format!("meter {no} (unit {unit}) answers again")
+        }
+        6 => {
+            let (unit, no) = meter(1);
+            plant.fault_valve(unit);
+            format!("valve of meter {no} (unit {unit}) reports a fault")
+        }
+        _ => flip(n - 7),
+    }
+}
+
 fn work_order_line(o: &WorkOrder) -> String {
     let get = |k: &str| o.biz.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let note = o
+        .biz
+        .get("事件说明")
+        .and_then(|v| v.as_str())
+        .map(|n| format!("  ({n})"))
+        .unwrap_or_default();
     format!(
-        "panda   : work order {:<6} meter {}  customer {} {} ({})  valve {}  flow {} m³",
+        "panda   : work order {} for meter {}, customer {} {} ({}): valve {}, flow {} m³, battery {} V{note}",
         o.event_name,
         get("水表表号"),
         get("用户编号"),
@@ -143,5 +209,6 @@ fn work_order_line(o: &WorkOrder) -> String {
         get("用户地址"),
         get("阀门当前状态"),
         get("累计流量"),
+        get("电池电压"),
     )
 }

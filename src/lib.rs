@@ -1,14 +1,16 @@
 //! fieldgate: an edge gateway for water pump stations.
 //!
 //! It polls valves and water meters over Modbus (RTU on serial lines, Modbus TCP, RTU over TCP),
-//! notices when a valve opens or closes, fills in the customer from the site's mapping file, keeps
+//! notices when a valve opens, closes or faults, when a meter goes offline, when a reading crosses a
+//! limit and when water flows through a shut valve, fills in the customer from the site's mapping file, keeps
 //! each such event in a crash-safe outbox, and delivers it to the Panda WorkFlow API as a work order.
 //!
 //! # Layout
 //! - [`config`]: the site TOML, validated into [`config::Config`]; every error located.
 //! - [`mapping`]: the meter → customer CSV (UTF-8, BOM, GB18030).
 //! - [`point`]: where a value sits in a Modbus table and how registers decode and render.
-//! - [`detect`]: the pure transition rules (baseline, debounce).
+//! - [`detect`]: the pure rules: valve transitions (baseline, debounce) and the `[[event]]` rules
+//!   (link `for`, thresholds with hysteresis, `rises_by`), each with its persisted memory.
 //! - [`record`]: a queued work order and its BizData.
 //! - [`outbox`]: the sled store: states, outbox, dead letters; commit + fsync.
 //! - [`app`]: wiring of the daemon and its shutdown order.

@@ -2,13 +2,14 @@
 //! delivery.
 //!
 //! Layout, one sled database in `site.state_dir`:
-//! - tree `state`: meter number (UTF-8) → [`StoredState`] (JSON).
+//! - tree `state`: meter number (UTF-8) → [`StoredState`] (JSON): valve state, link and rule memory.
 //! - tree `outbox`: record id (big-endian u64, so iteration order is detection order) → [`Record`] (JSON).
 //! - tree `dead`: record id → [`DeadLetter`] (JSON): records the server refused too often.
 //!
 //! Invariants:
-//! - A valve's new state and its records are committed in one transaction ([`Outbox::commit`]). If a
-//!   crash loses the commit, it loses the state with it, and the transition is detected again.
+//! - A meter's new state (valve, link, rule memory) and its records are committed in one transaction
+//!   ([`Outbox::commit`]). If a crash loses the commit, it loses the state with it, and the
+//!   transition is detected again: nothing is repeated, nothing forgotten.
 //! - "Stored" means committed *and* [`Outbox::sync`]ed: sled's `flush()` is followed by `fsync` of the
 //!   database files and the folder, because `flush()` alone does not survive a power cut.
 //! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`), or moved between
@@ -17,19 +18,26 @@
 //!   refuses ([`OutboxError::Full`]) and the caller keeps the old state so the change is seen again.
 //! - Dead letters do not count against the bounds (they are few, and an operator's business).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::detect::RuleMemory;
 use crate::record::Record;
 
-/// The last accepted state of a meter's valve.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What is persisted about one meter: the last accepted state of its valve, its link, and the
+/// memory of every `[[event]]` rule for it. Committed together with the records it produced.
+///
+/// Format (JSON): `{"raw", "label", "since"}` as before, plus optional keys that older state
+/// directories do not have and that load as their defaults: `valve_unknown`, `offline_since`,
+/// `back_since`, `rules`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StoredState {
     /// Raw value read.
     pub raw: i64,
@@ -37,6 +45,25 @@ pub struct StoredState {
     pub label: String,
     /// When it was accepted (RFC 3339).
     pub since: String,
+    /// True while the valve was never read: the entry exists only to keep link memory (the meter was
+    /// offline from the start); `raw`, `label` and `since` are placeholders and the first sample
+    /// is the valve's baseline.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub valve_unknown: bool,
+    /// Since when the meter counts as offline (after `offline_after` failed reads); `None` = online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_since: Option<DateTime<Utc>>,
+    /// When the meter answered again after an outage that `在线` rules report; `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub back_since: Option<DateTime<Utc>>,
+    /// Memory of each event rule, by [`crate::config::EventRule::key`]. Rules no longer configured
+    /// are dropped on the next write.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rules: BTreeMap<String, RuleMemory>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A record the server refused too often, kept for an operator.
@@ -611,6 +638,7 @@ mod tests {
             raw,
             label: format!("L{raw}"),
             since: String::new(),
+            ..StoredState::default()
         }
     }
 
@@ -749,6 +777,21 @@ mod tests {
             o.note_failure(&[a], "timeout").unwrap()[0].rejections,
             1,
             "an outage is no refusal"
+        );
+    }
+
+    #[test]
+    fn a_state_written_before_event_rules_still_loads() {
+        let old: StoredState =
+            serde_json::from_str(r#"{"raw":1,"label":"开启","since":"2026-01-01T08:00:00+08:00"}"#).unwrap();
+        assert_eq!(
+            (old.raw, old.valve_unknown, old.offline_since, old.rules.len()),
+            (1, false, None, 0)
+        );
+        assert_eq!(
+            String::from_utf8(encode(&old)).unwrap(),
+            r#"{"raw":1,"label":"开启","since":"2026-01-01T08:00:00+08:00"}"#,
+            "nothing new is written while the new parts are empty"
         );
     }
 

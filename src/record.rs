@@ -1,6 +1,6 @@
 //! A queued work order: what the outbox stores and the sender delivers.
 //!
-//! BizData is rendered once, when the transition is detected, and stored with the record, so a later
+//! BizData is rendered once, when the event is detected, and stored with the record, so a later
 //! mapping change never rewrites a record already queued. A record's id is fixed at detection and
 //! follows it through logs, the admin API and dead letters.
 
@@ -18,13 +18,14 @@ pub struct Record {
     pub id: u64,
     /// `eventName`.
     pub event_name: String,
-    /// The meter whose valve moved.
+    /// The meter the event is about.
     pub meter_no: String,
     /// When the transition was detected, RFC 3339 in the site's zone.
     pub detected_at: String,
-    /// The label before.
+    /// Before: the valve label before (valve events), the link before (`在线`/`离线`), the
+    /// baseline reading (`rises_by`), or `""` (thresholds). For logs and the admin API; not sent.
     pub from: String,
-    /// The label after.
+    /// After: the new valve label, the new link, or `<field>=<value>` for reading events.
     pub to: String,
     /// `FlowDatas[].BizData`: a JSON object serialised to a string.
     pub biz_data: String,
@@ -48,6 +49,18 @@ pub fn render_biz_data<'a>(
     state: &str,
     readings: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> String {
+    render_event_biz_data(row, meter_no, state, readings, &[])
+}
+
+/// [`render_biz_data`], then the event's fixed `fields` (config keeps them from clashing with the
+/// keys before).
+pub fn render_event_biz_data<'a>(
+    row: &[(&str, &str)],
+    meter_no: &str,
+    state: &str,
+    readings: impl IntoIterator<Item = (&'a str, &'a str)>,
+    extra: &[(String, String)],
+) -> String {
     let mut obj = serde_json::Map::new();
     for (k, v) in row {
         obj.insert((*k).to_string(), serde_json::Value::String((*v).to_string()));
@@ -56,6 +69,9 @@ pub fn render_biz_data<'a>(
     obj.insert(VALVE_STATE_KEY.to_string(), state.into());
     for (k, v) in readings {
         obj.insert(k.to_string(), v.into());
+    }
+    for (k, v) in extra {
+        obj.insert(k.clone(), v.as_str().into());
     }
     serde_json::Value::Object(obj).to_string()
 }
@@ -71,6 +87,16 @@ mod tests {
         assert_eq!(
             s,
             r#"{"用户编号":"U1","水表表号":"M1","用户名称":"张三","阀门当前状态":"开启","累计流量":"12.30"}"#
+        );
+    }
+
+    #[test]
+    fn an_events_fixed_fields_come_last() {
+        let extra = [("事件说明".to_string(), "电池电压低于3.3V".to_string())];
+        let s = render_event_biz_data(&[("水表表号", "M1")], "M1", "关闭", [("电池电压", "3.29")], &extra);
+        assert_eq!(
+            s,
+            r#"{"水表表号":"M1","阀门当前状态":"关闭","电池电压":"3.29","事件说明":"电池电压低于3.3V"}"#
         );
     }
 }

@@ -16,13 +16,18 @@
 //! | coil    | 0       | valve: 0 = 关闭, 1 = 开启                  | 0 (closed)                      |
 //! | holding | 0–1     | 累计流量, u32 big-endian (high word first), ×0.01 m³ | `unit × 10000 + 1234` (e.g. unit 1: 112.34 m³) |
 //! | holding | 2       | 电池电压, u16, ×0.01 V                      | `350 + unit` (e.g. unit 1: 3.51 V) |
+//! | holding | 3       | valve status: 0 = 关闭, 1 = 开启, 2 = 故障   | 0 (closed)                      |
 //!
 //! Every valve flip ([`Plant::flip_valve`]) adds 1.23 m³ (raw 123) to 累计流量, so a flip is visible in the
-//! reading too. Values differ per unit, so an answer attributed to the wrong unit is visible.
+//! reading too, and sets the valve status register to the new position (clearing a fault).
+//! [`Plant::fault_valve`] sets the status register to 2 (a coil cannot hold a fault);
+//! [`Plant::set_battery`] and [`Plant::add_flow`] script a falling battery and water flowing through a
+//! shut valve. Values differ per unit, so an answer attributed to the wrong unit is visible.
 //!
-//! A matching config: `valve = { table = "coil", address = 0, states = { 0 = "关闭", 1 = "开启" } }`,
-//! readings `{ field = "累计流量", table = "holding", address = 0, type = "u32", scale = 0.01 }` and
-//! `{ field = "电池电压", table = "holding", address = 2, scale = 0.01 }`.
+//! A matching config: `valve = { table = "coil", address = 0, states = { 0 = "关闭", 1 = "开启" } }`
+//! (or, to see faults, `valve = { table = "holding", address = 3, states = { 0 = "关闭", 1 = "开启",
+//! 2 = "故障" } }`), readings `{ field = "累计流量", table = "holding", address = 0, type = "u32",
+//! scale = 0.01 }` and `{ field = "电池电压", table = "holding", address = 2, scale = 0.01 }`.
 //!
 //! # Faults
 //!
@@ -78,6 +83,12 @@ pub const UNIT_SIZE: usize = 64;
 /// Raw 累计流量 added by every valve flip (1.23 m³ at scale 0.01).
 pub const FLOW_PER_FLIP: u32 = 123;
 
+/// Holding register of the valve status (0 = 关闭, 1 = 开启, 2 = 故障).
+pub const VALVE_STATUS: u16 = 3;
+
+/// The valve status value of a fault.
+pub const VALVE_FAULT: u16 = 2;
+
 // === plant ===
 
 /// The four tables of one unit.
@@ -114,6 +125,16 @@ impl Unit {
         let lo = *self.holding.get(1)?;
         Some((u32::from(hi) << 16) | u32::from(lo))
     }
+
+    fn add_flow(&mut self, raw: u32) {
+        if let Some(flow) = self.flow() {
+            let flow = flow.wrapping_add(raw);
+            if let Some(w) = self.holding.get_mut(0..2) {
+                w[0] = (flow >> 16) as u16;
+                w[1] = flow as u16;
+            }
+        }
+    }
 }
 
 /// A fault injected into the next request to a unit.
@@ -138,6 +159,8 @@ pub struct UnitStatus {
     pub flow_raw: u32,
     /// Holding 2, raw (×0.01 V).
     pub battery_raw: u16,
+    /// Holding 3: 0 = closed, 1 = open, 2 = fault.
+    pub valve_status: u16,
     /// Dead (no answers).
     pub silenced: bool,
     /// Faults still queued.
@@ -202,22 +225,39 @@ impl Plant {
         self.lock().units.keys().copied().collect()
     }
 
-    /// Flip the valve (coil 0) of `unit` and add [`FLOW_PER_FLIP`] to its flow; the new valve state,
-    /// or `None` for an unknown unit.
+    /// Flip the valve (coil 0) of `unit`, set the valve status register (holding 3) to the new
+    /// position and add [`FLOW_PER_FLIP`] to its flow; the new valve state, or `None` for an unknown unit.
     pub fn flip_valve(&self, unit: u8) -> Option<bool> {
         let mut p = self.lock();
         let u = p.units.get_mut(&unit)?;
         let valve = u.coils.first_mut()?;
         *valve = !*valve;
         let open = *valve;
-        if let Some(flow) = u.flow() {
-            let flow = flow.wrapping_add(FLOW_PER_FLIP);
-            if let Some(w) = u.holding.get_mut(0..2) {
-                w[0] = (flow >> 16) as u16;
-                w[1] = flow as u16;
-            }
+        if let Some(status) = u.holding.get_mut(usize::from(VALVE_STATUS)) {
+            *status = u16::from(open);
         }
+        u.add_flow(FLOW_PER_FLIP);
         Some(open)
+    }
+
+    /// Make the valve of `unit` report a fault: status register (holding 3) = 2; the coil keeps its
+    /// position. Cleared by the next flip. False for an unknown unit.
+    pub fn fault_valve(&self, unit: u8) -> bool {
+        self.set_holding(unit, VALVE_STATUS, VALVE_FAULT)
+    }
+
+    /// Set the 电池电压 register (holding 2, ×0.01 V) of `unit`; false for an unknown unit.
+    pub fn set_battery(&self, unit: u8, raw: u16) -> bool {
+        self.set_holding(unit, 2, raw)
+    }
+
+    /// Add `raw` (×0.01 m³) to the 累计流量 of `unit` without touching the valve (a leak, or a
+    /// tampered valve); the new raw flow, or `None` for an unknown unit.
+    pub fn add_flow(&self, unit: u8, raw: u32) -> Option<u32> {
+        let mut p = self.lock();
+        let u = p.units.get_mut(&unit)?;
+        u.add_flow(raw);
+        u.flow()
     }
 
     /// The valve (coil 0) of `unit`.
@@ -302,6 +342,7 @@ impl Plant {
                 valve_open: u.coils.first().copied().unwrap_or(false),
                 flow_raw: u.flow().unwrap_or(0),
                 battery_raw: u.holding.get(2).copied().unwrap_or(0),
+                valve_status: u.holding.get(usize::from(VALVE_STATUS)).copied().unwrap_or(0),
                 silenced: p.silent.get(&unit).copied().unwrap_or(false),
                 pending_faults: p.faults.get(&unit).map_or(0, VecDeque::len),
                 requests: p.requests.get(&unit).copied().unwrap_or(0),
@@ -862,7 +903,8 @@ pub struct SimulateArgs {
     /// Flip one valve (round robin over the units) this often, e.g. "10s".
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     pub flip_every: Option<Duration>,
-    /// Serve the admin HTTP API here: POST /units/{unit}/flip|silence|wake, GET /units.
+    /// Serve the admin HTTP API here: POST /units/{unit}/flip|fault|silence|wake,
+    /// POST /units/{unit}/battery/{volts}, POST /units/{unit}/flow/{m3}, GET /units.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
 }
@@ -975,7 +1017,10 @@ fn valve_word(open: bool) -> &'static str {
 }
 
 const HELP: &str = "commands:
-  flip U               flip the valve of unit U (adds 1.23 m³ to its flow)
+  flip U               flip the valve of unit U (adds 1.23 m³ to its flow; clears a fault)
+  fault U              the valve of unit U reports a fault (holding 3 = 2)
+  battery U VOLTS      set the battery voltage of unit U, e.g. battery 2 3.2
+  flow U M3            add M3 m³ to the flow of unit U without moving its valve, e.g. flow 3 0.05
   silence U            unit U stops answering
   wake U               unit U answers again
   set U holding A V    set holding register A of unit U to V
@@ -1001,6 +1046,36 @@ pub fn command(plant: &Plant, line: &str) -> String {
             Some(open) => format!("unit {u}: valve {}", valve_word(open)),
             None => format!("unit {u} has no valve coil"),
         }),
+        "fault" => unit_arg(1).map(|u| {
+            plant.fault_valve(u);
+            format!("unit {u}: valve reports 故障 (fault)")
+        }),
+        "battery" => (|| {
+            let u = unit_arg(1)?;
+            let raw = words
+                .get(2)
+                .and_then(|w| hundredths(w))
+                .and_then(|r| u16::try_from(r).ok())
+                .ok_or("VOLTS must be a number 0..655.35, e.g. 3.2")?;
+            plant.set_battery(u, raw);
+            Ok(format!("unit {u}: 电池电压 {}.{:02} V", raw / 100, raw % 100))
+        })(),
+        "flow" => (|| {
+            let u = unit_arg(1)?;
+            let raw = words
+                .get(2)
+                .and_then(|w| hundredths(w))
+                .and_then(|r| u32::try_from(r).ok())
+                .ok_or("M3 must be a positive number, e.g. 0.05")?;
+            let flow = plant.add_flow(u, raw).unwrap_or(0);
+            Ok(format!(
+                "unit {u}: 累计流量 {}.{:02} m³ (+{}.{:02}, valve not moved)",
+                flow / 100,
+                flow % 100,
+                raw / 100,
+                raw % 100
+            ))
+        })(),
         "silence" => unit_arg(1).map(|u| {
             plant.silence(u, true);
             format!("unit {u}: silenced (no answers)")
@@ -1041,9 +1116,14 @@ pub fn command(plant: &Plant, line: &str) -> String {
             .iter()
             .map(|s| {
                 format!(
-                    "unit {}: valve {}, 累计流量 {}.{:02} m³, 电池电压 {}.{:02} V{}{}",
+                    "unit {}: valve {}{}, 累计流量 {}.{:02} m³, 电池电压 {}.{:02} V{}{}",
                     s.unit,
                     valve_word(s.valve_open),
+                    if s.valve_status == VALVE_FAULT {
+                        ", reports 故障"
+                    } else {
+                        ""
+                    },
                     s.flow_raw / 100,
                     s.flow_raw % 100,
                     s.battery_raw / 100,
@@ -1062,6 +1142,15 @@ pub fn command(plant: &Plant, line: &str) -> String {
         other => Err(format!("unknown command `{other}`; type help")),
     };
     result.unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// A non-negative decimal with at most two decimals, in hundredths: "3.2" → 320.
+fn hundredths(s: &str) -> Option<u64> {
+    let v: f64 = s.trim().parse().ok()?;
+    if !(0.0..=4.0e7).contains(&v) {
+        return None;
+    }
+    Some((v * 100.0).round() as u64)
 }
 
 // === admin HTTP ===
@@ -1113,9 +1202,57 @@ fn admin_router(plant: Plant) -> axum::Router {
         )
     }
 
+    async fn fault(State(plant): State<Plant>, Path(unit): Path<u8>) -> Reply {
+        if !plant.fault_valve(unit) {
+            return unknown(unit);
+        }
+        println!("unit {unit}: valve reports 故障 (admin API)");
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "unit": unit, "valve_status": VALVE_FAULT })),
+        )
+    }
+
+    fn bad(what: &str) -> Reply {
+        (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": what })))
+    }
+
+    async fn battery(State(plant): State<Plant>, Path((unit, volts)): Path<(u8, String)>) -> Reply {
+        let Some(raw) = hundredths(&volts).and_then(|r| u16::try_from(r).ok()) else {
+            return bad("volts must be a number 0..655.35, e.g. 3.2");
+        };
+        if !plant.set_battery(unit, raw) {
+            return unknown(unit);
+        }
+        println!("unit {unit}: 电池电压 {}.{:02} V (admin API)", raw / 100, raw % 100);
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "unit": unit, "battery_raw": raw })),
+        )
+    }
+
+    async fn flow(State(plant): State<Plant>, Path((unit, m3)): Path<(u8, String)>) -> Reply {
+        let Some(raw) = hundredths(&m3).and_then(|r| u32::try_from(r).ok()) else {
+            return bad("m3 must be a positive number, e.g. 0.05");
+        };
+        match plant.add_flow(unit, raw) {
+            Some(flow) => {
+                println!("unit {unit}: 累计流量 +{m3} m³, valve not moved (admin API)");
+                (
+                    StatusCode::OK,
+                    Json(serde_json::json!({ "unit": unit, "flow_raw": flow })),
+                )
+            }
+            None => unknown(unit),
+        }
+    }
+
     axum::Router::new()
         .route("/units", get(units))
         .route("/units/{unit}/flip", post(flip))
+        .route("/units/{unit}/fault", post(fault))
+        .route("/units/{unit}/battery/{volts}", post(battery))
+        .route("/units/{unit}/flow/{m3}", post(flow))
         .route(
             "/units/{unit}/silence",
             post(|State(p): State<Plant>, Path(u): Path<u8>| set_silent(p, u, true)),
@@ -1146,6 +1283,35 @@ mod tests {
         assert_eq!(p.flow(1), Some(11_234 + FLOW_PER_FLIP));
         assert_eq!(p.flip_valve(1), Some(false));
         assert_eq!(p.flip_valve(9), None);
+    }
+
+    #[test]
+    fn a_fault_shows_in_the_status_register_until_the_next_flip() {
+        let p = Plant::with_meters(1);
+        assert_eq!(p.holding(1, VALVE_STATUS), Some(0));
+        assert!(p.fault_valve(1));
+        assert_eq!(p.holding(1, VALVE_STATUS), Some(VALVE_FAULT));
+        assert_eq!(p.valve(1), Some(false), "the coil cannot hold a fault");
+        assert_eq!(p.flip_valve(1), Some(true));
+        assert_eq!(p.holding(1, VALVE_STATUS), Some(1));
+        assert!(!p.fault_valve(9));
+    }
+
+    #[test]
+    fn battery_and_flow_commands_script_the_readings() {
+        let p = Plant::with_meters(3);
+        assert_eq!(command(&p, "battery 2 3.2"), "unit 2: 电池电压 3.20 V");
+        assert_eq!(p.holding(2, 2), Some(320));
+        assert_eq!(
+            command(&p, "flow 3 0.05"),
+            "unit 3: 累计流量 312.39 m³ (+0.05, valve not moved)"
+        );
+        assert_eq!(p.valve(3), Some(false));
+        assert_eq!(command(&p, "fault 1"), "unit 1: valve reports 故障 (fault)");
+        assert!(command(&p, "status").contains("unit 1: valve 关闭 (closed), reports 故障"));
+        assert!(command(&p, "battery 2 x").starts_with("error:"));
+        assert!(command(&p, "flow 2 -1").starts_with("error:"));
+        assert!(command(&p, "fault 9").starts_with("error: no unit 9"));
     }
 
     #[test]
@@ -1180,7 +1346,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_admin_api_flips_silences_and_lists_units() {
+    async fn the_admin_api_flips_silences_scripts_and_lists_units() {
         let plant = Plant::with_meters(2);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("bound");
@@ -1205,6 +1371,15 @@ mod tests {
         assert_eq!(units[1]["silenced"], true);
         assert_eq!(post("/units/2/wake").await.expect("wake").status(), 200);
         assert!(!plant.status()[1].silenced);
+        assert_eq!(post("/units/1/fault").await.expect("fault").status(), 200);
+        assert_eq!(plant.status()[0].valve_status, VALVE_FAULT);
+        assert_eq!(post("/units/2/battery/3.2").await.expect("battery").status(), 200);
+        assert_eq!(plant.holding(2, 2), Some(320));
+        assert_eq!(post("/units/2/battery/abc").await.expect("battery").status(), 400);
+        let before = plant.flow(2).unwrap_or_default();
+        assert_eq!(post("/units/2/flow/0.05").await.expect("flow").status(), 200);
+        assert_eq!(plant.flow(2), Some(before + 5));
+        assert_eq!(post("/units/9/fault").await.expect("fault 9").status(), 404);
         server.abort();
     }
 

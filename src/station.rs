@@ -1,7 +1,21 @@
-//! The station: takes each poll cycle from every bus, applies the transition rules to the stored
-//! valve states, turns accepted transitions into records (BizData from the mapping row and the same
-//! poll's readings), commits state + records in one transaction, and makes each cycle durable (one
-//! flush + fsync) before it wakes the sender.
+//! The station: takes each poll cycle from every bus, applies the rules of [`crate::detect`] to the
+//! stored state of each meter (valve, link, rule memory), turns what fires into records (BizData from
+//! the mapping row, the same poll's readings and the event's fixed fields), commits the meter's new
+//! state + its records in one transaction, and makes each cycle durable (one flush + fsync) before
+//! it wakes the sender.
+//!
+//! Event rules and where they are evaluated:
+//! - valve rules: on the sample that makes a transition accepted (after `confirm`).
+//! - reading rules (threshold, `rises_by`): on every sample of a meter that reads the field; an
+//!   offline meter sends no samples, and an undecodable reading never fires.
+//! - link rules: `离线` when the bus reports the meter offline and then on every cycle of its bus
+//!   while it stays offline (that is the clock of a `for`), `在线` on the first sample after an
+//!   outage. The outage's start is persisted, so a `for` runs across restarts; but after a restart an
+//!   outage is only reported once the bus has confirmed it again (the meter may have come back while
+//!   the gateway was down).
+//!
+//! The memory is read from the store for every evaluation and written only when it changed, so what
+//! the rules know is exactly what is on disk: a refused commit (outbox full) is seen again.
 //!
 //! Also keeps the live view of every meter (online, state, readings) for the admin API and tests.
 
@@ -12,10 +26,10 @@ use std::time::Instant;
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::{mpsc, Notify};
 
-use crate::config::Config;
-use crate::detect::{decide, Decision, Pending};
+use crate::config::{Config, EventKind, EventRule, OFFLINE, ONLINE};
+use crate::detect::{self, decide, Decision, Pending};
 use crate::outbox::{Draft, Outbox, OutboxError, StoredState};
-use crate::record::render_biz_data;
+use crate::record::render_event_biz_data;
 
 /// One successful read of a meter: its valve's raw value and its readings, rendered.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,16 +111,47 @@ pub struct Station {
     sender_wake: Arc<Notify>,
     live: Arc<Live>,
     full_logged: bool,
+    /// Meters the bus has reported offline in this run, by meter index. A `离线` rule fires only for
+    /// these: an outage persisted before a restart must be confirmed by the bus again.
+    confirmed_offline: Vec<bool>,
+    /// The latest readings of each meter in this run: the readings of a `离线` work order.
+    last_readings: Vec<Option<Vec<String>>>,
+    /// Meter indices of each bus, for the timer pass.
+    by_bus: Vec<Vec<usize>>,
+    /// Whether any link rule is configured (otherwise link changes are not persisted at all).
+    link_rules: bool,
+    /// Whether any `离线` rule is configured (otherwise `在线` rules report every return).
+    offline_rules: bool,
 }
+
+/// What applying something to one meter did: (wrote to the store, records queued).
+type Applied = Result<(bool, usize), OutboxError>;
 
 impl Station {
     /// A station over `outbox` that wakes `sender_wake` after each durable cycle with records.
     pub fn new(cfg: Arc<Config>, outbox: Outbox, sender_wake: Arc<Notify>, live: Arc<Live>) -> Station {
         let n = cfg.meters.len();
+        let mut by_bus = vec![Vec::new(); cfg.buses.len()];
+        for (i, m) in cfg.meters.iter().enumerate() {
+            if let Some(b) = by_bus.get_mut(m.bus) {
+                b.push(i);
+            }
+        }
+        let link = |online: bool| {
+            cfg.events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Link { online: o, .. } if o == online))
+        };
+        let (link_rules, offline_rules) = (link(true) || link(false), link(false));
         Station {
+            pending: vec![Pending::default(); n],
+            confirmed_offline: vec![false; n],
+            last_readings: vec![None; n],
+            by_bus,
+            link_rules,
+            offline_rules,
             cfg,
             outbox,
-            pending: vec![Pending::default(); n],
             sender_wake,
             live,
             full_logged: false,
@@ -126,29 +171,42 @@ impl Station {
 
     /// Apply one cycle; returns how many records it queued (durably).
     pub async fn apply(&mut self, cycle: Cycle) -> usize {
-        for (meter, online) in &cycle.links {
-            self.live.update(|v| {
-                if let Some(m) = v.get_mut(*meter) {
-                    m.online = *online;
-                }
-            });
-        }
+        let now = Utc::now();
         let mut wrote = false;
         let mut queued = 0;
+        for &(meter, online) in &cycle.links {
+            self.live.update(|v| {
+                if let Some(m) = v.get_mut(meter) {
+                    m.online = online;
+                }
+            });
+            if let Some(c) = self.confirmed_offline.get_mut(meter) {
+                *c = !online;
+            }
+            if !online {
+                let r = self.went_offline(meter, now);
+                self.settle(meter, r, &mut wrote, &mut queued);
+            }
+        }
         for sample in &cycle.samples {
-            match self.apply_sample(sample) {
-                Ok((w, n)) => {
-                    wrote |= w;
-                    queued += n;
-                }
-                Err(OutboxError::Full { .. }) if self.full_logged => {}
-                Err(e @ OutboxError::Full { .. }) => {
-                    self.full_logged = true;
-                    tracing::error!(message = "Outbox full: new valve states are not committed until records are delivered.", error = %e);
-                }
-                Err(e) => {
-                    tracing::error!(message = "Cannot store a valve state.", meter = %self.meter_no(sample.meter), error = %e)
-                }
+            let r = self.apply_sample(sample);
+            self.settle(sample.meter, r, &mut wrote, &mut queued);
+        }
+        // The clock of `for`: every cycle of a bus re-evaluates its meters that are still offline.
+        if self.offline_rules {
+            let offline: Vec<usize> = self
+                .by_bus
+                .get(cycle.bus)
+                .map(|ms| {
+                    ms.iter()
+                        .copied()
+                        .filter(|&m| self.confirmed_offline.get(m).copied().unwrap_or(false))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for meter in offline {
+                let r = self.still_offline(meter, now);
+                self.settle(meter, r, &mut wrote, &mut queued);
             }
         }
         if wrote {
@@ -164,12 +222,73 @@ impl Station {
         queued
     }
 
+    fn settle(&mut self, meter: usize, r: Applied, wrote: &mut bool, queued: &mut usize) {
+        match r {
+            Ok((w, n)) => {
+                *wrote |= w;
+                *queued += n;
+            }
+            Err(OutboxError::Full { .. }) if self.full_logged => {}
+            Err(e @ OutboxError::Full { .. }) => {
+                self.full_logged = true;
+                tracing::error!(message = "Outbox full: new states are not committed until records are delivered.", error = %e);
+            }
+            Err(e) => {
+                tracing::error!(message = "Cannot store a meter state.", meter = %self.meter_no(meter), error = %e)
+            }
+        }
+    }
+
     fn meter_no(&self, meter: usize) -> &str {
         self.cfg.meters.get(meter).map_or("?", |m| m.meter_no.as_str())
     }
 
-    /// Returns (wrote to the store, records queued).
-    fn apply_sample(&mut self, s: &Sample) -> Result<(bool, usize), OutboxError> {
+    fn stamp(&self, t: DateTime<Utc>) -> String {
+        t.with_timezone(&self.cfg.site.timezone)
+            .to_rfc3339_opts(SecondsFormat::Secs, false)
+    }
+
+    /// The bus reported `meter` offline (after `offline_after` failures): start the outage unless one
+    /// is already stored (a restart mid-outage keeps its start), then evaluate the link rules.
+    fn went_offline(&mut self, meter: usize, now: DateTime<Utc>) -> Applied {
+        if !self.link_rules {
+            return Ok((false, 0));
+        }
+        let Some(m) = self.cfg.meters.get(meter) else {
+            return Ok((false, 0));
+        };
+        let before = self.outbox.state(&m.meter_no)?;
+        let mut st = before.clone().unwrap_or(StoredState {
+            valve_unknown: true,
+            ..StoredState::default()
+        });
+        if st.offline_since.is_none() {
+            st.offline_since = Some(now);
+            st.back_since = None;
+            tracing::info!(message = "Meter counted offline for the link rules.", meter = %m.meter_no);
+        }
+        let drafts = self.link_drafts(meter, &mut st, now, None);
+        self.commit(meter, before, st, drafts)
+    }
+
+    /// A cycle of the bus of a meter it reports offline: a pending `for` may have run out.
+    fn still_offline(&mut self, meter: usize, now: DateTime<Utc>) -> Applied {
+        let Some(m) = self.cfg.meters.get(meter) else {
+            return Ok((false, 0));
+        };
+        let Some(before) = self.outbox.state(&m.meter_no)? else {
+            return Ok((false, 0));
+        };
+        if before.offline_since.is_none() {
+            return Ok((false, 0));
+        }
+        let mut st = before.clone();
+        let drafts = self.link_drafts(meter, &mut st, now, None);
+        self.commit(meter, Some(before), st, drafts)
+    }
+
+    /// One sample: link (back online?), valve (baseline / transition), then the reading rules.
+    fn apply_sample(&mut self, s: &Sample) -> Applied {
         let Some(meter) = self.cfg.meters.get(s.meter) else {
             return Ok((false, 0));
         };
@@ -182,65 +301,226 @@ impl Station {
                 m.last_sample = Some(Instant::now());
             }
         });
-        let stored = self.outbox.state(&meter.meter_no)?;
-        let at =
-            s.at.with_timezone(&self.cfg.site.timezone)
-                .to_rfc3339_opts(SecondsFormat::Secs, false);
-        let new_state = StoredState {
-            raw: s.valve_raw,
-            label: label.clone(),
-            since: at.clone(),
-        };
+        if let Some(r) = self.last_readings.get_mut(s.meter) {
+            *r = Some(s.readings.clone());
+        }
+        if let Some(c) = self.confirmed_offline.get_mut(s.meter) {
+            *c = false;
+        }
+        let before = self.outbox.state(&meter.meter_no)?;
+        let stored_valve = before.as_ref().filter(|st| !st.valve_unknown).map(|st| st.raw);
+        let at = self.stamp(s.at);
         let Some(pending) = self.pending.get_mut(s.meter) else {
             return Ok((false, 0));
         };
-        match decide(stored.as_ref().map(|st| st.raw), pending, s.valve_raw, meter.confirm) {
-            Decision::Unchanged | Decision::Pending => Ok((false, 0)),
+        let decision = decide(stored_valve, pending, s.valve_raw, meter.confirm);
+        let mut st = before.clone().unwrap_or_default();
+
+        // The outage, if one is stored, is over; an `在线` rule reports it if it counts.
+        let outage = st.offline_since.take();
+        if let Some(start) = outage {
+            let reported = self.cfg.events.iter().any(|e| {
+                matches!(e.kind, EventKind::Link { online: false, .. })
+                    && st.rules.get(&e.key).is_some_and(|m| m.fired_for == Some(start))
+            });
+            st.back_since = (reported || !self.offline_rules).then_some(s.at);
+            tracing::info!(message = "Meter answers again after an outage.", meter = %meter.meter_no, reported);
+        }
+
+        let mut valve_drafts = Vec::new();
+        match decision {
+            Decision::Unchanged | Decision::Pending => {}
             Decision::Baseline => {
-                self.outbox.set_baseline(&meter.meter_no, &new_state)?;
                 tracing::info!(message = "Baseline valve state stored.", meter = %meter.meter_no, state = %label);
-                Ok((true, 0))
+                st.raw = s.valve_raw;
+                st.label = label.clone();
+                st.since = at.clone();
+                st.valve_unknown = false;
             }
             Decision::Transition => {
-                let from = stored.map(|st| st.label).unwrap_or_default();
-                let drafts = self.drafts(s, &from, &label, &at);
-                let n = drafts.len();
-                let records = self.outbox.commit(&meter.meter_no, &new_state, drafts)?;
-                self.live.transitions.fetch_add(1, Ordering::Relaxed);
-                self.full_logged = false;
-                for r in &records {
-                    tracing::info!(message = "Valve transition queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %from, to = %label);
+                let from = std::mem::replace(&mut st.label, label.clone());
+                st.raw = s.valve_raw;
+                st.since = at.clone();
+                for e in self.cfg.events.iter().filter(|e| e.matches(&from, &label)) {
+                    valve_drafts.push(self.draft(s.meter, e, &at, &from, &label, &label, &s.readings));
                 }
-                if n == 0 {
+                if valve_drafts.is_empty() {
                     tracing::info!(message = "Valve moved; no event matches.", meter = %meter.meter_no, from = %from, to = %label);
                 }
-                Ok((true, n))
             }
         }
+
+        let mut drafts = self.link_drafts(s.meter, &mut st, s.at, Some(&s.readings));
+        drafts.append(&mut valve_drafts);
+        drafts.extend(self.reading_drafts(s, &mut st, &at));
+        self.commit(s.meter, before, st, drafts)
     }
 
-    fn drafts(&self, s: &Sample, from: &str, to: &str, at: &str) -> Vec<Draft> {
+    /// Evaluate every link rule against `st` at `now`; `readings` are the sample's, if there is one.
+    fn link_drafts(
+        &self,
+        meter: usize,
+        st: &mut StoredState,
+        now: DateTime<Utc>,
+        readings: Option<&[String]>,
+    ) -> Vec<Draft> {
+        let confirmed = self.confirmed_offline.get(meter).copied().unwrap_or(false);
+        let last = self
+            .last_readings
+            .get(meter)
+            .and_then(Option::as_ref)
+            .map(Vec::as_slice);
+        let blank: Vec<String>;
+        let readings: &[String] = match (readings, last) {
+            (Some(r), _) | (None, Some(r)) => r,
+            (None, None) => {
+                let n = self.cfg.meters.get(meter).map_or(0, |m| m.readings.len());
+                blank = vec![String::new(); n];
+                &blank
+            }
+        };
+        let label = if st.valve_unknown {
+            "未知".to_string()
+        } else {
+            st.label.clone()
+        };
+        let mut out = Vec::new();
+        for e in &self.cfg.events {
+            let EventKind::Link { online, after } = e.kind else {
+                continue;
+            };
+            let since = if online {
+                st.back_since
+            } else {
+                st.offline_since.filter(|_| confirmed)
+            };
+            let mem = st.rules.entry(e.key.clone()).or_default();
+            if detect::link(after, mem, since, now) {
+                let (from, to) = if online { (OFFLINE, ONLINE) } else { (ONLINE, OFFLINE) };
+                out.push(self.draft(meter, e, &self.stamp(now), from, to, &label, readings));
+            }
+        }
+        out
+    }
+
+    /// Evaluate the threshold and `rises_by` rules on a sample (the valve state in `st` is the accepted one).
+    fn reading_drafts(&self, s: &Sample, st: &mut StoredState, at: &str) -> Vec<Draft> {
         let Some(meter) = self.cfg.meters.get(s.meter) else {
             return Vec::new();
         };
-        let row = self.cfg.mapping.get(&meter.meter_no).unwrap_or_default();
-        let readings = meter
-            .readings
-            .iter()
-            .map(|r| r.field.as_str())
-            .zip(s.readings.iter().map(String::as_str));
-        let biz_data = render_biz_data(&row, &meter.meter_no, to, readings);
-        self.cfg
-            .events
-            .iter()
-            .filter(|e| e.matches(from, to))
-            .map(|e| Draft {
-                event_name: e.name.clone(),
-                detected_at: at.to_string(),
-                from: from.to_string(),
-                to: to.to_string(),
-                biz_data: biz_data.clone(),
-            })
-            .collect()
+        let mut out = Vec::new();
+        for e in &self.cfg.events {
+            let (field, fired, shown_from) = match &e.kind {
+                EventKind::Threshold { field, rule } => {
+                    let Some(rendered) = reading(meter, s, field) else {
+                        continue;
+                    };
+                    let mem = st.rules.entry(e.key.clone()).or_default();
+                    (
+                        field,
+                        detect::threshold(rule, mem, detect::reading_value(rendered)),
+                        String::new(),
+                    )
+                }
+                EventKind::RisesBy { field, by, while_valve } => {
+                    let Some(rendered) = reading(meter, s, field) else {
+                        continue;
+                    };
+                    let in_state = !st.valve_unknown && st.label == *while_valve;
+                    if in_state && meter.valve.label(s.valve_raw) != *while_valve {
+                        // The valve reads another state that `confirm` has not accepted yet: the flow
+                        // of a valve being opened is no leak. Wait, keeping the baseline (a glitch
+                        // must not hide a leak in progress).
+                        continue;
+                    }
+                    let mem = st.rules.entry(e.key.clone()).or_default();
+                    let fired = detect::rises_by(*by, mem, in_state, detect::reading_value(rendered));
+                    let base = mem.baseline.map(|b| b.to_string()).unwrap_or_default();
+                    (field, fired, base)
+                }
+                _ => continue,
+            };
+            if fired {
+                let value = reading(meter, s, field).unwrap_or_default();
+                let to = format!("{field}={value}");
+                out.push(self.draft(s.meter, e, at, &shown_from, &to, &st.label, &s.readings));
+            }
+        }
+        out
     }
+
+    #[allow(clippy::too_many_arguments)]
+    fn draft(
+        &self,
+        meter: usize,
+        rule: &EventRule,
+        at: &str,
+        from: &str,
+        to: &str,
+        valve_label: &str,
+        readings: &[String],
+    ) -> Draft {
+        let (meter_no, row, fields): (&str, Vec<(&str, &str)>, Vec<&str>) = match self.cfg.meters.get(meter) {
+            Some(m) => (
+                m.meter_no.as_str(),
+                self.cfg.mapping.get(&m.meter_no).unwrap_or_default(),
+                m.readings.iter().map(|r| r.field.as_str()).collect(),
+            ),
+            None => ("?", Vec::new(), Vec::new()),
+        };
+        let readings = fields.into_iter().zip(readings.iter().map(String::as_str));
+        Draft {
+            event_name: rule.name.clone(),
+            detected_at: at.to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+            biz_data: render_event_biz_data(&row, meter_no, valve_label, readings, &rule.fields),
+        }
+    }
+
+    /// Commit `after` with `drafts` in one transaction, unless nothing changed. Memory of rules no
+    /// longer configured is dropped here.
+    fn commit(
+        &mut self,
+        meter: usize,
+        before: Option<StoredState>,
+        mut after: StoredState,
+        drafts: Vec<Draft>,
+    ) -> Applied {
+        let cfg = Arc::clone(&self.cfg);
+        after.rules.retain(|k, _| cfg.events.iter().any(|e| &e.key == k));
+        // Memory that is still all defaults need not be stored.
+        after.rules.retain(|_, m| *m != detect::RuleMemory::default());
+        if drafts.is_empty() && before.as_ref() == Some(&after) {
+            return Ok((false, 0));
+        }
+        let meter_no = self.meter_no(meter).to_string();
+        let n = drafts.len();
+        let moved = before.as_ref().is_some_and(|b| b.raw != after.raw);
+        let records = self.outbox.commit(&meter_no, &after, drafts)?;
+        self.full_logged = false;
+        if moved {
+            self.live.transitions.fetch_add(1, Ordering::Relaxed);
+        }
+        for r in &records {
+            // "Valve transition queued." is the message operators and tests/ops.rs know; keep it for valves.
+            if self
+                .cfg
+                .events
+                .iter()
+                .any(|e| e.name == r.event_name && matches!(e.kind, EventKind::Valve { .. }))
+            {
+                tracing::info!(message = "Valve transition queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+            } else {
+                tracing::info!(message = "Work order queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+            }
+        }
+        Ok((true, n))
+    }
+}
+
+/// The rendered reading `field` of a sample, if the meter reads it.
+fn reading<'a>(meter: &crate::config::MeterConfig, s: &'a Sample, field: &str) -> Option<&'a str> {
+    let k = meter.readings.iter().position(|r| r.field == field)?;
+    s.readings.get(k).map(String::as_str)
 }

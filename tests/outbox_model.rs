@@ -134,6 +134,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     raw: m.seq as i64,
                     label: "开启".into(),
                     since: String::new(),
+                    ..StoredState::default()
                 };
                 let before = o.state(meter).map_err(fail)?;
                 let fits = m.queue.len() + n <= LIMITS.max_records as usize;

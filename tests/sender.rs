@@ -80,6 +80,7 @@ async fn queue(outbox: &Outbox, meter: &str, event: &str) -> Record {
         raw: 1,
         label: state.into(),
         since: "2026-01-01T08:00:00+08:00".into(),
+        ..StoredState::default()
     };
     let draft = Draft {
         event_name: event.into(),
@@ -545,6 +546,7 @@ async fn queue_seq(outbox: &Outbox, meter: &str, event: &str, seq: usize) -> Rec
         raw: 1,
         label: state.into(),
         since: String::new(),
+        ..StoredState::default()
     };
     let draft = Draft {
         event_name: event.into(),
@@ -1176,6 +1178,7 @@ async fn a_full_outbox_is_critical_with_the_refused_commits_counted() {
         raw: 0,
         label: "关闭".into(),
         since: String::new(),
+        ..StoredState::default()
     };
     let draft = Draft {
         event_name: CLOSE.into(),

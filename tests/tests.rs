@@ -12,6 +12,8 @@ mod config;
 mod crash;
 /// Simulator → gateway → mock Panda, in-process, over TCP and loopback HTTP.
 mod e2e;
+/// Event rules end to end: valve fault, link offline/online with `for`, thresholds, `rises_by`.
+mod events;
 /// Running as a service: systemd notify + watchdog, SIGHUP reload, SIGTERM, a second instance.
 mod ops;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
