@@ -7,7 +7,8 @@
 //!
 //! Invariants, because a silently wrong register value makes false or missed work orders
 //! (`shared/notes/tokio-modbus.md` is the evidence for each):
-//! - One request at a time, each (and each connect) under `tokio::time::timeout(bus.timeout)`.
+//! - One request at a time, each under a `bus.timeout` deadline (one timer per link, moved forward per
+//!   request), each connect under `tokio::time::timeout(bus.timeout)`.
 //! - Every answer is checked against its request: function, and exact item count. The typed tokio-modbus
 //!   helpers are not used, because their `debug_assert!`s panic on a short answer in debug builds.
 //! - After a timeout, a transport error, a header or length mismatch, or an undecodable answer, the
@@ -20,6 +21,7 @@
 //! Never: panics on anything a device sends, exits before shutdown, logs once per poll (state changes
 //! only), or slows the online meters down for an offline one more than one try per `offline_retry`.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,7 @@ use std::time::Duration;
 use chrono::Utc;
 use rand::Rng as _;
 use tokio::sync::mpsc;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 use tokio_modbus::client::{rtu, tcp, Client as _, Context};
 use tokio_modbus::prelude::{ExceptionCode, Request, Response, Slave, SlaveContext as _};
 use tokio_serial::SerialPort as _;
@@ -303,6 +305,12 @@ struct Link {
     frame_gap: Duration,
     guard: Duration,
     ctx: Option<Context>,
+    /// The deadline of the request in flight, one timer for the link's life, moved forward before
+    /// each request. A fresh `timeout()` per request registers a new timer every time, and each
+    /// registration into an empty timer wheel wakes the runtime's parked driver thread: a context
+    /// switch per request (profile in BENCHMARKS.md, row 1). Moving a registered timer later only
+    /// updates it in place.
+    deadline: Pin<Box<Sleep>>,
     /// No open is tried before this instant (after a failed open).
     retry_at: Option<Instant>,
     backoff: Backoff,
@@ -336,6 +344,7 @@ impl Link {
             frame_gap: if rtu { frame_gap } else { Duration::ZERO },
             guard: if rtu { guard } else { Duration::ZERO },
             ctx: None,
+            deadline: Box::pin(sleep(timeout)),
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             up: None,
@@ -428,7 +437,14 @@ impl Link {
             Table::Input => Request::ReadInputRegisters(a, n),
         };
         bump(&self.stats.requests);
-        let failure = match timeout(self.timeout, ctx.call(request)).await {
+        self.deadline.as_mut().reset(Instant::now() + self.timeout);
+        // As `timeout(self.timeout, ctx.call(request))`: the call is polled first, then the deadline.
+        let answer = tokio::select! {
+            biased;
+            r = ctx.call(request) => Ok(r),
+            () = self.deadline.as_mut() => Err(()),
+        };
+        let failure = match answer {
             Ok(Ok(Ok(response))) => match check(block, response) {
                 Ok(data) => {
                     bump(&self.stats.ok);
@@ -852,9 +868,17 @@ pub async fn run_bus(
                     break;
                 }
             }
-            tokio::select! {
-                () = sleep_until(start + bus_cfg.poll_interval) => {}
-                () = shutdown.cancelled() => break,
+            // A round that overran its interval starts the next one at once. Waiting on a deadline
+            // already past still costs a turn of the timer wheel, which ticks in whole milliseconds
+            // (up to 1 ms idle per round; profile in BENCHMARKS.md, row 1).
+            let next = start + bus_cfg.poll_interval;
+            if Instant::now() < next {
+                tokio::select! {
+                    () = sleep_until(next) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            } else if shutdown.is_cancelled() {
+                break;
             }
         }
         info!(message = "Bus task stopped.");
@@ -892,9 +916,11 @@ impl BusTask {
 
     async fn read_meter(&mut self, k: usize) -> Result<Sample, Failure> {
         let m = &self.meters[k];
-        let (unit, index, blocks) = (m.unit, m.index, m.plan.blocks.clone());
-        let mut data = Vec::with_capacity(blocks.len());
-        for block in blocks {
+        let (unit, index, n) = (m.unit, m.index, m.plan.blocks.len());
+        let mut data = Vec::with_capacity(n);
+        // Blocks are `Copy`: index them instead of cloning the plan's list on every poll.
+        for b in 0..n {
+            let block = self.meters[k].plan.blocks[b];
             data.push(self.link.read(unit, block).await?);
         }
         let Some(meter) = self.cfg.meters.get(index) else {
