@@ -1330,6 +1330,9 @@ async fn row8(plan: Plan) -> Row {
 
 // === report ===
 
+/// Where the generated part of BENCHMARKS.md ends and the hand-written notes begin.
+const NOTES_MARK: &str = "<!-- notes: benches/BENCHMARKS.notes.md -->";
+
 fn report(rows: &[Row], command: &str, minutes: f64) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Benchmarks\n");
@@ -1356,8 +1359,9 @@ fn report(rows: &[Row], command: &str, minutes: f64) -> String {
         );
     }
     // Hand-written findings (profiles, changes, before/after), kept next to the runner.
-    let notes = include_str!("BENCHMARKS.notes.md");
-    let _ = writeln!(s, "\n{notes}");
+    let notes = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/BENCHMARKS.notes.md"))
+        .unwrap_or_default();
+    let _ = writeln!(s, "\n{NOTES_MARK}\n\n{notes}");
     s
 }
 

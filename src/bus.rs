@@ -7,8 +7,7 @@
 //!
 //! Invariants, because a silently wrong register value makes false or missed work orders
 //! (`shared/notes/tokio-modbus.md` is the evidence for each):
-//! - One request at a time, each under a `bus.timeout` deadline (one timer per link, moved forward per
-//!   request), each connect under `tokio::time::timeout(bus.timeout)`.
+//! - One request at a time, each (and each connect) under `tokio::time::timeout(bus.timeout)`.
 //! - Every answer is checked against its request: function, and exact item count. The typed tokio-modbus
 //!   helpers are not used, because their `debug_assert!`s panic on a short answer in debug builds.
 //! - After a timeout, a transport error, a header or length mismatch, or an undecodable answer, the
@@ -21,7 +20,6 @@
 //! Never: panics on anything a device sends, exits before shutdown, logs once per poll (state changes
 //! only), or slows the online meters down for an offline one more than one try per `offline_retry`.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +27,7 @@ use std::time::Duration;
 use chrono::Utc;
 use rand::Rng as _;
 use tokio::sync::mpsc;
-use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_modbus::client::{rtu, tcp, Client as _, Context};
 use tokio_modbus::prelude::{ExceptionCode, Request, Response, Slave, SlaveContext as _};
 use tokio_serial::SerialPort as _;
@@ -305,12 +303,6 @@ struct Link {
     frame_gap: Duration,
     guard: Duration,
     ctx: Option<Context>,
-    /// The deadline of the request in flight, one timer for the link's life, moved forward before
-    /// each request. A fresh `timeout()` per request registers a new timer every time, and each
-    /// registration into an empty timer wheel wakes the runtime's parked driver thread: a context
-    /// switch per request (profile in BENCHMARKS.md, row 1). Moving a registered timer later only
-    /// updates it in place.
-    deadline: Pin<Box<Sleep>>,
     /// No open is tried before this instant (after a failed open).
     retry_at: Option<Instant>,
     backoff: Backoff,
@@ -344,7 +336,6 @@ impl Link {
             frame_gap: if rtu { frame_gap } else { Duration::ZERO },
             guard: if rtu { guard } else { Duration::ZERO },
             ctx: None,
-            deadline: Box::pin(sleep(timeout)),
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             up: None,
@@ -437,14 +428,7 @@ impl Link {
             Table::Input => Request::ReadInputRegisters(a, n),
         };
         bump(&self.stats.requests);
-        self.deadline.as_mut().reset(Instant::now() + self.timeout);
-        // As `timeout(self.timeout, ctx.call(request))`: the call is polled first, then the deadline.
-        let answer = tokio::select! {
-            biased;
-            r = ctx.call(request) => Ok(r),
-            () = self.deadline.as_mut() => Err(()),
-        };
-        let failure = match answer {
+        let failure = match timeout(self.timeout, ctx.call(request)).await {
             Ok(Ok(Ok(response))) => match check(block, response) {
                 Ok(data) => {
                     bump(&self.stats.ok);
