@@ -856,9 +856,17 @@ pub async fn run_bus(
                     break;
                 }
             }
-            tokio::select! {
-                () = sleep_until(start + bus_cfg.poll_interval) => {}
-                () = shutdown.cancelled() => break,
+            // A round that overran its interval starts the next one at once. Waiting on a deadline
+            // already past still costs a turn of the timer wheel, which ticks in whole milliseconds
+            // (up to 1 ms idle per round; profile in BENCHMARKS.md, row 1).
+            let next = start + bus_cfg.poll_interval;
+            if Instant::now() < next {
+                tokio::select! {
+                    () = sleep_until(next) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            } else if shutdown.is_cancelled() {
+                break;
             }
         }
         info!(message = "Bus task stopped.");
@@ -896,9 +904,11 @@ impl BusTask {
 
     async fn read_meter(&mut self, k: usize) -> Result<Sample, Failure> {
         let m = &self.meters[k];
-        let (unit, index, blocks) = (m.unit, m.index, m.plan.blocks.clone());
-        let mut data = Vec::with_capacity(blocks.len());
-        for block in blocks {
+        let (unit, index, n) = (m.unit, m.index, m.plan.blocks.len());
+        let mut data = Vec::with_capacity(n);
+        // Blocks are `Copy`: index them instead of cloning the plan's list on every poll.
+        for b in 0..n {
+            let block = self.meters[k].plan.blocks[b];
             data.push(self.link.read(unit, block).await?);
         }
         let Some(meter) = self.cfg.meters.get(index) else {

@@ -256,49 +256,96 @@ impl Outbox {
     /// their ids. Refuses with [`OutboxError::Full`] (committing nothing) when the bounds would be
     /// passed. Not durable until [`Outbox::sync`].
     pub fn commit(&self, meter_no: &str, state: &StoredState, drafts: Vec<Draft>) -> Result<Vec<Record>, OutboxError> {
-        let mut records = Vec::with_capacity(drafts.len());
-        for d in drafts {
-            let id = self.db.generate_id().map_err(|e| self.db_error(e))?;
-            records.push(Record {
-                id,
-                event_name: d.event_name,
-                meter_no: meter_no.to_string(),
-                detected_at: d.detected_at,
-                from: d.from,
-                to: d.to,
-                biz_data: d.biz_data,
-                attempts: 0,
-                rejections: 0,
-                last_error: None,
-            });
-        }
-        let encoded: Vec<(u64, Vec<u8>)> = records.iter().map(|r| (r.id, encode(r))).collect();
-        let new_bytes: u64 = encoded.iter().map(|(_, v)| v.len() as u64).sum();
-        self.check_room(encoded.len() as u64, new_bytes)?;
-        let state_value = encode(state);
-        let result: Result<(), TransactionError<()>> = (&self.state, &self.queue).transaction(|(s, q)| {
-            s.insert(meter_no.as_bytes(), state_value.as_slice())?;
-            for (id, v) in &encoded {
-                q.insert(&id.to_be_bytes(), v.as_slice())?;
-            }
-            Ok::<(), ConflictableTransactionError<()>>(())
-        });
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Storage(e)) => return Err(self.db_error(e)),
-            Err(TransactionError::Abort(())) => unreachable!("the closure never aborts"),
-        }
-        self.counts.records.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-        self.counts.bytes.fetch_add(new_bytes, Ordering::Relaxed);
-        self.counts.refusing.store(false, Ordering::Relaxed);
-        if let Some(top) = records.iter().map(|r| r.id).max() {
-            self.counts.committed.fetch_max(top.saturating_add(1), Ordering::SeqCst);
-        }
-        Ok(records)
+        let mut results = self.commit_batch(vec![(meter_no.to_string(), state.clone(), drafts)])?;
+        results.pop().unwrap_or_else(|| Ok(Vec::new()))
     }
 
-    fn check_room(&self, records: u64, bytes: u64) -> Result<(), OutboxError> {
-        let (have_records, have_bytes) = (self.len(), self.bytes());
+    /// Commit the changes of a whole poll cycle — each a meter's new state and its records — in ONE
+    /// transaction, so a cycle costs one commit instead of one per meter. Returns one result per
+    /// change, in order: its records with their ids, or [`OutboxError::Full`] for a change that would
+    /// pass the bounds (that change alone is not committed: its state stays old, so the transition is
+    /// seen again; the changes that fit are committed, exactly as with one [`Outbox::commit`] each in
+    /// this order). An `Err` of the whole call is a storage error: nothing was committed. Not durable
+    /// until [`Outbox::sync`]. A meter listed twice ends with its last state; its records keep order.
+    #[allow(clippy::type_complexity)]
+    pub fn commit_batch(
+        &self,
+        changes: Vec<(String, StoredState, Vec<Draft>)>,
+    ) -> Result<Vec<Result<Vec<Record>, OutboxError>>, OutboxError> {
+        let mut results = Vec::with_capacity(changes.len());
+        let mut states: Vec<(String, Vec<u8>)> = Vec::with_capacity(changes.len());
+        let mut encoded: Vec<(u64, Vec<u8>)> = Vec::new();
+        let (mut add_records, mut add_bytes) = (0u64, 0u64);
+        let mut last_refused = false;
+        for (meter_no, state, drafts) in changes {
+            let mut records = Vec::with_capacity(drafts.len());
+            for d in drafts {
+                let id = self.db.generate_id().map_err(|e| self.db_error(e))?;
+                records.push(Record {
+                    id,
+                    event_name: d.event_name,
+                    meter_no: meter_no.clone(),
+                    detected_at: d.detected_at,
+                    from: d.from,
+                    to: d.to,
+                    biz_data: d.biz_data,
+                    attempts: 0,
+                    rejections: 0,
+                    last_error: None,
+                });
+            }
+            let values: Vec<(u64, Vec<u8>)> = records.iter().map(|r| (r.id, encode(r))).collect();
+            let bytes: u64 = values.iter().map(|(_, v)| v.len() as u64).sum();
+            if let Err(e) = self.check_room(add_records, add_bytes, values.len() as u64, bytes) {
+                last_refused = true;
+                results.push(Err(e));
+                continue;
+            }
+            last_refused = false;
+            add_records += values.len() as u64;
+            add_bytes += bytes;
+            states.push((meter_no, encode(&state)));
+            encoded.extend(values);
+            results.push(Ok(records));
+        }
+        if !states.is_empty() {
+            let result: Result<(), TransactionError<()>> = (&self.state, &self.queue).transaction(|(s, q)| {
+                for (meter_no, v) in &states {
+                    s.insert(meter_no.as_bytes(), v.as_slice())?;
+                }
+                for (id, v) in &encoded {
+                    q.insert(&id.to_be_bytes(), v.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            });
+            match result {
+                Ok(()) => {}
+                Err(TransactionError::Storage(e)) => return Err(self.db_error(e)),
+                Err(TransactionError::Abort(())) => unreachable!("the closure never aborts"),
+            }
+            self.counts.records.fetch_add(add_records, Ordering::Relaxed);
+            self.counts.bytes.fetch_add(add_bytes, Ordering::Relaxed);
+            if let Some(top) = encoded.iter().map(|(id, _)| *id).max() {
+                self.counts.committed.fetch_max(top.saturating_add(1), Ordering::SeqCst);
+            }
+        }
+        // As after one commit per change in order: the last change decides whether we are refusing.
+        if !results.is_empty() {
+            self.counts.refusing.store(last_refused, Ordering::Relaxed);
+        }
+        Ok(results)
+    }
+
+    /// Whether `records` more records of `bytes` fit after `pending_records`/`pending_bytes` not yet
+    /// counted; a refusal is counted and sets the refusing flag.
+    fn check_room(
+        &self,
+        pending_records: u64,
+        pending_bytes: u64,
+        records: u64,
+        bytes: u64,
+    ) -> Result<(), OutboxError> {
+        let (have_records, have_bytes) = (self.len() + pending_records, self.bytes() + pending_bytes);
         if records > 0
             && (have_records + records > self.limits.max_records || have_bytes + bytes > self.limits.max_bytes)
         {
@@ -397,24 +444,27 @@ impl Outbox {
         // Bound the scan: a backlog of other events must not make each batch read the whole queue.
         let durable = self.counts.durable.load(Ordering::SeqCst);
         for item in self.queue.iter().take(max.saturating_mul(20).max(100)) {
-            let r = self.decode_record(item)?;
-            if r.id >= durable {
+            let (k, v) = item.map_err(|e| self.db_error(e))?;
+            // Read the few fields the choice needs first; only a record that joins the batch (or must
+            // be shown to `skip`) is decoded in full. A record of another event blocks its meter
+            // whether or not `skip` would hold it, so `skip` is not needed for it.
+            let head: Head<'_> = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            if head.id >= durable {
                 break;
             }
-            if blocked.contains(&r.meter_no) {
+            if blocked.contains(&*head.meter_no) {
                 continue;
             }
+            if batch.first().is_some_and(|first| first.event_name != head.event_name) {
+                blocked.insert(head.meter_no.into_owned());
+                continue;
+            }
+            let r: Record = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
             if skip(&r) {
                 blocked.insert(r.meter_no);
                 continue;
             }
-            match batch.first() {
-                None => batch.push(r),
-                Some(first) if first.event_name == r.event_name => batch.push(r),
-                Some(_) => {
-                    blocked.insert(r.meter_no);
-                }
-            }
+            batch.push(r);
             if batch.len() >= max {
                 break;
             }
@@ -556,10 +606,7 @@ impl Outbox {
 
     fn decode_record(&self, item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Record, OutboxError> {
         let (k, v) = item.map_err(|e| self.db_error(e))?;
-        serde_json::from_slice(&v).map_err(|e| OutboxError::Corrupt {
-            tree: "outbox",
-            detail: format!("{k:?}: {e}"),
-        })
+        serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))
     }
 
     fn db_error(&self, e: sled::Error) -> OutboxError {
@@ -567,6 +614,24 @@ impl Outbox {
             path: self.dir.clone(),
             source: e,
         }
+    }
+}
+
+/// The fields of a stored [`Record`] that choosing a batch needs; the rest (BizData above all) is
+/// skipped by the parser without being unescaped or copied.
+#[derive(Deserialize)]
+struct Head<'a> {
+    id: u64,
+    #[serde(borrow)]
+    event_name: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    meter_no: std::borrow::Cow<'a, str>,
+}
+
+fn corrupt(key: &[u8], e: serde_json::Error) -> OutboxError {
+    OutboxError::Corrupt {
+        tree: "outbox",
+        detail: format!("{key:?}: {e}"),
     }
 }
 
@@ -777,6 +842,94 @@ mod tests {
             o.note_failure(&[a], "timeout").unwrap()[0].rejections,
             1,
             "an outage is no refusal"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cycle_committed_in_one_batch_survives_reopen_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u64> = {
+            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let results = o
+                .commit_batch(vec![
+                    ("M1".into(), state(1), vec![draft("开")]),
+                    ("M2".into(), state(0), vec![]),
+                    ("M3".into(), state(1), vec![draft("开"), draft("开2")]),
+                ])
+                .unwrap();
+            assert_eq!(results.len(), 3);
+            assert!(
+                results[1].as_ref().unwrap().is_empty(),
+                "a state without records is fine"
+            );
+            assert_eq!(o.len(), 3);
+            o.sync().await.unwrap();
+            results.into_iter().flat_map(|r| r.unwrap()).map(|r| r.id).collect()
+        };
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert_eq!(o.list(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+        assert_eq!(o.list(10).unwrap()[2].meter_no, "M3");
+        assert_eq!(o.state("M2").unwrap(), Some(state(0)));
+        assert_eq!(o.state("M3").unwrap(), Some(state(1)));
+        assert_eq!(o.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_batch_past_the_bounds_commits_what_fits_like_one_commit_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(
+            dir.path(),
+            Limits {
+                max_records: 2,
+                max_bytes: 1 << 20,
+            },
+        )
+        .unwrap();
+        let results = o
+            .commit_batch(vec![
+                ("M1".into(), state(1), vec![draft("开")]),
+                ("M2".into(), state(1), vec![draft("开")]),
+                ("M3".into(), state(1), vec![draft("开")]),
+                ("M4".into(), state(1), vec![]),
+            ])
+            .unwrap();
+        assert!(results[0].is_ok() && results[1].is_ok());
+        assert!(matches!(results[2], Err(OutboxError::Full { records: 2, .. })));
+        assert!(results[3].is_ok(), "a baseline needs no room");
+        assert_eq!(o.state("M3").unwrap(), None, "a refused change keeps its old state");
+        assert_eq!(o.state("M4").unwrap(), Some(state(1)));
+        assert_eq!((o.len(), o.refused()), (2, 1));
+        assert!(!o.is_refusing(), "the last change fitted, as with one commit each");
+        let again = o
+            .commit_batch(vec![("M3".into(), state(1), vec![draft("开")])])
+            .unwrap();
+        assert!(again[0].is_err());
+        assert!(o.is_refusing());
+    }
+
+    #[tokio::test]
+    async fn next_batch_reads_meters_and_events_that_need_unescaping() {
+        // The scan borrows meter and event from the stored JSON; an escaped string cannot be borrowed
+        // and must still be read (and compared) correctly.
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let a = o.commit("M\"1\\", &state(1), vec![draft("开\t")]).unwrap()[0].id;
+        let b = o.commit("M\"1\\", &state(0), vec![draft("关")]).unwrap()[0].id;
+        let c = o.commit("M2", &state(1), vec![draft("开\t")]).unwrap()[0].id;
+        let d = o.commit("M\"1\\", &state(1), vec![draft("开\t")]).unwrap()[0].id;
+        o.sync().await.unwrap();
+        let batch = o.next_batch(10).unwrap();
+        assert_eq!(batch.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a, c]);
+        assert_eq!(batch[0].meter_no, "M\"1\\");
+        o.ack(&[a, c]).await.unwrap();
+        assert_eq!(
+            o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![b]
+        );
+        o.ack(&[b]).await.unwrap();
+        assert_eq!(
+            o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![d]
         );
     }
 

@@ -821,7 +821,7 @@ pub fn serve_rtu(stream: SerialStream, plant: Plant) -> JoinHandle<()> {
         };
         let mut stream = stream;
         loop {
-            let error = pump(&mut stream, &mut line).await;
+            let error = pump(&mut stream, &mut line, None).await;
             debug!(message = "Simulator serial stream not usable; waiting.", %error);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -831,6 +831,11 @@ pub fn serve_rtu(stream: SerialStream, plant: Plant) -> JoinHandle<()> {
 /// Serve the plant as Modbus RTU on the serial device at `path` (e.g. a `socat` pty link), reopening it
 /// whenever it fails or is missing, until the handle is aborted.
 pub fn serve_rtu_path(path: String, baud: u32, plant: Plant) -> JoinHandle<()> {
+    serve_rtu_path_paced(path, baud, None, plant)
+}
+
+/// [`serve_rtu_path`], optionally pacing the bytes at the line rate of `pace` (see [`Pace`]).
+pub fn serve_rtu_path_paced(path: String, baud: u32, pace: Option<Pace>, plant: Plant) -> JoinHandle<()> {
     tokio::spawn(async move {
         let Some(mut line) = Line::start(plant).await else {
             return;
@@ -841,7 +846,7 @@ pub fn serve_rtu_path(path: String, baud: u32, plant: Plant) -> JoinHandle<()> {
                 Ok(mut stream) => {
                     info!(message = "Simulator serial device open.", %path);
                     logged = false;
-                    let error = pump(&mut stream, &mut line).await;
+                    let error = pump(&mut stream, &mut line, pace).await;
                     info!(message = "Simulator serial device lost; reopening.", %path, %error);
                 }
                 Err(error) if !logged => {
@@ -855,10 +860,53 @@ pub fn serve_rtu_path(path: String, baud: u32, plant: Plant) -> JoinHandle<()> {
     })
 }
 
+/// Line-rate pacing for a serial device that has no baud rate of its own (a pty): bytes take their wire
+/// time, 10 bits a character (8N1). A request is handed to the slave one wire time plus 3.5 characters
+/// of silence (the end-of-frame gap a real slave waits for) after it arrived; an answer is written once
+/// its last byte would have left the line. For benchmarks (`fieldgate simulate --pace-baud 9600`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    /// Time of one character on the wire.
+    char_time: Duration,
+}
+
+impl Pace {
+    /// Pacing at `baud`, 8N1 (10 bits a character); `None` for 0.
+    pub fn baud(baud: u32) -> Option<Pace> {
+        (baud > 0).then(|| Pace {
+            char_time: Duration::from_secs_f64(10.0 / f64::from(baud)),
+        })
+    }
+
+    /// The wire time of `n` characters.
+    pub fn wire(&self, n: usize) -> Duration {
+        self.char_time.mul_f64(n as f64)
+    }
+
+    /// 3.5 characters of silence.
+    pub fn gap(&self) -> Duration {
+        self.char_time.mul_f64(3.5)
+    }
+}
+
+/// Wait until `deadline`: sleep most of it, then yield until it has passed. tokio's timer rounds up
+/// to whole milliseconds, which would add up to 1 ms to every frame (4 % of a 9600-baud request).
+async fn wait_until(deadline: std::time::Instant) {
+    let now = std::time::Instant::now();
+    if deadline > now + Duration::from_millis(2) {
+        tokio::time::sleep(deadline - now - Duration::from_millis(1)).await;
+    }
+    while std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Pump bytes between a serial stream and the line until the stream fails (the line stays).
-async fn pump(serial: &mut SerialStream, line: &mut Line) -> io::Error {
+async fn pump(serial: &mut SerialStream, line: &mut Line, pace: Option<Pace>) -> io::Error {
     let mut from_serial = [0u8; 512];
     let mut from_line = [0u8; 512];
+    // When the simulated wire is next free (pacing only).
+    let mut wire_free = std::time::Instant::now();
     loop {
         let conn = line.get().await;
         let event: Event<()> = tokio::select! {
@@ -868,9 +916,19 @@ async fn pump(serial: &mut SerialStream, line: &mut Line) -> io::Error {
         match event {
             Event::FromDevice(Ok(0)) => return io::Error::new(io::ErrorKind::UnexpectedEof, "serial end of file"),
             Event::FromDevice(Err(e)) => return e,
-            Event::FromDevice(Ok(n)) => line.send(&from_serial[..n]).await,
+            Event::FromDevice(Ok(n)) => {
+                if let Some(p) = pace {
+                    wire_free = wire_free.max(std::time::Instant::now()) + p.wire(n);
+                    wait_until(wire_free + p.gap()).await;
+                }
+                line.send(&from_serial[..n]).await
+            }
             Event::FromLine(Ok(0) | Err(_)) => line.reset(),
             Event::FromLine(Ok(n)) => {
+                if let Some(p) = pace {
+                    wire_free = wire_free.max(std::time::Instant::now()) + p.wire(n);
+                    wait_until(wire_free).await;
+                }
                 if let Err(e) = serial.write_all(&from_line[..n]).await {
                     return e;
                 }
@@ -897,6 +955,10 @@ pub struct SimulateArgs {
     /// Baud rate for --serial.
     #[arg(long, value_name = "N", default_value_t = 9600)]
     pub baud: u32,
+    /// Pace the serial bytes at this line rate (8N1), for a pty that has no baud rate of its own:
+    /// answers take their wire time, requests their wire time plus 3.5 characters. Benchmarks only.
+    #[arg(long, value_name = "BAUD")]
+    pub pace_baud: Option<u32>,
     /// Simulate meters with units 1..=N.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=247))]
     pub meters: u8,
@@ -944,7 +1006,13 @@ pub async fn simulate_main(args: SimulateArgs) -> anyhow::Result<()> {
             "Serving Modbus RTU on {path} at {} baud, units 1..={}.",
             args.baud, args.meters
         );
-        tasks.push(AbortOnDrop(serve_rtu_path(path.clone(), args.baud, plant.clone())));
+        let pace = args.pace_baud.and_then(Pace::baud);
+        tasks.push(AbortOnDrop(serve_rtu_path_paced(
+            path.clone(),
+            args.baud,
+            pace,
+            plant.clone(),
+        )));
     }
     if let Some(addr) = args.admin {
         let listener = TcpListener::bind(addr)
@@ -1381,6 +1449,17 @@ mod tests {
         assert_eq!(plant.flow(2), Some(before + 5));
         assert_eq!(post("/units/9/fault").await.expect("fault 9").status(), 404);
         server.abort();
+    }
+
+    #[test]
+    fn pacing_at_9600_baud_takes_ten_bits_a_character() {
+        let p = Pace::baud(9600).unwrap();
+        assert!(
+            (p.wire(96).as_secs_f64() - 0.1).abs() < 1e-6,
+            "96 characters of 10 bits at 9600 bit/s are 100 ms"
+        );
+        assert!((p.gap().as_secs_f64() - 0.003_645_8).abs() < 1e-6);
+        assert_eq!(Pace::baud(0), None);
     }
 
     #[test]
