@@ -335,6 +335,7 @@ async fn batch_rate(batch: usize, cycles: usize) -> f64 {
         raw,
         label: if raw == 1 { "开启".into() } else { "关闭".into() },
         since: "2026-11-24T08:00:00+08:00".into(),
+        ..StoredState::default()
     };
     let base: Vec<_> = (0..batch).map(|m| (format!("M{m}"), state(0), vec![])).collect();
     outbox.commit_batch(base).expect("baselines");
@@ -1096,6 +1097,7 @@ fn fill_outbox_main(args: &[String]) {
                         raw: (k / 2000 % 2) as i64,
                         label: "开启".into(),
                         since: String::new(),
+                        ..StoredState::default()
                     },
                     vec![draft(k)],
                 )

@@ -194,11 +194,7 @@ impl Outbox {
             path: dir.to_path_buf(),
             source: e,
         })?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(16 * 1024 * 1024)
-            .open()
-            .map_err(|e| open_error(dir, e))?;
+        let db = open_db(dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
         let (state, queue, dead) = (tree("state")?, tree("outbox")?, tree("dead")?);
         let counts = Counts::default();
@@ -646,6 +642,25 @@ fn id_of(key: &[u8]) -> u64 {
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serialising our own plain structs to JSON cannot fail (no maps with non-string keys).
     serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// How long [`Outbox::open`] waits for a lock to be released. sled releases its file lock only when its
+/// background flusher has let go of the last handle, which can lag a moment behind the drop of our own
+/// previous handle (a restart in the same process, a test reopening). A real second instance still
+/// holds it after this and gets [`OutboxError::Locked`].
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn open_db(dir: &Path) -> Result<sled::Db, OutboxError> {
+    let start = std::time::Instant::now();
+    loop {
+        let opened = sled::Config::new().path(dir).cache_capacity(16 * 1024 * 1024).open();
+        match opened.map_err(|e| open_error(dir, e)) {
+            Err(OutboxError::Locked(_)) if start.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn open_error(dir: &Path, e: sled::Error) -> OutboxError {
