@@ -14,8 +14,10 @@
 //!   outage is only reported once the bus has confirmed it again (the meter may have come back while
 //!   the gateway was down).
 //!
-//! The memory is read from the store for every evaluation and written only when it changed, so what
-//! the rules know is exactly what is on disk: a refused commit (outbox full) is seen again.
+//! The memory is read from the store (or from this cycle's not yet committed change of the meter) for
+//! every evaluation and written only when it changed, so what
+//! the rules know is exactly what is on disk: a refused commit (outbox full) is seen again. All changes
+//! of one cycle are committed in ONE transaction (per meter all-or-nothing), then flushed and fsynced once.
 //!
 //! Also keeps the live view of every meter (online, state, readings) for the admin API and tests.
 
@@ -122,6 +124,19 @@ pub struct Station {
     link_rules: bool,
     /// Whether any `离线` rule is configured (otherwise `在线` rules report every return).
     offline_rules: bool,
+    /// This cycle's changes, one per meter, in the order first touched; committed together by
+    /// [`Station::flush_cycle`] in ONE transaction (one commit per cycle instead of one per meter).
+    staged: Vec<Staged>,
+}
+
+/// A meter's changes within one cycle, merged: the state it had when the cycle started, the state it
+/// ends with, and every record made on the way. Merging keeps a meter all-or-nothing: if its records
+/// do not fit in the outbox, none of its state moves either, so nothing is detected without a record.
+struct Staged {
+    meter: usize,
+    before: Option<StoredState>,
+    after: StoredState,
+    drafts: Vec<Draft>,
 }
 
 /// What applying something to one meter did: (wrote to the store, records queued).
@@ -155,6 +170,7 @@ impl Station {
             sender_wake,
             live,
             full_logged: false,
+            staged: Vec::new(),
         }
     }
 
@@ -209,6 +225,9 @@ impl Station {
                 self.settle(meter, r, &mut wrote, &mut queued);
             }
         }
+        let (w, q) = self.flush_cycle();
+        wrote |= w;
+        queued += q;
         if wrote {
             match self.outbox.sync().await {
                 Ok(()) => {
@@ -257,7 +276,7 @@ impl Station {
         let Some(m) = self.cfg.meters.get(meter) else {
             return Ok((false, 0));
         };
-        let before = self.outbox.state(&m.meter_no)?;
+        let before = self.state_of(meter)?;
         let mut st = before.clone().unwrap_or(StoredState {
             valve_unknown: true,
             ..StoredState::default()
@@ -273,10 +292,7 @@ impl Station {
 
     /// A cycle of the bus of a meter it reports offline: a pending `for` may have run out.
     fn still_offline(&mut self, meter: usize, now: DateTime<Utc>) -> Applied {
-        let Some(m) = self.cfg.meters.get(meter) else {
-            return Ok((false, 0));
-        };
-        let Some(before) = self.outbox.state(&m.meter_no)? else {
+        let Some(before) = self.state_of(meter)? else {
             return Ok((false, 0));
         };
         if before.offline_since.is_none() {
@@ -307,7 +323,7 @@ impl Station {
         if let Some(c) = self.confirmed_offline.get_mut(s.meter) {
             *c = false;
         }
-        let before = self.outbox.state(&meter.meter_no)?;
+        let before = self.state_of(s.meter)?;
         let stored_valve = before.as_ref().filter(|st| !st.valve_unknown).map(|st| st.raw);
         let at = self.stamp(s.at);
         let Some(pending) = self.pending.get_mut(s.meter) else {
@@ -478,8 +494,17 @@ impl Station {
         }
     }
 
-    /// Commit `after` with `drafts` in one transaction, unless nothing changed. Memory of rules no
-    /// longer configured is dropped here.
+    /// The state of a meter as this cycle has left it so far: staged, else stored.
+    fn state_of(&self, meter: usize) -> Result<Option<StoredState>, OutboxError> {
+        if let Some(st) = self.staged.iter().find(|c| c.meter == meter) {
+            return Ok(Some(st.after.clone()));
+        }
+        self.outbox.state(self.meter_no(meter))
+    }
+
+    /// Stage `after` with `drafts` for this cycle's commit, unless nothing changed. Memory of rules no
+    /// longer configured is dropped here. Returns (something staged, 0): records are counted when the
+    /// cycle is committed.
     fn commit(
         &mut self,
         meter: usize,
@@ -494,28 +519,68 @@ impl Station {
         if drafts.is_empty() && before.as_ref() == Some(&after) {
             return Ok((false, 0));
         }
-        let meter_no = self.meter_no(meter).to_string();
-        let n = drafts.len();
-        let moved = before.as_ref().is_some_and(|b| b.raw != after.raw);
-        let records = self.outbox.commit(&meter_no, &after, drafts)?;
-        self.full_logged = false;
-        if moved {
-            self.live.transitions.fetch_add(1, Ordering::Relaxed);
+        match self.staged.iter_mut().find(|c| c.meter == meter) {
+            Some(c) => {
+                c.after = after;
+                c.drafts.extend(drafts);
+            }
+            None => self.staged.push(Staged {
+                meter,
+                before,
+                after,
+                drafts,
+            }),
         }
-        for r in &records {
-            // "Valve transition queued." is the message operators and tests/ops.rs know; keep it for valves.
-            if self
-                .cfg
-                .events
-                .iter()
-                .any(|e| e.name == r.event_name && matches!(e.kind, EventKind::Valve { .. }))
-            {
-                tracing::info!(message = "Valve transition queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
-            } else {
-                tracing::info!(message = "Work order queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+        Ok((false, 0))
+    }
+
+    /// Commit every staged change of this cycle in one transaction. Returns (wrote, records queued).
+    fn flush_cycle(&mut self) -> (bool, usize) {
+        if self.staged.is_empty() {
+            return (false, 0);
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let changes = staged
+            .iter()
+            .map(|c| (self.meter_no(c.meter).to_string(), c.after.clone(), c.drafts.clone()))
+            .collect();
+        let results = match self.outbox.commit_batch(changes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(message = "Cannot store this cycle's meter states; they are seen again next cycle.", meters = staged.len(), error = %e);
+                return (false, 0);
+            }
+        };
+        let (mut wrote, mut queued) = (false, 0);
+        for (c, result) in staged.iter().zip(results) {
+            let records = match result {
+                Ok(records) => records,
+                Err(e) => {
+                    self.settle(c.meter, Err(e), &mut wrote, &mut queued);
+                    continue;
+                }
+            };
+            wrote = true;
+            queued += records.len();
+            self.full_logged = false;
+            if c.before.as_ref().is_some_and(|b| b.raw != c.after.raw) {
+                self.live.transitions.fetch_add(1, Ordering::Relaxed);
+            }
+            for r in &records {
+                // "Valve transition queued." is the message operators and tests/ops.rs know; keep it for valves.
+                if self
+                    .cfg
+                    .events
+                    .iter()
+                    .any(|e| e.name == r.event_name && matches!(e.kind, EventKind::Valve { .. }))
+                {
+                    tracing::info!(message = "Valve transition queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+                } else {
+                    tracing::info!(message = "Work order queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+                }
             }
         }
-        Ok((true, n))
+        (wrote, queued)
     }
 }
 

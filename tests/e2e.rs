@@ -263,3 +263,65 @@ async fn a_dead_unit_goes_offline_and_the_others_still_deliver() {
     assert_eq!(s(&orders[2], "阀门当前状态"), "开启");
     gw.stop(GRACE).await;
 }
+
+/// A cycle commits all its meters in one transaction, but each meter is all-or-nothing: a meter whose
+/// record does not fit keeps its old state, and its transition is detected again once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_that_overflows_the_outbox_keeps_the_refused_meter_for_later() {
+    use fieldgate::outbox::{Limits, Outbox};
+    use fieldgate::station::{Cycle, Live, Sample, Station};
+    use std::sync::Arc;
+
+    let text = site_config("tcp = \"127.0.0.1:502\"", "http://127.0.0.1:9", "none", 2);
+    let site = Site::new(&text, &mapping_csv(2));
+    let cfg = Arc::new(site.load());
+    let outbox = Outbox::open(
+        &cfg.site.state_dir,
+        Limits {
+            max_records: 1,
+            max_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    let mut station = Station::new(
+        cfg.clone(),
+        outbox.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+        Live::new(2),
+    );
+    let cycle = |raws: [i64; 2]| Cycle {
+        bus: 0,
+        samples: (0..2)
+            .map(|m| Sample {
+                meter: m,
+                valve_raw: raws[m],
+                readings: vec!["1.00".into(), "3.60".into()],
+                at: chrono::Utc::now(),
+            })
+            .collect(),
+        links: vec![],
+    };
+    assert_eq!(station.apply(cycle([0, 0])).await, 0, "baselines");
+    assert_eq!(station.apply(cycle([1, 1])).await, 1, "room for one record only");
+    let queued = outbox.list(10).unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].meter_no, "M1");
+    assert_eq!(outbox.state("M1").unwrap().unwrap().raw, 1);
+    assert_eq!(
+        outbox.state("M2").unwrap().unwrap().raw,
+        0,
+        "the refused meter keeps its old state"
+    );
+
+    outbox.ack(&[queued[0].id]).await.unwrap();
+    assert_eq!(
+        station.apply(cycle([1, 1])).await,
+        1,
+        "M2's transition is detected again"
+    );
+    let queued = outbox.list(10).unwrap();
+    assert_eq!(
+        (queued.len(), queued[0].meter_no.as_str(), queued[0].to.as_str()),
+        (1, "M2", "开启")
+    );
+}
