@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rand::Rng as _;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_modbus::client::{rtu, tcp, Client as _, Context};
@@ -34,6 +33,7 @@ use tokio_serial::SerialPort as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument as _};
 
+use crate::backoff::Backoff;
 use crate::config::{BusConfig, Config, MeterConfig, Parity, Transport};
 use crate::point::{self, PointSpec, Raw, Table};
 use crate::station::{Cycle, Sample};
@@ -250,41 +250,6 @@ impl std::fmt::Display for Failure {
 struct OpenError {
     kind: &'static str,
     message: String,
-}
-
-// === backoff ===
-
-/// Exponential backoff with jitter for opening the port or connection: 100 ms doubling to 10 s; each
-/// delay is drawn from [d/2, d] so gateways restarted together do not retry in lockstep.
-#[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Option<Duration>,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max: max.max(min),
-            current: None,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let base = match self.current {
-            None => self.min,
-            Some(d) => (d * 2).min(self.max),
-        };
-        self.current = Some(base);
-        let half = base / 2;
-        half + half.mul_f64(rand::rng().random_range(0.0..=1.0))
-    }
-
-    fn reset(&mut self) {
-        self.current = None;
-    }
 }
 
 // === the link: one port or connection, with recovery ===
@@ -1106,21 +1071,5 @@ mod tests {
     fn the_bus_task_is_send(cfg: Arc<Config>, tx: mpsc::Sender<Cycle>, stop: CancellationToken, st: Arc<BusStats>) {
         fn assert_send<T: Send>(_: T) {}
         assert_send(run_bus(cfg, 0, tx, stop, st));
-    }
-
-    #[test]
-    fn backoff_doubles_with_jitter_up_to_the_cap() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let mut caps = Vec::new();
-        for _ in 0..10 {
-            let d = b.next_delay();
-            let cap = b.current.unwrap_or_default();
-            assert!(d >= cap / 2 && d <= cap, "{d:?} not in [{:?}, {cap:?}]", cap / 2);
-            caps.push(cap.as_millis());
-        }
-        assert_eq!(caps[..4], [100, 200, 400, 800]);
-        assert_eq!(caps[9], 10_000);
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

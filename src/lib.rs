@@ -13,6 +13,7 @@
 //!   (link `for`, thresholds with hysteresis, `rises_by`), each with its persisted memory.
 //! - [`record`]: a queued work order and its BizData.
 //! - [`outbox`]: the sled store: states, outbox, dead letters; commit + fsync.
+//! - [`backoff`]: exponential backoff with full jitter, for every retry loop.
 //! - [`app`]: wiring of the daemon and its shutdown order.
 //! - [`cli`]: the command line (`run`, `check`, `status`, `probe`, `outbox`, `demo`, `simulate`, `mock-panda`).
 //! - [`demo`]: `fieldgate demo`, the whole product in one process.
@@ -37,6 +38,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod app;
+pub mod backoff;
 pub mod bus;
 pub mod cli;
 pub mod config;
