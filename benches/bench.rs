@@ -471,6 +471,11 @@ async fn sender_rate(records: usize) -> f64 {
     rate
 }
 
+/// A plain reqwest loop posting the same bodies as the sender, sequentially: the mock's own ceiling.
+async fn bare_reqwest(records: usize) -> f64 {
+    post_loop(records, None).await
+}
+
 /// [`bare_reqwest`] plus the disk work the delivery rule demands of anyone: after each answer, remove
 /// the batch's records from a sled tree holding them, flush + fsync (the same `sync_dir` as row 2's
 /// bare loop). Shows how much of the gap to the plain loop is the disk, and how much is the sender.
@@ -487,38 +492,12 @@ async fn bare_reqwest_durable(records: usize) -> f64 {
         tree.insert(i.to_be_bytes(), value.as_slice()).expect("insert");
     }
     db.flush().expect("flush");
-    let panda = MockPanda::start(
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        MockOptions::default(),
-    );
-    let url = format!("{}/PandaWorkFlow/WorkFlow/api/PostFlowNodeData", panda.base_url());
-    let http = reqwest::Client::new();
-    let start = Instant::now();
-    for chunk in (0..records).collect::<Vec<_>>().chunks(50) {
-        let flow: Vec<_> = chunk
-            .iter()
-            .map(|i| serde_json::json!({"toUserIds": "", "opinion": "", "BizData": biz(*i)}))
-            .collect();
-        let body = serde_json::json!({"eventName": "用水户开阀", "userId": 42, "FlowDatas": flow});
-        let resp = http.post(&url).json(&body).send().await.expect("post");
-        let _ = resp.bytes().await.expect("body");
-        let (db, tree, path, ids) = (db.clone(), tree.clone(), dir.path().to_path_buf(), chunk.to_vec());
-        tokio::task::spawn_blocking(move || {
-            for i in ids {
-                tree.remove((i as u64).to_be_bytes()).expect("remove");
-            }
-            db.flush().expect("flush");
-            sync_dir(&path);
-        })
-        .await
-        .expect("join");
-    }
-    let rate = records as f64 / start.elapsed().as_secs_f64();
-    panda.stop().await;
-    rate
+    post_loop(records, Some((db, tree, dir.path().to_path_buf()))).await
 }
 
-async fn bare_reqwest(records: usize) -> f64 {
+/// Post `records` in batches of 50 to a fresh mock; with `ack`, remove each answered batch from the
+/// tree and flush + fsync before the next request.
+async fn post_loop(records: usize, ack: Option<(sled::Db, sled::Tree, std::path::PathBuf)>) -> f64 {
     let panda = MockPanda::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         MockOptions::default(),
@@ -534,6 +513,18 @@ async fn bare_reqwest(records: usize) -> f64 {
         let body = serde_json::json!({"eventName": "用水户开阀", "userId": 42, "FlowDatas": flow});
         let resp = http.post(&url).json(&body).send().await.expect("post");
         let _ = resp.bytes().await.expect("body");
+        if let Some((db, tree, path)) = &ack {
+            let (db, tree, path, ids) = (db.clone(), tree.clone(), path.clone(), chunk.to_vec());
+            tokio::task::spawn_blocking(move || {
+                for i in ids {
+                    tree.remove((i as u64).to_be_bytes()).expect("remove");
+                }
+                db.flush().expect("flush");
+                sync_dir(&path);
+            })
+            .await
+            .expect("join");
+        }
     }
     let rate = records as f64 / start.elapsed().as_secs_f64();
     panda.stop().await;
