@@ -193,13 +193,11 @@ fn field_step(plant: &Plant, meters: &[(u8, String)], n: usize) -> String {
 }
 
 fn work_order_line(o: &WorkOrder) -> String {
-    let get = |k: &str| o.biz.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
-    let note = o
-        .biz
-        .get("事件说明")
-        .and_then(|v| v.as_str())
-        .map(|n| format!("  ({n})"))
-        .unwrap_or_default();
+    let get = |k: &str| o.field(k);
+    let note = match o.field("事件说明") {
+        "-" => String::new(),
+        n => format!("  ({n})"),
+    };
     format!(
         "panda   : work order {} for meter {}, customer {} {} ({}): valve {}, flow {} m³, battery {} V{note}",
         o.event_name,

@@ -655,7 +655,7 @@ impl Shared {
 
 /// One readable line per order: event, 水表表号, 用户名称, 阀门当前状态.
 pub fn order_line(o: &WorkOrder) -> String {
-    let get = |k: &str| o.biz.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let get = |k: &str| o.field(k);
     format!(
         "工单 #{} {}  水表表号={}  用户名称={}  阀门当前状态={}{}",
         o.request,
@@ -665,6 +665,13 @@ pub fn order_line(o: &WorkOrder) -> String {
         get(crate::record::VALVE_STATE_KEY),
         if o.external { "" } else { "  (internal)" }
     )
+}
+
+impl WorkOrder {
+    /// A BizData value as text, `-` when the key is missing or not a string (for printing).
+    pub fn field(&self, key: &str) -> &str {
+        self.biz.get(key).and_then(|v| v.as_str()).unwrap_or("-")
+    }
 }
 
 /// Check a PostFlowNodeData body strictly; the orders it carries, or the `msg` to refuse it with.

@@ -232,20 +232,8 @@ impl Outbox {
     pub fn state(&self, meter_no: &str) -> Result<Option<StoredState>, OutboxError> {
         match self.state.get(meter_no.as_bytes()).map_err(|e| self.db_error(e))? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| OutboxError::Corrupt {
-                tree: "state",
-                detail: format!("{meter_no}: {e}"),
-            }),
+            Some(v) => decode("state", meter_no, &v).map(Some),
         }
-    }
-
-    /// Store a meter's first state (its baseline); no record.
-    pub fn set_baseline(&self, meter_no: &str, state: &StoredState) -> Result<(), OutboxError> {
-        let v = encode(state);
-        self.state
-            .insert(meter_no.as_bytes(), v)
-            .map_err(|e| self.db_error(e))?;
-        Ok(())
     }
 
     /// Commit a meter's new state and its records in one transaction. Returns the records with
@@ -444,7 +432,7 @@ impl Outbox {
             // Read the few fields the choice needs first; only a record that joins the batch (or must
             // be shown to `skip`) is decoded in full. A record of another event blocks its meter
             // whether or not `skip` would hold it, so `skip` is not needed for it.
-            let head: Head<'_> = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            let head: Head<'_> = decode("outbox", id_of(&k), &v)?;
             if head.id >= durable {
                 break;
             }
@@ -455,7 +443,7 @@ impl Outbox {
                 blocked.insert(head.meter_no.into_owned());
                 continue;
             }
-            let r: Record = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            let r: Record = decode("outbox", head.id, &v)?;
             if skip(&r) {
                 blocked.insert(r.meter_no);
                 continue;
@@ -499,10 +487,7 @@ impl Outbox {
             let Some(v) = self.queue.get(key).map_err(|e| self.db_error(e))? else {
                 continue;
             };
-            let mut r: Record = serde_json::from_slice(&v).map_err(|e| OutboxError::Corrupt {
-                tree: "outbox",
-                detail: format!("{id}: {e}"),
-            })?;
+            let mut r: Record = decode("outbox", id, &v)?;
             r.attempts = r.attempts.saturating_add(1);
             if rejected {
                 r.rejections = r.rejections.saturating_add(1);
@@ -526,10 +511,7 @@ impl Outbox {
         let Some(v) = self.queue.get(key).map_err(|e| self.db_error(e))? else {
             return Ok(());
         };
-        let record: Record = serde_json::from_slice(&v).map_err(|e| OutboxError::Corrupt {
-            tree: "outbox",
-            detail: format!("{id}: {e}"),
-        })?;
+        let record: Record = decode("outbox", id, &v)?;
         let dead = encode(&DeadLetter {
             record,
             reason: reason.to_string(),
@@ -555,10 +537,7 @@ impl Outbox {
             .iter()
             .map(|item| {
                 let (k, v) = item.map_err(|e| self.db_error(e))?;
-                serde_json::from_slice(&v).map_err(|e| OutboxError::Corrupt {
-                    tree: "dead",
-                    detail: format!("{k:?}: {e}"),
-                })
+                decode("dead", id_of(&k), &v)
             })
             .collect()
     }
@@ -602,7 +581,7 @@ impl Outbox {
 
     fn decode_record(&self, item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Record, OutboxError> {
         let (k, v) = item.map_err(|e| self.db_error(e))?;
-        serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))
+        decode("outbox", id_of(&k), &v)
     }
 
     fn db_error(&self, e: sled::Error) -> OutboxError {
@@ -624,11 +603,16 @@ struct Head<'a> {
     meter_no: std::borrow::Cow<'a, str>,
 }
 
-fn corrupt(key: &[u8], e: serde_json::Error) -> OutboxError {
-    OutboxError::Corrupt {
-        tree: "outbox",
-        detail: format!("{key:?}: {e}"),
-    }
+/// Read back a stored value; a value that does not parse is a typed, located [`OutboxError::Corrupt`].
+fn decode<'de, T: Deserialize<'de>>(
+    tree: &'static str,
+    key: impl std::fmt::Display,
+    v: &'de [u8],
+) -> Result<T, OutboxError> {
+    serde_json::from_slice(v).map_err(|e| OutboxError::Corrupt {
+        tree,
+        detail: format!("{key}: {e}"),
+    })
 }
 
 fn id_of(key: &[u8]) -> u64 {
