@@ -44,9 +44,9 @@ pub struct Record {
 /// Render BizData: every column of the meter's mapping row in header order, then `水表表号`
 /// (if the row lacks it), `阀门当前状态`, then one key per reading. All values are strings.
 pub fn render_biz_data<'a>(
-    row: &[(&str, &str)],
-    meter_no: &str,
-    state: &str,
+    row: &[(&'a str, &'a str)],
+    meter_no: &'a str,
+    state: &'a str,
     readings: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> String {
     render_event_biz_data(row, meter_no, state, readings, &[])
@@ -55,30 +55,50 @@ pub fn render_biz_data<'a>(
 /// [`render_biz_data`], then the event's fixed `fields` (config keeps them from clashing with the
 /// keys before).
 pub fn render_event_biz_data<'a>(
-    row: &[(&str, &str)],
-    meter_no: &str,
-    state: &str,
+    row: &[(&'a str, &'a str)],
+    meter_no: &'a str,
+    state: &'a str,
     readings: impl IntoIterator<Item = (&'a str, &'a str)>,
-    extra: &[(String, String)],
+    extra: &'a [(String, String)],
 ) -> String {
-    let mut obj = serde_json::Map::new();
-    for (k, v) in row {
-        obj.insert((*k).to_string(), serde_json::Value::String((*v).to_string()));
+    // A key given twice keeps its first place and its last value (a JSON object has each key once).
+    let mut fields: Vec<(&str, &str)> = Vec::with_capacity(row.len() + 8);
+    let mut put = |k: &'a str, v: &'a str| match fields.iter_mut().find(|(key, _)| *key == k) {
+        Some(field) => field.1 = v,
+        None => fields.push((k, v)),
+    };
+    row.iter().for_each(|&(k, v)| put(k, v));
+    put(METER_COLUMN, meter_no);
+    put(VALVE_STATE_KEY, state);
+    readings.into_iter().for_each(|(k, v)| put(k, v));
+    extra.iter().for_each(|(k, v)| put(k, v));
+    // Written straight out rather than through a `serde_json::Map`: this runs for every record
+    // detected, and the map's copies of every key and value were most of its cost (BENCHMARKS.md row 2).
+    let mut out = Vec::with_capacity(fields.iter().map(|(k, v)| k.len() + v.len() + 6).sum::<usize>() + 2);
+    out.push(b'{');
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_str(&mut out, k);
+        out.push(b':');
+        json_str(&mut out, v);
     }
-    obj.insert(METER_COLUMN.to_string(), meter_no.into());
-    obj.insert(VALVE_STATE_KEY.to_string(), state.into());
-    for (k, v) in readings {
-        obj.insert(k.to_string(), v.into());
-    }
-    for (k, v) in extra {
-        obj.insert(k.clone(), v.as_str().into());
-    }
-    serde_json::Value::Object(obj).to_string()
+    out.push(b'}');
+    // serde_json writes only UTF-8.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// Append `s` as a JSON string, escaped exactly as serde_json escapes it.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     #[test]
     fn biz_data_keeps_mapping_order_and_adds_state_and_readings() {
@@ -98,5 +118,46 @@ mod tests {
             s,
             r#"{"水表表号":"M1","阀门当前状态":"关闭","电池电压":"3.29","事件说明":"电池电压低于3.3V"}"#
         );
+    }
+
+    /// The renderer before it wrote JSON by hand: a serde_json map (with `preserve_order`).
+    fn oracle(
+        row: &[(String, String)],
+        meter_no: &str,
+        state: &str,
+        readings: &[(String, String)],
+        extra: &[(String, String)],
+    ) -> String {
+        let mut obj = serde_json::Map::new();
+        for (k, v) in row {
+            obj.insert(k.clone(), v.as_str().into());
+        }
+        obj.insert(METER_COLUMN.to_string(), meter_no.into());
+        obj.insert(VALVE_STATE_KEY.to_string(), state.into());
+        for (k, v) in readings.iter().chain(extra) {
+            obj.insert(k.clone(), v.as_str().into());
+        }
+        serde_json::Value::Object(obj).to_string()
+    }
+
+    fn pairs() -> impl proptest::strategy::Strategy<Value = Vec<(String, String)>> {
+        // Keys from a small set so that repeats (a reading named like a mapping column) are common;
+        // values with quotes, backslashes, control characters and CJK.
+        let key = proptest::sample::select(vec!["用户编号", "水表表号", "阀门当前状态", "a", "b\"c", "累计流量"]);
+        proptest::collection::vec(
+            (key.prop_map(str::to_string), "[\\x00-\\x1f\"\\\\a-z用户\\u{7f}]{0,6}"),
+            0..6,
+        )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn biz_data_is_what_a_json_map_renders(
+            row in pairs(), readings in pairs(), extra in pairs(), meter in "[M0-9\"]{0,4}", state in "[开关\\\\]{0,3}"
+        ) {
+            let cells: Vec<(&str, &str)> = row.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let got = render_event_biz_data(&cells, &meter, &state, readings.iter().map(|(k, v)| (k.as_str(), v.as_str())), &extra);
+            proptest::prop_assert_eq!(got, oracle(&row, &meter, &state, &readings, &extra));
+        }
     }
 }

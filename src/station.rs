@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::config::{Config, EventKind, EventRule, OFFLINE, ONLINE};
 use crate::detect::{self, decide, Decision, Pending};
 use crate::outbox::{Draft, Outbox, OutboxError, StoredState};
-use crate::record::render_event_biz_data;
+use crate::record::{render_event_biz_data, Record};
 
 /// One successful read of a meter: its valve's raw value and its readings, rendered.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +127,10 @@ pub struct Station {
     /// This cycle's changes, one per meter, in the order first touched; committed together by
     /// [`Station::flush_cycle`] in ONE transaction (one commit per cycle instead of one per meter).
     staged: Vec<Staged>,
+    /// Each meter's state as last committed, by meter index, once read (`None`: not read yet). The
+    /// station is the only writer of states, so after the first read of a meter its state comes from
+    /// here instead of a store read and JSON decode per sample (BENCHMARKS.md row 2).
+    stored: Vec<Option<Option<StoredState>>>,
 }
 
 /// A meter's changes within one cycle, merged: the state it had when the cycle started, the state it
@@ -171,6 +175,7 @@ impl Station {
             live,
             full_logged: false,
             staged: Vec::new(),
+            stored: vec![None; n],
         }
     }
 
@@ -273,7 +278,8 @@ impl Station {
         if !self.link_rules {
             return Ok((false, 0));
         }
-        let Some(m) = self.cfg.meters.get(meter) else {
+        let cfg = Arc::clone(&self.cfg);
+        let Some(m) = cfg.meters.get(meter) else {
             return Ok((false, 0));
         };
         let before = self.state_of(meter)?;
@@ -305,7 +311,8 @@ impl Station {
 
     /// One sample: link (back online?), valve (baseline / transition), then the reading rules.
     fn apply_sample(&mut self, s: &Sample) -> Applied {
-        let Some(meter) = self.cfg.meters.get(s.meter) else {
+        let cfg = Arc::clone(&self.cfg);
+        let Some(meter) = cfg.meters.get(s.meter) else {
             return Ok((false, 0));
         };
         let label = meter.valve.label(s.valve_raw);
@@ -494,12 +501,19 @@ impl Station {
         }
     }
 
-    /// The state of a meter as this cycle has left it so far: staged, else stored.
-    fn state_of(&self, meter: usize) -> Result<Option<StoredState>, OutboxError> {
+    /// The state of a meter as this cycle has left it so far: staged, else committed.
+    fn state_of(&mut self, meter: usize) -> Result<Option<StoredState>, OutboxError> {
         if let Some(st) = self.staged.iter().find(|c| c.meter == meter) {
             return Ok(Some(st.after.clone()));
         }
-        self.outbox.state(self.meter_no(meter))
+        if let Some(Some(known)) = self.stored.get(meter) {
+            return Ok(known.clone());
+        }
+        let st = self.outbox.state(self.meter_no(meter))?;
+        if let Some(slot) = self.stored.get_mut(meter) {
+            *slot = Some(st.clone());
+        }
+        Ok(st)
     }
 
     /// Stage `after` with `drafts` for this cycle's commit, unless nothing changed. Memory of rules no
@@ -539,20 +553,32 @@ impl Station {
         if self.staged.is_empty() {
             return (false, 0);
         }
-        let staged = std::mem::take(&mut self.staged);
+        let mut staged = std::mem::take(&mut self.staged);
         let changes = staged
-            .iter()
-            .map(|c| (self.meter_no(c.meter).to_string(), c.after.clone(), c.drafts.clone()))
+            .iter_mut()
+            .map(|c| {
+                (
+                    self.meter_no(c.meter).to_string(),
+                    c.after.clone(),
+                    std::mem::take(&mut c.drafts),
+                )
+            })
             .collect();
         let results = match self.outbox.commit_batch(changes) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(message = "Cannot store this cycle's meter states; they are seen again next cycle.", meters = staged.len(), error = %e);
+                // Read these meters back from the store: it, not this process, knows what is committed.
+                for c in &staged {
+                    if let Some(slot) = self.stored.get_mut(c.meter) {
+                        *slot = None;
+                    }
+                }
                 return (false, 0);
             }
         };
         let (mut wrote, mut queued) = (false, 0);
-        for (c, result) in staged.iter().zip(results) {
+        for (c, result) in staged.into_iter().zip(results) {
             let records = match result {
                 Ok(records) => records,
                 Err(e) => {
@@ -566,21 +592,28 @@ impl Station {
             if c.before.as_ref().is_some_and(|b| b.raw != c.after.raw) {
                 self.live.transitions.fetch_add(1, Ordering::Relaxed);
             }
-            for r in &records {
-                // "Valve transition queued." is the message operators and tests/ops.rs know; keep it for valves.
-                if self
-                    .cfg
-                    .events
-                    .iter()
-                    .any(|e| e.name == r.event_name && matches!(e.kind, EventKind::Valve { .. }))
-                {
-                    tracing::info!(message = "Valve transition queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
-                } else {
-                    tracing::info!(message = "Work order queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
-                }
+            self.log_queued(&records);
+            if let Some(slot) = self.stored.get_mut(c.meter) {
+                *slot = Some(Some(c.after));
             }
         }
         (wrote, queued)
+    }
+
+    fn log_queued(&self, records: &[Record]) {
+        for r in records {
+            // "Valve transition queued." is the message operators and tests/ops.rs know; keep it for valves.
+            if self
+                .cfg
+                .events
+                .iter()
+                .any(|e| e.name == r.event_name && matches!(e.kind, EventKind::Valve { .. }))
+            {
+                tracing::info!(message = "Valve transition queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+            } else {
+                tracing::info!(message = "Work order queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
+            }
+        }
     }
 }
 
