@@ -44,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod detect;
+pub mod durable;
 pub mod mapping;
 pub mod metrics;
 pub mod mock_panda;

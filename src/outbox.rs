@@ -11,7 +11,8 @@
 //!   ([`Outbox::commit`]). If a crash loses the commit, it loses the state with it, and the
 //!   transition is detected again: nothing is repeated, nothing forgotten.
 //! - "Stored" means committed *and* [`Outbox::sync`]ed: sled's `flush()` is followed by `fsync` of the
-//!   database files and the folder, because `flush()` alone does not survive a power cut.
+//!   database's log and of every other file and folder of it that changed ([`crate::durable`]),
+//!   because `flush()` alone does not survive a power cut.
 //! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`), or moved between
 //!   `outbox` and `dead` by [`Outbox::bury`] / [`Outbox::requeue`] (each one transaction, keeping the
 //!   record's id). Nothing here ever drops a record to make room: when the bounds are reached, `commit`
@@ -29,6 +30,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::detect::RuleMemory;
+use crate::durable::Synced;
 use crate::record::Record;
 
 /// What is persisted about one meter: the last accepted state of its valve, its link, and the
@@ -170,6 +172,7 @@ pub struct Outbox {
     dead: sled::Tree,
     limits: Limits,
     counts: Arc<Counts>,
+    synced: Arc<Synced>,
 }
 
 /// A record before it has an id.
@@ -220,6 +223,7 @@ impl Outbox {
             dead,
             limits,
             counts: Arc::new(counts),
+            synced: Arc::default(),
         })
     }
 
@@ -350,7 +354,10 @@ impl Outbox {
     pub fn sync_blocking(&self) -> Result<(), OutboxError> {
         let target = self.counts.committed.load(Ordering::SeqCst);
         self.db.flush().map_err(|e| self.db_error(e))?;
-        sync_dir_files(&self.dir)?;
+        self.synced.sync(&self.dir).map_err(|e| OutboxError::Sync {
+            path: e.path,
+            source: e.source,
+        })?;
         self.counts.durable.fetch_max(target, Ordering::SeqCst);
         Ok(())
     }
@@ -660,29 +667,6 @@ fn open_error(dir: &Path, e: sled::Error) -> OutboxError {
 }
 
 /// fsync every regular file sled keeps in `dir` (and `dir/blobs`), then the folders themselves.
-fn sync_dir_files(dir: &Path) -> Result<(), OutboxError> {
-    let sync = |p: &Path| -> Result<(), OutboxError> {
-        std::fs::File::open(p)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| OutboxError::Sync {
-                path: p.to_path_buf(),
-                source: e,
-            })
-    };
-    for folder in [dir.to_path_buf(), dir.join("blobs")] {
-        let Ok(entries) = std::fs::read_dir(&folder) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_file()) {
-                sync(&entry.path())?;
-            }
-        }
-        sync(&folder)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

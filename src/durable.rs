@@ -1,0 +1,198 @@
+//! Making a sled database folder durable after `flush()`: which files and folders to `fsync`.
+//!
+//! `flush()` writes sled's log with `sync_file_range`, which neither flushes the disk's cache nor
+//! the file's metadata, so every sync must end with an `fsync` (see shared/notes/sled-durability.md).
+//! On ext4 *every* `fsync` costs a flush of the disk's cache, even on a file with nothing to write
+//! (measured here: ~2.3 ms each for a clean file and a clean folder while the disk was busy), so
+//! syncing all four or five files and folders of the database per acknowledged batch cost four or
+//! five cache flushes where one carries the data (BENCHMARKS.md rows 2, 3 and 6).
+//!
+//! What sled 0.34.7 writes, read from its source:
+//! - `db`: the log. Rewritten in place all the time: it is fsynced on **every** sync.
+//! - `conf`: written once, when the database is created; never rewritten.
+//! - `snap.*`: each snapshot is a new file, fsynced by sled itself, then renamed into place; old
+//!   ones are deleted. So its *folder* changes, the file's content is already durable.
+//! - `blobs/*`: one new file per large value (over ~128 KiB), never rewritten.
+//!
+//! So besides `db`, a file needs an fsync only when it is new or changed (its inode, size or times
+//! differ from when we last fsynced it), and a folder only when its list of entries changed. Each
+//! fsync (but that of `db`, which is always due) is remembered only after it succeeded, so a failed
+//! or concurrent sync never hides work from the next one. The first sync of a process fsyncs
+//! everything.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// The file sled rewrites in place (its log): fsynced on every sync.
+const LOG_FILE: &str = "db";
+
+/// The identity and last change of a file, as `stat` tells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// What was last made durable in one database folder (shared by every clone of the outbox).
+#[derive(Debug, Default)]
+pub struct Synced {
+    seen: Mutex<Seen>,
+    /// fsync calls made, for the metrics and the tests.
+    fsyncs: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    files: HashMap<PathBuf, Stamp>,
+    folders: HashMap<PathBuf, Vec<(OsString, u64)>>,
+}
+
+/// A file or folder that could not be fsynced.
+#[derive(Debug)]
+pub struct SyncFailed {
+    /// The file or folder.
+    pub path: PathBuf,
+    /// What `open` or `fsync` said.
+    pub source: std::io::Error,
+}
+
+impl Synced {
+    /// Fsync `dir`'s log always, and every other file of `dir` and `dir/blobs` and the two folders
+    /// when they changed since the last successful fsync.
+    pub fn sync(&self, dir: &Path) -> Result<(), SyncFailed> {
+        for folder in [dir.to_path_buf(), dir.join("blobs")] {
+            // A folder that does not exist (no blobs yet) has nothing to make durable.
+            let Ok(entries) = std::fs::read_dir(&folder) else {
+                continue;
+            };
+            let mut listing = Vec::new();
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else {
+                    continue; // gone since the listing (an old snapshot sled deleted)
+                };
+                listing.push((entry.file_name(), meta.ino()));
+                if meta.is_file() {
+                    self.sync_file(&entry.path(), entry.file_name() == LOG_FILE, Stamp::of(&meta))?;
+                }
+            }
+            listing.sort();
+            if self.seen().folders.get(&folder) != Some(&listing) {
+                self.fsync(&folder)?;
+                self.seen().folders.insert(folder, listing);
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_file(&self, path: &Path, always: bool, stamp: Stamp) -> Result<(), SyncFailed> {
+        if !always && self.seen().files.get(path) == Some(&stamp) {
+            return Ok(());
+        }
+        match self.fsync(path) {
+            Ok(()) => {}
+            // Deleted since the listing: sled only deletes what it no longer needs, and the folder's
+            // new listing is fsynced below.
+            Err(e) if !always && e.source.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if !always {
+            // The stamp was taken before the fsync: a change in between makes the next sync see a
+            // different stamp and fsync again.
+            self.seen().files.insert(path.to_path_buf(), stamp);
+        }
+        Ok(())
+    }
+
+    /// fsync calls made so far.
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
+    }
+
+    fn fsync(&self, path: &Path) -> Result<(), SyncFailed> {
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| SyncFailed {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        // The map only caches what was synced; after a panic elsewhere it is still a valid cache.
+        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// fsyncs made by one more sync of `dir`.
+    fn fsyncs_of_a_sync(s: &Synced, dir: &Path) -> u64 {
+        let before = s.fsyncs();
+        s.sync(dir).unwrap();
+        s.fsyncs() - before
+    }
+
+    #[test]
+    fn the_first_sync_covers_everything_then_only_the_log_and_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("db"), b"log").unwrap();
+        std::fs::write(d.join("conf"), b"conf").unwrap();
+        std::fs::create_dir(d.join("blobs")).unwrap();
+        let s = Synced::default();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 4, "db, conf, the folder, blobs/");
+        assert_eq!(fsyncs_of_a_sync(&s, d), 1, "nothing changed: the log only");
+        std::fs::write(d.join("db"), b"log, longer").unwrap();
+        assert_eq!(
+            fsyncs_of_a_sync(&s, d),
+            1,
+            "the log changes all the time: still only the log"
+        );
+
+        // A new snapshot: the file and the folder. A new blob: the file and blobs/.
+        std::fs::write(d.join("snap.00000001"), b"snap").unwrap();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 3);
+        std::fs::write(d.join("blobs").join("7"), b"blob").unwrap();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 3);
+        assert_eq!(fsyncs_of_a_sync(&s, d), 1);
+
+        // A file rewritten (size) and one deleted: that file, and the folder's new listing.
+        std::fs::write(d.join("conf"), b"conf, rewritten").unwrap();
+        std::fs::remove_file(d.join("snap.00000001")).unwrap();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 3, "db, conf, the folder");
+        assert_eq!(fsyncs_of_a_sync(&s, d), 1);
+
+        // Another process (a restart) starts with nothing known: everything again.
+        assert_eq!(
+            fsyncs_of_a_sync(&Synced::default(), d),
+            5,
+            "db, conf, the folder, blobs/7, blobs/"
+        );
+    }
+
+    #[test]
+    fn a_folder_that_does_not_exist_has_nothing_to_sync() {
+        let s = Synced::default();
+        assert_eq!(fsyncs_of_a_sync(&s, Path::new("/nonexistent/fieldgate-test")), 0);
+    }
+}
