@@ -349,7 +349,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// Make everything committed so far durable: sled flush, then fsync of its files and folder.
+    /// Make everything committed so far durable: sled flush, then fsync of its log and of whatever
+    /// else of the database changed ([`crate::durable`]).
     /// Blocking; call from `spawn_blocking` in async code (or use [`Outbox::sync`]).
     pub fn sync_blocking(&self) -> Result<(), OutboxError> {
         let target = self.counts.committed.load(Ordering::SeqCst);
@@ -666,7 +667,6 @@ fn open_error(dir: &Path, e: sled::Error) -> OutboxError {
     }
 }
 
-/// fsync every regular file sled keeps in `dir` (and `dir/blobs`), then the folders themselves.
 #[cfg(test)]
 mod tests {
     use super::*;
