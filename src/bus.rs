@@ -20,13 +20,14 @@
 //! Never: panics on anything a device sends, exits before shutdown, logs once per poll (state changes
 //! only), or slows the online meters down for an offline one more than one try per `offline_retry`.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::mpsc;
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 use tokio_modbus::client::{rtu, tcp, Client as _, Context};
 use tokio_modbus::prelude::{ExceptionCode, Request, Response, Slave, SlaveContext as _};
 use tokio_serial::SerialPort as _;
@@ -254,6 +255,9 @@ struct OpenError {
 
 // === the link: one port or connection, with recovery ===
 
+/// What a Modbus call returned, before the checks.
+type CallResult = Result<Result<Response, ExceptionCode>, tokio_modbus::Error>;
+
 /// What one block read returned.
 enum Data {
     Bits(Vec<bool>),
@@ -268,6 +272,8 @@ struct Link {
     frame_gap: Duration,
     guard: Duration,
     ctx: Option<Context>,
+    /// The timer of the requests' timeouts, one per link: see [`Link::call`].
+    timer: Option<Pin<Box<Sleep>>>,
     /// No open is tried before this instant (after a failed open).
     retry_at: Option<Instant>,
     backoff: Backoff,
@@ -301,6 +307,7 @@ impl Link {
             frame_gap: if rtu { frame_gap } else { Duration::ZERO },
             guard: if rtu { guard } else { Duration::ZERO },
             ctx: None,
+            timer: None,
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             up: None,
@@ -381,6 +388,30 @@ impl Link {
         }
     }
 
+    /// `ctx.call(request)`, given up after the link's `timeout` (`Err(())`).
+    ///
+    /// Same result as `tokio::time::timeout`, but one timer serves every request of the link and is
+    /// moved only when it fires: a request's deadline is always later than the timer's (deadlines
+    /// only grow), so the timer firing early is the only case, and it is then moved to this request's
+    /// deadline. A timer registered per request cost ~3 % of the poll rate (BENCHMARKS.md row 1).
+    async fn call(&mut self, ctx: &mut Context, request: Request<'static>) -> Result<CallResult, ()> {
+        let deadline = Instant::now() + self.timeout;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(sleep_until(deadline)));
+        let mut call = ctx.call(request);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut call => return Ok(r),
+                () = timer.as_mut() => {
+                    if Instant::now() >= deadline {
+                        return Err(());
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
+        }
+    }
+
     /// Read one block from `unit`: Ok only with exactly the items asked for.
     async fn read(&mut self, unit: u8, block: Block) -> Result<Data, Failure> {
         let mut ctx = self.context().await?;
@@ -393,7 +424,7 @@ impl Link {
             Table::Input => Request::ReadInputRegisters(a, n),
         };
         bump(&self.stats.requests);
-        let failure = match timeout(self.timeout, ctx.call(request)).await {
+        let failure = match self.call(&mut ctx, request).await {
             Ok(Ok(Ok(response))) => match check(block, response) {
                 Ok(data) => {
                     bump(&self.stats.ok);
@@ -432,7 +463,7 @@ impl Link {
                 bump(&self.stats.transport_errors);
                 Failure::Transport(e.to_string())
             }
-            Err(_elapsed) => {
+            Err(()) => {
                 bump(&self.stats.timeouts);
                 Failure::Timeout
             }
@@ -1063,6 +1094,53 @@ mod tests {
         assert!(matches!(check(c, Response::ReadCoils(vec![true; 8])), Ok(Data::Bits(v)) if v.len() == 3));
         assert!(check(c, Response::ReadCoils(vec![])).is_err());
         assert!(check(c, Response::ReadCoils(vec![true; 16])).is_err());
+    }
+
+    /// The link's one timer was armed by an earlier request: a later request must still get its whole
+    /// timeout (the timer fires early, is moved, and only this request's deadline counts).
+    #[tokio::test]
+    async fn a_request_gets_its_whole_timeout_after_earlier_quick_ones() {
+        let plant = crate::simulator::Plant::with_meters(1);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let _server = crate::simulator::serve_tcp(listener, plant.clone());
+        let limit = Duration::from_millis(300);
+        let mut link = Link::with(
+            "t",
+            &Transport::Tcp(addr),
+            limit,
+            Duration::ZERO,
+            Duration::ZERO,
+            Arc::new(BusStats::default()),
+        );
+        let coil = Block {
+            table: Table::Coil,
+            address: 0,
+            count: 1,
+        };
+        // Quick answers for half a timeout: the timer now has a deadline half a timeout away.
+        let first = std::time::Instant::now();
+        let mut answered = 0;
+        while first.elapsed() < limit / 2 {
+            assert!(link.read(1, coil).await.is_ok(), "a live unit answers");
+            answered += 1;
+        }
+        plant.silence(1, true);
+        let start = std::time::Instant::now();
+        let r = link.read(1, coil).await;
+        let waited = start.elapsed();
+        assert!(
+            matches!(r, Err(Failure::Timeout)),
+            "after {answered} answers: {:?}",
+            r.err()
+        );
+        assert!(
+            waited >= limit,
+            "gave up after {waited:?}, before its own timeout of {limit:?}"
+        );
+        // And the link recovers: the unit answers again on a fresh connection.
+        plant.silence(1, false);
+        assert!(link.read(1, coil).await.is_ok());
     }
 
     /// Compiles only if the bus task can be `tokio::spawn`ed (the tokio-modbus context is not `Sync`, so
