@@ -198,20 +198,23 @@ impl Outbox {
         let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
         let (state, queue, dead) = (tree("state")?, tree("outbox")?, tree("dead")?);
         let counts = Counts::default();
-        // Whatever is on disk at open is durable, dead letters included (they may be requeued).
+        // Whatever is on disk at open is durable, dead letters included (they may be requeued): the
+        // next id is one past the highest on disk. Keys are 8-byte big-endian ids, so that is the last
+        // key of each tree, found by walking forward (the queue is walked anyway, the dead letters are
+        // few): any backward walk in sled (`last`, `next_back`, `range`) links its 1 MiB `MAX_KEY`
+        // constant (`[255; 1 << 20]`) into the binary (BENCHMARKS.md row 7).
         let mut top = 0;
-        for t in [&queue, &dead] {
-            if let Some((k, _)) = t.last().map_err(|e| open_error(dir, e))? {
-                top = top.max(id_of(&k).saturating_add(1));
-            }
-        }
-        counts.committed.store(top, Ordering::Relaxed);
-        counts.durable.store(top, Ordering::Relaxed);
         for item in queue.iter() {
-            let (_, v) = item.map_err(|e| open_error(dir, e))?;
+            let (k, v) = item.map_err(|e| open_error(dir, e))?;
+            top = top.max(id_of(&k).saturating_add(1));
             counts.records.fetch_add(1, Ordering::Relaxed);
             counts.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
         }
+        for k in dead.iter().keys() {
+            top = top.max(id_of(&k.map_err(|e| open_error(dir, e))?).saturating_add(1));
+        }
+        counts.committed.store(top, Ordering::Relaxed);
+        counts.durable.store(top, Ordering::Relaxed);
         Ok(Outbox {
             dir: dir.to_path_buf(),
             db,
@@ -816,6 +819,41 @@ mod tests {
             o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
             vec![id]
         );
+    }
+
+    #[tokio::test]
+    async fn ids_go_on_after_a_reopen_past_the_highest_in_the_queue_or_the_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let reopen_and_commit = || async {
+            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let id = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+            o.sync().await.unwrap();
+            (o, id)
+        };
+        // More than 256 ids, so the order of the big-endian keys matters.
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..300 {
+            ids.push(o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id);
+        }
+        o.sync().await.unwrap();
+        let top = *ids.iter().max().unwrap();
+        // The highest only in the dead letters.
+        o.bury(top, "x", "t").await.unwrap();
+        drop(o);
+        let (o, next) = reopen_and_commit().await;
+        assert!(next > top, "{next} after {top}");
+        // The highest only in the queue, a lower one dead.
+        o.bury(ids[0], "x", "t").await.unwrap();
+        drop(o);
+        let (o, after) = reopen_and_commit().await;
+        assert!(after > next, "{after} after {next}");
+        // Nothing queued: the dead letters alone.
+        let queued: Vec<u64> = o.list(1000).unwrap().iter().map(|r| r.id).collect();
+        o.ack(&queued).await.unwrap();
+        drop(o);
+        let (_, last) = reopen_and_commit().await;
+        assert!(last > after, "{last} after {after}");
     }
 
     #[tokio::test]
