@@ -146,16 +146,88 @@ async fn run(path: &std::path::Path) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), default_level);
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => registry.with(layer).try_init(),
+        LogFormat::Json => registry.with(layer.json()).try_init(),
     };
+}
+
+/// The log filter: `RUST_LOG` when it is set and valid, else `default_level`. `RUST_LOG` is a
+/// comma-separated list of `level`, `target` or `target=level` directives (`debug`,
+/// `fieldgate=debug,sled=warn`), a target matching itself and every target below it
+/// (`fieldgate` covers `fieldgate::bus`). An invalid value is ignored as a whole, as before; the span
+/// and field filters of tracing's `EnvFilter` (`target[span{field=value}]=level`) are not supported
+/// and make the value invalid. An empty `RUST_LOG` logs nothing.
+pub fn log_filter(rust_log: Option<&str>, default_level: &str) -> tracing_subscriber::filter::Targets {
+    rust_log
+        .and_then(parse_log_filter)
+        .or_else(|| parse_log_filter(default_level))
+        .unwrap_or_default()
+}
+
+/// `None` if any directive is invalid.
+fn parse_log_filter(s: &str) -> Option<tracing_subscriber::filter::Targets> {
+    let directives: Vec<&str> = s.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    if directives.iter().any(|d| d.contains(['[', ']', '{', '}'])) {
+        return None;
+    }
+    // `Targets` would take an empty string as the empty target, which matches everything.
+    if directives.is_empty() {
+        return Some(tracing_subscriber::filter::Targets::new());
+    }
+    directives.join(",").parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+    use tracing_subscriber::filter::LevelFilter;
+
+    use super::log_filter;
+
+    #[test]
+    fn rust_log_is_used_when_valid_else_the_default() {
+        let f = log_filter(None, "info");
+        assert!(f.would_enable("fieldgate::bus", &Level::INFO));
+        assert!(!f.would_enable("fieldgate::bus", &Level::DEBUG));
+        assert!(f.would_enable("sled", &Level::WARN));
+
+        let f = log_filter(Some("debug"), "info");
+        assert!(f.would_enable("fieldgate::bus", &Level::DEBUG));
+        assert!(!f.would_enable("fieldgate::bus", &Level::TRACE));
+
+        let f = log_filter(Some("fieldgate=debug,sled=warn"), "info");
+        assert!(f.would_enable("fieldgate::bus", &Level::DEBUG));
+        assert!(f.would_enable("sled::pagecache", &Level::WARN));
+        assert!(!f.would_enable("sled::pagecache", &Level::INFO));
+        assert!(!f.would_enable("hyper", &Level::ERROR), "only the named targets");
+
+        let f = log_filter(Some("warn,fieldgate::sender=trace"), "info");
+        assert!(f.would_enable("fieldgate::sender", &Level::TRACE));
+        assert!(!f.would_enable("fieldgate::bus", &Level::INFO));
+        assert!(f.would_enable("fieldgate::bus", &Level::WARN));
+
+        // Case-insensitive levels, `off`, a trailing comma.
+        assert!(log_filter(Some("DEBUG,"), "info").would_enable("x", &Level::DEBUG));
+        assert_eq!(log_filter(Some("off"), "info").default_level(), Some(LevelFilter::OFF));
+
+        // Invalid: the whole value is ignored.
+        for bad in ["fieldgate=loud", "a=b=c", "fieldgate[{bus}]=debug", "[span]=debug"] {
+            let f = log_filter(Some(bad), "info");
+            assert_eq!(f.default_level(), Some(LevelFilter::INFO), "{bad}");
+        }
+
+        // Empty: nothing (not the empty target, which would match everything).
+        let f = log_filter(Some(""), "info");
+        assert!(!f.would_enable("fieldgate", &Level::ERROR));
+    }
 }

@@ -54,7 +54,7 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use base64::Engine;
 use chrono::{FixedOffset, Utc};
-use futures::StreamExt;
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -769,7 +769,7 @@ fn json(v: serde_json::Value) -> Response {
 fn truncated() -> Response {
     let full = serde_json::json!({"code": 0, "msg": ""}).to_string();
     let half = Bytes::from(full.as_bytes().get(..full.len() / 2).unwrap_or_default().to_vec());
-    let cut = futures::stream::iter([Ok::<Bytes, io::Error>(half)]).chain(futures::stream::once(async {
+    let cut = futures_util::stream::iter([Ok::<Bytes, io::Error>(half)]).chain(futures_util::stream::once(async {
         // Let the half body reach the socket before the connection is aborted.
         tokio::time::sleep(Duration::from_millis(50)).await;
         Err(io::Error::new(

@@ -143,9 +143,14 @@ valve = { table = "holding", address = 100, states = { 0 = "关闭", 1 = "开启
 const SINGLE_REQUEST_METERS: &str = concat!(holding_meter!("M1", 1), holding_meter!("M2", 2), profile!());
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let _ = tracing_subscriber::registry()
+        .with(fieldgate::cli::log_filter(
+            std::env::var("RUST_LOG").ok().as_deref(),
+            "error",
+        ))
+        .with(tracing_subscriber::fmt::layer().with_test_writer())
         .try_init();
 }
 
