@@ -9,9 +9,9 @@
 //!   ever committed (three big-endian u64). Written in the same transaction as every change of the
 //!   `outbox` tree, so opening the store never has to read the whole queue to count it (that read
 //!   pulled every record of a backlog into memory: BENCHMARKS.md row 6). A state directory written
-//!   before this key existed is counted once at open and the key written; an empty queue resets it.
-//!   (A development build from before the key that writes to a directory after it would leave the
-//!   counts stale until the queue is next empty: there was no release before the key.)
+//!   before this key existed (or changed since by a version that does not keep it, detected by a
+//!   record id at or past the stored top) is counted once at open and the key written; an empty
+//!   queue resets it.
 //!
 //! Invariants:
 //! - A meter's new state (valve, link, rule memory) and its records are committed in one transaction
@@ -230,8 +230,21 @@ impl Outbox {
         let (records, bytes, counted) = match stored {
             // An empty queue needs no count (this also mends counts left wrong by an older version).
             _ if empty => (0, 0, false),
-            Some(c) => (c.records, c.bytes, false),
-            None => {
+            // No record at or past the stored top: nobody but us wrote to the queue since (a forward
+            // range: no backward walk, see above).
+            Some(c)
+                if queue
+                    .range(c.top.to_be_bytes()..)
+                    .next()
+                    .transpose()
+                    .map_err(|e| open_error(dir, e))?
+                    .is_none() =>
+            {
+                (c.records, c.bytes, false)
+            }
+            // No counts yet (a state directory from before them), or a version that does not keep them
+            // queued records here since.
+            _ => {
                 // Once per state directory from before the counts were kept: read the whole queue.
                 let (mut n, mut b) = (0u64, 0u64);
                 for item in queue.iter() {
@@ -1179,6 +1192,13 @@ mod tests {
         // Opened again: the stored counts, no second count.
         let o = Outbox::open(dir.path(), BIG).unwrap();
         assert_eq!((o.len(), o.bytes()), (3, bytes));
+        let top = stored(&o).map_or(0, |s| s.top);
+        drop(o);
+        // Another version that does not keep the counts adds records: their ids are past the stored top.
+        write_raw(dir.path(), &[top, top + 1]);
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert_eq!(o.len(), 5);
+        assert!(o.bytes() > bytes);
         let ids: Vec<u64> = o.list(10).unwrap().iter().map(|r| r.id).collect();
         o.ack(&ids).await.unwrap();
         assert_eq!((o.len(), o.bytes()), (0, 0));
