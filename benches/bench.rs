@@ -70,6 +70,11 @@ fn fmt0(v: (f64, f64, f64), unit: &str) -> String {
     format!("{:.0}{unit} ({:.0}–{:.0})", v.0, v.1, v.2)
 }
 
+/// "rate (spread) = ratio× (spread)": a figure and its ratio to a baseline.
+fn rate_ratio(rates: Vec<f64>, unit: &str, ratios: Vec<f64>) -> String {
+    format!("{} = {}", fmt0(stats(rates), unit), fmt3(stats(ratios), "×"))
+}
+
 fn fmt1(v: (f64, f64, f64), unit: &str) -> String {
     format!("{:.1}{unit} ({:.1}–{:.1})", v.0, v.1, v.2)
 }
@@ -251,11 +256,9 @@ async fn row1(plan: Plan) -> Row {
         what: format!("poll rate of one bus task, {units} units × (1 coil + 4 holding registers), Modbus TCP loopback"),
         baseline: format!("bare tokio-modbus loop: {}", fmt0(stats(bare), " req/s")),
         result: format!(
-            "{} = {}; against the same loop with each read under `tokio::time::timeout` as the bus task's ({}): {}",
-            fmt0(stats(gw), " req/s"),
-            fmt3(stats(ratios), "×"),
-            fmt0(stats(timed), " req/s"),
-            fmt3(stats(timed_ratios), "×")
+            "{}; against the same loop with each read under `tokio::time::timeout` as the bus task's: {}",
+            rate_ratio(gw, " req/s", ratios),
+            rate_ratio(timed, " req/s", timed_ratios)
         ),
         target: "≥ 0.95",
         bound: "the in-process simulator and loopback round trip (one request in flight per bus)".into(),
@@ -407,11 +410,9 @@ async fn row2(plan: Plan) -> Row {
         what: format!("transitions made durable per second ({batch} per cycle, record {record_size} B, one flush + fsync per cycle): `Station::apply`, the whole cycle in ONE transaction (`Outbox::commit_batch`); in brackets `commit_batch` alone through the Outbox API"),
         baseline: format!("bare sled: {batch} state + {batch} record inserts, flush + fsync: {}", fmt0(stats(bare), "/s")),
         result: format!(
-            "station: {} = {} [commit_batch alone: {} = {}]",
-            fmt0(stats(station), "/s"),
-            fmt3(stats(station_ratios), "×"),
-            fmt0(stats(gw), "/s"),
-            fmt3(stats(ratios), "×")
+            "station: {} [commit_batch alone: {}]",
+            rate_ratio(station, "/s", station_ratios),
+            rate_ratio(gw, "/s", ratios)
         ),
         target: "≥ 0.8",
         bound: "disk: the fsync per cycle; then rendering each record (BizData JSON)".into(),
@@ -578,11 +579,9 @@ async fn row3(plan: Plan) -> (Row, f64) {
             fmt0(stats(bare), " rec/s")
         ),
         result: format!(
-            "{} = {}; against the same loop that also removes each batch from sled and flushes + fsyncs ({}): {}",
-            fmt0(stats(gw), " rec/s"),
-            fmt3(stats(ratios), "×"),
-            fmt0(stats(durable), " rec/s"),
-            fmt3(stats(durable_ratios), "×")
+            "{}; against the same loop that also removes each batch from sled and flushes + fsyncs: {}",
+            rate_ratio(gw, " rec/s", ratios),
+            rate_ratio(durable, " rec/s", durable_ratios)
         ),
         target: "≥ 0.8 and ≥ 5,000 rec/s",
         bound: "disk: one ack flush + fsync per batch of 50 (the baseline has none); then the mock server (in-process, same cores)".into(),

@@ -171,6 +171,21 @@ struct Counts {
     durable: AtomicU64,
 }
 
+impl Counts {
+    /// Records committed to the queue (mirrors the stored counts changed in the same transaction).
+    fn added(&self, records: u64, bytes: u64) {
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Records taken out of the queue (delivered or buried): there is room again.
+    fn removed(&self, records: u64, bytes: u64) {
+        self.records.fetch_sub(records, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.refusing.store(false, Ordering::Relaxed);
+    }
+}
+
 /// Handle to the store; cheap to clone, all clones share one database.
 #[derive(Clone)]
 pub struct Outbox {
@@ -377,8 +392,7 @@ impl Outbox {
                 Ok(())
             });
             self.tx_result(result)?;
-            self.counts.records.fetch_add(add_records, Ordering::Relaxed);
-            self.counts.bytes.fetch_add(add_bytes, Ordering::Relaxed);
+            self.counts.added(add_records, add_bytes);
             if top > 0 {
                 self.counts.committed.fetch_max(top, Ordering::SeqCst);
             }
@@ -551,9 +565,7 @@ impl Outbox {
         });
         let (n, b) = self.tx_result(result)?;
         if n > 0 {
-            self.counts.records.fetch_sub(n, Ordering::Relaxed);
-            self.counts.bytes.fetch_sub(b, Ordering::Relaxed);
-            self.counts.refusing.store(false, Ordering::Relaxed);
+            self.counts.removed(n, b);
         }
         self.sync().await
     }
@@ -630,9 +642,7 @@ impl Outbox {
             Ok(Some(old.len() as u64))
         });
         if let Some(removed) = self.tx_result(result)? {
-            self.counts.records.fetch_sub(1, Ordering::Relaxed);
-            self.counts.bytes.fetch_sub(removed, Ordering::Relaxed);
-            self.counts.refusing.store(false, Ordering::Relaxed);
+            self.counts.removed(1, removed);
         }
         self.sync().await
     }
@@ -677,8 +687,7 @@ impl Outbox {
                 Ok(())
             });
             self.tx_result(result)?;
-            self.counts.records.fetch_add(1, Ordering::Relaxed);
-            self.counts.bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
+            self.counts.added(1, v.len() as u64);
             // The sender sees ids below the durable mark only; the sync below brings the mark past this
             // id even if the queue held nothing newer since the store was opened.
             self.counts
