@@ -129,7 +129,10 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_at_most_the_batc
                 "{meter}: the same state twice in a row: {delivered:?}"
             );
             let (a, b): (f64, f64) = (pair[0].1.parse().unwrap(), pair[1].1.parse().unwrap());
-            assert!(a < b, "{meter}: delivered out of detection order: {delivered:?}");
+            // Equal is possible, lower is not: a meter is read in two requests (coil, then registers), so
+            // a flip that falls between them gives the old valve state with the new flow; the next read
+            // then reports the flip with that same flow (seed 2848272159893061501 in CI, 2026-11-25).
+            assert!(a <= b, "{meter}: delivered out of detection order: {delivered:?}");
         }
         let visible = if rig.plant.valve(unit).unwrap() {
             "开启"
