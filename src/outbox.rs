@@ -1,42 +1,49 @@
 //! The durable store (sled 0.34.7): last accepted valve states and the outbox of records waiting for
 //! delivery.
 //!
-//! Layout, one sled database in `site.state_dir`:
-//! - tree `state`: meter number (UTF-8) → [`StoredState`] (JSON): valve state, link and rule memory.
-//! - tree `outbox`: record id (big-endian u64, so iteration order is detection order) → [`Record`] (JSON).
-//! - tree `dead`: record id → [`DeadLetter`] (JSON): records the server refused too often.
-//! - tree `meta`: key `outbox_counts` → records queued, their bytes, and one past the highest record id
-//!   ever committed (three big-endian u64). Written in the same transaction as every change of the
-//!   `outbox` tree, so opening the store never has to read the whole queue to count it (that read
-//!   pulled every record of a backlog into memory: BENCHMARKS.md row 6). A state directory written
-//!   before this key existed (or changed since by a version that does not keep it, detected by a
-//!   record id at or past the stored top) is counted once at open and the key written; an empty
-//!   queue resets it.
+//! Layout, one sled database in `site.state_dir` with ONE tree, `store`, whose keys start with a byte
+//! that says what the value is:
+//! - `s` + meter number (UTF-8) → [`StoredState`] (JSON): valve state, link and rule memory.
+//! - `q` + record id (big-endian u64, so iteration order is detection order) → [`Record`] (JSON): the
+//!   outbox.
+//! - `d` + record id → [`DeadLetter`] (JSON): records the server refused too often.
+//! - `m` + `outbox_counts` → records queued, their bytes, and one past the highest record id ever
+//!   committed (three big-endian u64). Written with every change of the queue, so opening the store
+//!   never has to read the whole queue to count it (that read pulled every record of a backlog into
+//!   memory: BENCHMARKS.md row 6). If a record sits at or past the stored top (written by something
+//!   that does not keep the counts), the queue is counted once at open; an empty queue resets them.
+//!
+//! Why one tree: a `sled::Batch` applied to one tree is atomic, across a crash too (sled recovers it
+//! whole or not at all), and costs what its inserts cost; a transaction over several trees reads
+//! every key it writes and keeps a write set, ~20 % of a cycle's commit (BENCHMARKS.md row 2). Every
+//! change of the store goes through [`Outbox::write`]: one lock held while the change reads what it
+//! needs and its batch is applied. That serialises writers as the transactions did (an ack racing a
+//! failure note cannot bring a delivered record back) and keeps the stored counts exact.
+//!
+//! A state directory of the layout before (trees `state`, `outbox`, `dead` and `meta`) is moved into
+//! `store` at open: copied in bounded batches, made durable, then the old trees dropped, and the queue
+//! counted once. A crash in the middle copies again at the next open (same keys, same values).
 //!
 //! Invariants:
-//! - A meter's new state (valve, link, rule memory) and its records are committed in one transaction
+//! - A meter's new state (valve, link, rule memory) and its records are committed in one atomic batch
 //!   ([`Outbox::commit`]). If a crash loses the commit, it loses the state with it, and the
 //!   transition is detected again: nothing is repeated, nothing forgotten.
 //! - "Stored" means committed *and* [`Outbox::sync`]ed: sled's `flush()` is followed by `fsync` of the
 //!   database's log and of every other file and folder of it that changed ([`crate::durable`]),
 //!   because `flush()` alone does not survive a power cut.
 //! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`), or moved between
-//!   `outbox` and `dead` by [`Outbox::bury`] / [`Outbox::requeue`] (each one transaction, keeping the
+//!   outbox and dead letters by [`Outbox::bury`] / [`Outbox::requeue`] (each one batch, keeping the
 //!   record's id). Nothing here ever drops a record to make room: when the bounds are reached, `commit`
 //!   refuses ([`OutboxError::Full`]) and the caller keeps the old state so the change is seen again.
 //! - Dead letters do not count against the bounds (they are few, and an operator's business).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
-};
-use sled::Transactional;
 
 use crate::detect::RuleMemory;
 use crate::durable::Synced;
@@ -171,30 +178,14 @@ struct Counts {
     durable: AtomicU64,
 }
 
-impl Counts {
-    /// Records committed to the queue (mirrors the stored counts changed in the same transaction).
-    fn added(&self, records: u64, bytes: u64) {
-        self.records.fetch_add(records, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    /// Records taken out of the queue (delivered or buried): there is room again.
-    fn removed(&self, records: u64, bytes: u64) {
-        self.records.fetch_sub(records, Ordering::Relaxed);
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.refusing.store(false, Ordering::Relaxed);
-    }
-}
-
 /// Handle to the store; cheap to clone, all clones share one database.
 #[derive(Clone)]
 pub struct Outbox {
     dir: PathBuf,
     db: sled::Db,
-    state: sled::Tree,
-    queue: sled::Tree,
-    dead: sled::Tree,
-    meta: sled::Tree,
+    store: sled::Tree,
+    /// The stored counts as last written, locked by every writer: see [`Outbox::write`].
+    writer: Arc<Mutex<Stored>>,
     limits: Limits,
     counts: Arc<Counts>,
     synced: Arc<Synced>,
@@ -216,53 +207,49 @@ pub struct Draft {
 }
 
 impl Outbox {
-    /// Open (or create) the store in `dir`.
+    /// Open (or create) the store in `dir`; a state directory of the layout before is moved into it.
     pub fn open(dir: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
         std::fs::create_dir_all(dir).map_err(|e| OutboxError::Sync {
             path: dir.to_path_buf(),
             source: e,
         })?;
         let db = open_db(dir)?;
-        let tree = |name: &str| db.open_tree(name).map_err(|e| open_error(dir, e));
-        let (state, queue, dead, meta) = (tree("state")?, tree("outbox")?, tree("dead")?, tree("meta")?);
+        let store = db.open_tree(STORE).map_err(|e| open_error(dir, e))?;
+        let moved = migrate(&db, &store, dir)?;
         let counts = Counts::default();
         // Whatever is on disk at open is durable, dead letters included (they may be requeued): every
         // id sled ever gave out is below the next one it gives (its ids are monotonic across restarts).
-        // Not the last key of each tree: any backward walk in sled (`last`, `next_back`, `range`) links
-        // its 1 MiB `MAX_KEY` constant (`[255; 1 << 20]`) into the binary (BENCHMARKS.md row 7).
+        // Not the last key of the queue: any backward walk in sled (`last`, `next_back`) links its
+        // 1 MiB `MAX_KEY` constant (`[255; 1 << 20]`) into the binary (BENCHMARKS.md row 7).
         let mut top = db.generate_id().map_err(|e| open_error(dir, e))?;
         // Ids written by other means (tests, tools) are covered too: dead letters are few.
-        for k in dead.iter().keys() {
+        for k in store.scan_prefix([DEAD]).keys() {
             top = top.max(id_of(&k.map_err(|e| open_error(dir, e))?).saturating_add(1));
         }
         counts.committed.store(top, Ordering::Relaxed);
         counts.durable.store(top, Ordering::Relaxed);
-        let stored = meta
+        let stored = store
             .get(COUNTS_KEY)
             .map_err(|e| open_error(dir, e))?
             .and_then(|v| Stored::parse(&v));
-        let empty = queue.first().map_err(|e| open_error(dir, e))?.is_none();
+        let first = |from: [u8; 9]| {
+            store
+                .range(&from[..]..&[QUEUE + 1][..])
+                .next()
+                .transpose()
+                .map(|item| item.is_none())
+                .map_err(|e| open_error(dir, e))
+        };
         let (records, bytes, counted) = match stored {
-            // An empty queue needs no count (this also mends counts left wrong by an older version).
-            _ if empty => (0, 0, false),
-            // No record at or past the stored top: nobody but us wrote to the queue since (a forward
-            // range: no backward walk, see above).
-            Some(c)
-                if queue
-                    .range(c.top.to_be_bytes()..)
-                    .next()
-                    .transpose()
-                    .map_err(|e| open_error(dir, e))?
-                    .is_none() =>
-            {
-                (c.records, c.bytes, false)
-            }
-            // No counts yet (a state directory from before them), or a version that does not keep them
-            // queued records here since.
+            // An empty queue needs no count (this also mends counts left wrong by other means).
+            _ if first(id_key(QUEUE, 0))? => (0, 0, false),
+            // No record at or past the stored top: nobody but us wrote to the queue since.
+            Some(c) if first(id_key(QUEUE, c.top))? => (c.records, c.bytes, false),
+            // No counts yet (a state directory just moved from the layout before), or records written
+            // by something that does not keep them: read the whole queue, once.
             _ => {
-                // Once per state directory from before the counts were kept: read the whole queue.
                 let (mut n, mut b) = (0u64, 0u64);
-                for item in queue.iter() {
+                for item in store.scan_prefix([QUEUE]) {
                     let (k, v) = item.map_err(|e| open_error(dir, e))?;
                     top = top.max(id_of(&k).saturating_add(1));
                     n += 1;
@@ -278,15 +265,16 @@ impl Outbox {
             top: stored.map_or(top, |c| c.top.max(top)),
         };
         if stored != Some(keep) {
-            meta.insert(COUNTS_KEY, &keep.to_bytes())
+            store
+                .insert(COUNTS_KEY, &keep.to_bytes())
                 .map_err(|e| open_error(dir, e))?;
         }
-        if counted {
-            // The count read every page of the queue into sled's cache, which does not give them back
-            // (1,000,000 records: ~50 MiB held for the whole drain). Open again to start from an
-            // empty cache; the second open finds the counts just written.
+        if counted || moved {
+            // The count (or the move) read every page of the queue into sled's cache, which does not
+            // give them back (1,000,000 records: ~50 MiB held for the whole drain). Open again to
+            // start from an empty cache; the second open finds the counts just written.
             db.flush().map_err(|e| open_error(dir, e))?;
-            drop((state, queue, dead, meta, db));
+            drop((store, db));
             return Outbox::open(dir, limits);
         }
         counts.records.store(records, Ordering::Relaxed);
@@ -294,10 +282,8 @@ impl Outbox {
         Ok(Outbox {
             dir: dir.to_path_buf(),
             db,
-            state,
-            queue,
-            dead,
-            meta,
+            store,
+            writer: Arc::new(Mutex::new(keep)),
             limits,
             counts: Arc::new(counts),
             synced: Arc::default(),
@@ -311,22 +297,48 @@ impl Outbox {
 
     /// The last accepted state of a meter.
     pub fn state(&self, meter_no: &str) -> Result<Option<StoredState>, OutboxError> {
-        match self.state.get(meter_no.as_bytes()).map_err(|e| self.db_error(e))? {
+        match self.store.get(state_key(meter_no)).map_err(|e| self.db_error(e))? {
             None => Ok(None),
             Some(v) => decode("state", meter_no, &v).map(Some),
         }
     }
 
-    /// Commit a meter's new state and its records in one transaction. Returns the records with
-    /// their ids. Refuses with [`OutboxError::Full`] (committing nothing) when the bounds would be
-    /// passed. Not durable until [`Outbox::sync`].
+    /// Apply one change of the store atomically. `change` reads what it needs (no other writer runs
+    /// meanwhile: they all come through here), fills the batch, and changes the counts to match; the
+    /// counts go into the same batch when they changed. An `Err` from `change` writes nothing.
+    fn write<T>(
+        &self,
+        change: impl FnOnce(&mut sled::Batch, &mut Stored) -> Result<T, OutboxError>,
+    ) -> Result<T, OutboxError> {
+        let mut stored = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next = *stored;
+        let mut batch = sled::Batch::default();
+        let out = change(&mut batch, &mut next)?;
+        if next != *stored {
+            batch.insert(COUNTS_KEY, &next.to_bytes()[..]);
+        }
+        self.store.apply_batch(batch).map_err(|e| self.db_error(e))?;
+        *stored = next;
+        self.counts.records.store(next.records, Ordering::Relaxed);
+        self.counts.bytes.store(next.bytes, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// A queued record's stored bytes, read under the writer's lock.
+    fn get(&self, key: [u8; 9]) -> Result<Option<sled::IVec>, OutboxError> {
+        self.store.get(key).map_err(|e| self.db_error(e))
+    }
+
+    /// Commit a meter's new state and its records atomically. Returns the records with their ids.
+    /// Refuses with [`OutboxError::Full`] (committing nothing) when the bounds would be passed. Not
+    /// durable until [`Outbox::sync`].
     pub fn commit(&self, meter_no: &str, state: &StoredState, drafts: Vec<Draft>) -> Result<Vec<Record>, OutboxError> {
         let mut results = self.commit_batch(vec![(meter_no.to_string(), state.clone(), drafts)])?;
         results.pop().unwrap_or_else(|| Ok(Vec::new()))
     }
 
     /// Commit the changes of a whole poll cycle — each a meter's new state and its records — in ONE
-    /// transaction, so a cycle costs one commit instead of one per meter. Returns one result per
+    /// atomic batch, so a cycle costs one commit instead of one per meter. Returns one result per
     /// change, in order: its records with their ids, or [`OutboxError::Full`] for a change that would
     /// pass the bounds (that change alone is not committed: its state stays old, so the transition is
     /// seen again; the changes that fit are committed, exactly as with one [`Outbox::commit`] each in
@@ -337,91 +349,65 @@ impl Outbox {
         &self,
         changes: Vec<(String, StoredState, Vec<Draft>)>,
     ) -> Result<Vec<Result<Vec<Record>, OutboxError>>, OutboxError> {
-        let mut results = Vec::with_capacity(changes.len());
-        let mut states: Vec<(String, Vec<u8>)> = Vec::with_capacity(changes.len());
-        let mut encoded: Vec<(u64, Vec<u8>)> = Vec::new();
-        let (mut add_records, mut add_bytes) = (0u64, 0u64);
-        let mut last_refused = false;
-        for (meter_no, state, drafts) in changes {
-            let mut records = Vec::with_capacity(drafts.len());
-            for d in drafts {
-                let id = self.db.generate_id().map_err(|e| self.db_error(e))?;
-                records.push(Record {
-                    id,
-                    event_name: d.event_name,
-                    meter_no: meter_no.clone(),
-                    detected_at: d.detected_at,
-                    from: d.from,
-                    to: d.to,
-                    biz_data: d.biz_data,
-                    attempts: 0,
-                    rejections: 0,
-                    last_error: None,
-                });
-            }
-            let values: Vec<(u64, Vec<u8>)> = records.iter().map(|r| (r.id, encode(r))).collect();
-            let bytes: u64 = values.iter().map(|(_, v)| v.len() as u64).sum();
-            if let Err(e) = self.check_room(add_records, add_bytes, values.len() as u64, bytes) {
-                last_refused = true;
-                results.push(Err(e));
-                continue;
-            }
-            last_refused = false;
-            add_records += values.len() as u64;
-            add_bytes += bytes;
-            states.push((meter_no, encode(&state)));
-            encoded.extend(values);
-            results.push(Ok(records));
-        }
-        if !states.is_empty() {
-            let top = encoded.iter().map(|(id, _)| id.saturating_add(1)).max().unwrap_or(0);
-            let result = (&self.state, &self.queue, &self.meta).transaction(|(s, q, m)| {
-                for (meter_no, v) in &states {
-                    s.insert(meter_no.as_bytes(), v.as_slice())?;
+        let mut last_refused = None;
+        let (results, top) = self.write(|batch, stored| {
+            let mut results = Vec::with_capacity(changes.len());
+            let mut top = 0;
+            for (meter_no, state, drafts) in changes {
+                let mut records = Vec::with_capacity(drafts.len());
+                for d in drafts {
+                    records.push(Record {
+                        id: self.db.generate_id().map_err(|e| self.db_error(e))?,
+                        event_name: d.event_name,
+                        meter_no: meter_no.clone(),
+                        detected_at: d.detected_at,
+                        from: d.from,
+                        to: d.to,
+                        biz_data: d.biz_data,
+                        attempts: 0,
+                        rejections: 0,
+                        last_error: None,
+                    });
                 }
-                for (id, v) in &encoded {
-                    q.insert(&id.to_be_bytes(), v.as_slice())?;
+                let values: Vec<(u64, Vec<u8>)> = records.iter().map(|r| (r.id, encode(r))).collect();
+                let bytes: u64 = values.iter().map(|(_, v)| v.len() as u64).sum();
+                if let Err(e) = self.check_room(stored, values.len() as u64, bytes) {
+                    last_refused = Some(true);
+                    results.push(Err(e));
+                    continue;
                 }
-                if !encoded.is_empty() {
-                    Stored::update(m, |c| {
-                        c.records += add_records;
-                        c.bytes += add_bytes;
-                        c.top = c.top.max(top);
-                    })?;
+                last_refused = Some(false);
+                stored.records += values.len() as u64;
+                stored.bytes += bytes;
+                batch.insert(state_key(&meter_no), encode(&state));
+                for (id, v) in values {
+                    top = top.max(id.saturating_add(1));
+                    batch.insert(&id_key(QUEUE, id)[..], v);
                 }
-                Ok(())
-            });
-            self.tx_result(result)?;
-            self.counts.added(add_records, add_bytes);
-            if top > 0 {
-                self.counts.committed.fetch_max(top, Ordering::SeqCst);
+                results.push(Ok(records));
             }
-        }
+            stored.top = stored.top.max(top);
+            Ok((results, top))
+        })?;
+        self.counts.committed.fetch_max(top, Ordering::SeqCst);
         // As after one commit per change in order: the last change decides whether we are refusing.
-        if !results.is_empty() {
-            self.counts.refusing.store(last_refused, Ordering::Relaxed);
+        if let Some(refused) = last_refused {
+            self.counts.refusing.store(refused, Ordering::Relaxed);
         }
         Ok(results)
     }
 
-    /// Whether `records` more records of `bytes` fit after `pending_records`/`pending_bytes` not yet
-    /// counted; a refusal is counted and sets the refusing flag.
-    fn check_room(
-        &self,
-        pending_records: u64,
-        pending_bytes: u64,
-        records: u64,
-        bytes: u64,
-    ) -> Result<(), OutboxError> {
-        let (have_records, have_bytes) = (self.len() + pending_records, self.bytes() + pending_bytes);
+    /// Whether `records` more records of `bytes` fit next to the `stored` counts; a refusal is
+    /// counted and sets the refusing flag.
+    fn check_room(&self, stored: &Stored, records: u64, bytes: u64) -> Result<(), OutboxError> {
         if records > 0
-            && (have_records + records > self.limits.max_records || have_bytes + bytes > self.limits.max_bytes)
+            && (stored.records + records > self.limits.max_records || stored.bytes + bytes > self.limits.max_bytes)
         {
             self.counts.refused.fetch_add(1, Ordering::Relaxed);
             self.counts.refusing.store(true, Ordering::Relaxed);
             return Err(OutboxError::Full {
-                records: have_records,
-                bytes: have_bytes,
+                records: stored.records,
+                bytes: stored.bytes,
                 max_records: self.limits.max_records,
                 max_bytes: self.limits.max_bytes,
             });
@@ -486,17 +472,20 @@ impl Outbox {
         self.limits
     }
 
-    /// Number of dead letters (walks the `dead` tree; it is small).
+    /// Number of dead letters (walks them; they are few).
     pub fn dead_len(&self) -> usize {
-        self.dead.len()
+        self.store.scan_prefix([DEAD]).count()
     }
 
     /// All queued records, oldest first (for the admin API and tests).
     pub fn list(&self, limit: usize) -> Result<Vec<Record>, OutboxError> {
-        self.queue
-            .iter()
+        self.store
+            .scan_prefix([QUEUE])
             .take(limit)
-            .map(|item| self.decode_record(item))
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.db_error(e))?;
+                decode("outbox", id_of(&k), &v)
+            })
             .collect()
     }
 
@@ -515,7 +504,7 @@ impl Outbox {
         let mut blocked: HashSet<String> = HashSet::new();
         // Bound the scan: a backlog of other events must not make each batch read the whole queue.
         let durable = self.counts.durable.load(Ordering::SeqCst);
-        for item in self.queue.iter().take(max.saturating_mul(20).max(100)) {
+        for item in self.store.scan_prefix([QUEUE]).take(max.saturating_mul(20).max(100)) {
             let (k, v) = item.map_err(|e| self.db_error(e))?;
             // Read the few fields the choice needs first; only a record that joins the batch (or must
             // be shown to `skip`) is decoded in full. A record of another event blocks its meter
@@ -546,26 +535,21 @@ impl Outbox {
 
     /// Remove delivered records (the server answered `code: 0`), then sync.
     pub async fn ack(&self, ids: &[u64]) -> Result<(), OutboxError> {
-        // One transaction: the records and the stored counts go together.
-        let result = (&self.queue, &self.meta).transaction(|(q, m)| {
-            let (mut n, mut b) = (0u64, 0u64);
-            for id in ids {
-                if let Some(v) = q.remove(&id.to_be_bytes())? {
-                    n += 1;
-                    b += v.len() as u64;
+        let removed = self.write(|batch, stored| {
+            let mut removed = 0;
+            for id in ids.iter().collect::<BTreeSet<_>>() {
+                let key = id_key(QUEUE, *id);
+                if let Some(v) = self.get(key)? {
+                    batch.remove(&key[..]);
+                    stored.records = stored.records.saturating_sub(1);
+                    stored.bytes = stored.bytes.saturating_sub(v.len() as u64);
+                    removed += 1;
                 }
             }
-            if n > 0 {
-                Stored::update(m, |c| {
-                    c.records = c.records.saturating_sub(n);
-                    c.bytes = c.bytes.saturating_sub(b);
-                })?;
-            }
-            Ok((n, b))
-        });
-        let (n, b) = self.tx_result(result)?;
-        if n > 0 {
-            self.counts.removed(n, b);
+            Ok(removed)
+        })?;
+        if removed > 0 {
+            self.counts.refusing.store(false, Ordering::Relaxed);
         }
         self.sync().await
     }
@@ -584,73 +568,60 @@ impl Outbox {
 
     fn update_failed(&self, ids: &[u64], error: &str, rejected: bool) -> Result<Vec<Record>, OutboxError> {
         let last_error: String = error.chars().take(500).collect();
-        // One transaction, so an ack that raced this update is not undone (a record acked meanwhile
-        // is not found here) and the stored byte count moves with the records.
-        let result = (&self.queue, &self.meta).transaction(|(q, m)| {
+        // Under the writer's lock, so an ack that raced this update is not undone (a record acked
+        // meanwhile is not found here).
+        self.write(|batch, stored| {
             let mut out = Vec::new();
-            let (mut old, mut new) = (0u64, 0u64);
-            for id in ids {
-                let key = id.to_be_bytes();
-                let Some(v) = q.get(key)? else {
+            for id in ids.iter().collect::<BTreeSet<_>>() {
+                let key = id_key(QUEUE, *id);
+                let Some(v) = self.get(key)? else {
                     continue;
                 };
-                let mut r: Record = decode("outbox", id, &v).map_err(ConflictableTransactionError::Abort)?;
+                let mut r: Record = decode("outbox", id, &v)?;
                 r.attempts = r.attempts.saturating_add(1);
                 if rejected {
                     r.rejections = r.rejections.saturating_add(1);
                 }
                 r.last_error = Some(last_error.clone());
                 let nv = encode(&r);
-                old += v.len() as u64;
-                new += nv.len() as u64;
-                q.insert(&key, nv)?;
+                stored.bytes = (stored.bytes + nv.len() as u64).saturating_sub(v.len() as u64);
+                batch.insert(&key[..], nv);
                 out.push(r);
             }
-            if old != new {
-                Stored::update(m, |c| c.bytes = (c.bytes + new).saturating_sub(old))?;
-            }
-            Ok((out, old, new))
-        });
-        let (out, old, new) = self.tx_result(result)?;
-        self.counts.bytes.fetch_add(new, Ordering::Relaxed);
-        self.counts.bytes.fetch_sub(old, Ordering::Relaxed);
-        Ok(out)
+            Ok(out)
+        })
     }
 
-    /// Move a record to the dead letters with the server's reason (one transaction), then sync.
+    /// Move a record to the dead letters with the server's reason (one batch), then sync.
     pub async fn bury(&self, id: u64, reason: &str, died_at: &str) -> Result<(), OutboxError> {
-        let key = id.to_be_bytes();
-        let Some(v) = self.queue.get(key).map_err(|e| self.db_error(e))? else {
-            return Ok(());
-        };
-        let record: Record = decode("outbox", id, &v)?;
-        let dead = encode(&DeadLetter {
-            record,
-            reason: reason.to_string(),
-            died_at: died_at.to_string(),
-        });
-        let result = (&self.queue, &self.dead, &self.meta).transaction(|(q, d, m)| {
+        let buried = self.write(|batch, stored| {
+            let key = id_key(QUEUE, id);
             // Gone meanwhile (acked by a request that carried it): nothing to bury.
-            let Some(old) = q.remove(&key)? else {
-                return Ok(None);
+            let Some(v) = self.get(key)? else {
+                return Ok(false);
             };
-            d.insert(&key, dead.as_slice())?;
-            Stored::update(m, |c| {
-                c.records = c.records.saturating_sub(1);
-                c.bytes = c.bytes.saturating_sub(old.len() as u64);
-            })?;
-            Ok(Some(old.len() as u64))
-        });
-        if let Some(removed) = self.tx_result(result)? {
-            self.counts.removed(1, removed);
+            let record: Record = decode("outbox", id, &v)?;
+            let dead = DeadLetter {
+                record,
+                reason: reason.to_string(),
+                died_at: died_at.to_string(),
+            };
+            batch.remove(&key[..]);
+            batch.insert(&id_key(DEAD, id)[..], encode(&dead));
+            stored.records = stored.records.saturating_sub(1);
+            stored.bytes = stored.bytes.saturating_sub(v.len() as u64);
+            Ok(true)
+        })?;
+        if buried {
+            self.counts.refusing.store(false, Ordering::Relaxed);
         }
         self.sync().await
     }
 
     /// Dead letters, oldest first.
     pub fn dead(&self) -> Result<Vec<DeadLetter>, OutboxError> {
-        self.dead
-            .iter()
+        self.store
+            .scan_prefix([DEAD])
             .map(|item| {
                 let (k, v) = item.map_err(|e| self.db_error(e))?;
                 decode("dead", id_of(&k), &v)
@@ -664,53 +635,38 @@ impl Outbox {
     /// The old id puts the record back at its place in detection order, ahead of anything queued
     /// after it; later records of its meter that were delivered meanwhile stay delivered.
     pub async fn requeue(&self, id: Option<u64>) -> Result<usize, OutboxError> {
-        let letters: Vec<DeadLetter> = self
-            .dead()?
-            .into_iter()
-            .filter(|d| id.is_none_or(|i| d.record.id == i))
-            .collect();
-        for d in &letters {
-            let key = d.record.id.to_be_bytes();
-            let mut record = d.record.clone();
-            record.attempts = 0;
-            record.rejections = 0;
-            let v = encode(&record);
-            let top = d.record.id.saturating_add(1);
-            let result = (&self.queue, &self.dead, &self.meta).transaction(|(q, dt, m)| {
-                dt.remove(&key)?;
-                q.insert(&key, v.as_slice())?;
-                Stored::update(m, |c| {
-                    c.records += 1;
-                    c.bytes += v.len() as u64;
-                    c.top = c.top.max(top);
-                })?;
-                Ok(())
-            });
-            self.tx_result(result)?;
-            self.counts.added(1, v.len() as u64);
-            // The sender sees ids below the durable mark only; the sync below brings the mark past this
-            // id even if the queue held nothing newer since the store was opened.
-            self.counts
-                .committed
-                .fetch_max(d.record.id.saturating_add(1), Ordering::SeqCst);
+        let ids: Vec<u64> = match id {
+            Some(id) => vec![id],
+            None => self.dead()?.iter().map(|d| d.record.id).collect(),
+        };
+        let mut moved = 0;
+        for id in ids {
+            let requeued = self.write(|batch, stored| {
+                let key = id_key(DEAD, id);
+                // Not a dead letter (any more: another requeue was quicker).
+                let Some(v) = self.get(key)? else {
+                    return Ok(false);
+                };
+                let mut record = decode::<DeadLetter>("dead", id, &v)?.record;
+                record.attempts = 0;
+                record.rejections = 0;
+                let v = encode(&record);
+                stored.records += 1;
+                stored.bytes += v.len() as u64;
+                stored.top = stored.top.max(id.saturating_add(1));
+                batch.remove(&key[..]);
+                batch.insert(&id_key(QUEUE, id)[..], v);
+                Ok(true)
+            })?;
+            if requeued {
+                moved += 1;
+                // The sender sees ids below the durable mark only; the sync below brings the mark past
+                // this id even if the queue held nothing newer since the store was opened.
+                self.counts.committed.fetch_max(id.saturating_add(1), Ordering::SeqCst);
+            }
         }
         self.sync().await?;
-        Ok(letters.len())
-    }
-
-    fn decode_record(&self, item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Record, OutboxError> {
-        let (k, v) = item.map_err(|e| self.db_error(e))?;
-        decode("outbox", id_of(&k), &v)
-    }
-
-    /// The result of one of our transactions: a storage error is [`OutboxError::Db`], an abort is the
-    /// closure's own error.
-    fn tx_result<T>(&self, result: Result<T, TransactionError<OutboxError>>) -> Result<T, OutboxError> {
-        match result {
-            Ok(v) => Ok(v),
-            Err(TransactionError::Storage(e)) => Err(self.db_error(e)),
-            Err(TransactionError::Abort(e)) => Err(e),
-        }
+        Ok(moved)
     }
 
     fn db_error(&self, e: sled::Error) -> OutboxError {
@@ -721,11 +677,101 @@ impl Outbox {
     }
 }
 
-/// Key of the stored counts in tree `meta`.
-const COUNTS_KEY: &[u8] = b"outbox_counts";
+/// The one tree of the store (module docs).
+const STORE: &str = "store";
+/// First byte of a key: a meter's state.
+const STATE: u8 = b's';
+/// First byte of a key: a queued record.
+const QUEUE: u8 = b'q';
+/// First byte of a key: a dead letter.
+const DEAD: u8 = b'd';
+/// The stored counts (first byte `m`, metadata).
+const COUNTS_KEY: &[u8] = b"moutbox_counts";
 
-/// The counts kept in tree `meta` (see the module docs): records and bytes in the `outbox` tree, and one
-/// past the highest record id ever committed to it.
+/// Key of a record (queued or dead) in the store: kind, then its id big-endian.
+fn id_key(kind: u8, id: u64) -> [u8; 9] {
+    let mut k = [kind; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The id in a key made by [`id_key`] (0 for anything else; ids start at 1).
+fn id_of(key: &[u8]) -> u64 {
+    key.get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Key of a meter's state in the store.
+fn state_key(meter_no: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + meter_no.len());
+    k.push(STATE);
+    k.extend_from_slice(meter_no.as_bytes());
+    k
+}
+
+/// The trees of the layout before `store`, and the kind byte their keys get in it. Their stored counts
+/// (tree `meta`) are not moved: the queue is counted once instead.
+const OLD_TREES: [(&str, Option<u8>); 4] = [
+    ("state", Some(STATE)),
+    ("outbox", Some(QUEUE)),
+    ("dead", Some(DEAD)),
+    ("meta", None),
+];
+
+/// Move a state directory of the layout before into `store` (module docs). Returns whether one was
+/// found; the caller then counts the queue.
+fn migrate(db: &sled::Db, store: &sled::Tree, dir: &Path) -> Result<bool, OutboxError> {
+    let err = |e| open_error(dir, e);
+    let names = db.tree_names();
+    let old: Vec<_> = OLD_TREES
+        .iter()
+        .filter(|(name, _)| names.iter().any(|n| n == name.as_bytes()))
+        .collect();
+    if old.is_empty() {
+        return Ok(false);
+    }
+    let mut moved = 0u64;
+    for (name, kind) in &old {
+        let Some(kind) = kind else { continue };
+        let tree = db.open_tree(name).map_err(err)?;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        for item in tree.iter() {
+            let (k, v) = item.map_err(err)?;
+            let mut key = Vec::with_capacity(1 + k.len());
+            key.push(*kind);
+            key.extend_from_slice(&k);
+            batch.insert(key, v);
+            in_batch += 1;
+            moved += 1;
+            // Bounded: a week of backlog is moved without holding it all in one batch.
+            if in_batch == 1000 {
+                store.apply_batch(std::mem::take(&mut batch)).map_err(err)?;
+                in_batch = 0;
+            }
+        }
+        store.apply_batch(batch).map_err(err)?;
+    }
+    // The copies are on disk before the originals go.
+    db.flush().map_err(err)?;
+    Synced::default().sync(dir).map_err(|e| OutboxError::Sync {
+        path: e.path,
+        source: e.source,
+    })?;
+    for (name, _) in &old {
+        db.drop_tree(name).map_err(err)?;
+    }
+    tracing::info!(
+        message = "State directory moved to the one-tree layout.",
+        dir = %dir.display(),
+        entries = moved
+    );
+    Ok(true)
+}
+
+/// The counts kept under [`COUNTS_KEY`] (see the module docs): records queued and their bytes, and one
+/// past the highest record id ever committed to the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Stored {
     records: u64,
@@ -755,25 +801,6 @@ impl Stored {
         b[16..].copy_from_slice(&self.top.to_be_bytes());
         b
     }
-
-    /// Read, change and write the counts inside a transaction. [`Outbox::open`] always writes them,
-    /// so a missing or unreadable value is corruption: the transaction aborts with it.
-    fn update(
-        m: &TransactionalTree,
-        change: impl FnOnce(&mut Stored),
-    ) -> Result<(), ConflictableTransactionError<OutboxError>> {
-        let v = m.get(COUNTS_KEY)?;
-        let Some(mut c) = v.as_deref().and_then(Stored::parse) else {
-            return Err(ConflictableTransactionError::Abort(OutboxError::Corrupt {
-                tree: "meta",
-                detail: format!("{}: missing or not 24 bytes", String::from_utf8_lossy(COUNTS_KEY)),
-            }));
-        };
-        change(&mut c);
-        m.insert(COUNTS_KEY, &c.to_bytes())
-            .map(|_| ())
-            .map_err(|e: UnabortableTransactionError| e.into())
-    }
 }
 
 /// The fields of a stored [`Record`] that choosing a batch needs; the rest (BizData above all) is
@@ -797,14 +824,6 @@ fn decode<'de, T: Deserialize<'de>>(
         tree,
         detail: format!("{key}: {e}"),
     })
-}
-
-fn id_of(key: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    if key.len() == 8 {
-        b.copy_from_slice(key);
-    }
-    u64::from_be_bytes(b)
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -1127,31 +1146,34 @@ mod tests {
         );
     }
 
-    /// Write records straight into the `outbox` tree, as a version that does not keep the stored
-    /// counts would.
+    /// Write records straight into the tree `outbox` of the layout before `store`, as an older version
+    /// would (it keeps no counts there either).
     fn write_raw(dir: &Path, ids: &[u64]) {
         let db = open_db(dir).unwrap();
         let q = db.open_tree("outbox").unwrap();
         for id in ids {
-            let r = Record {
-                id: *id,
-                event_name: "开".into(),
-                meter_no: format!("R{id}"),
-                detected_at: String::new(),
-                from: String::new(),
-                to: String::new(),
-                biz_data: "{}".into(),
-                attempts: 0,
-                rejections: 0,
-                last_error: None,
-            };
-            q.insert(id.to_be_bytes(), encode(&r)).unwrap();
+            q.insert(id.to_be_bytes(), encode(&raw_record(*id))).unwrap();
         }
         db.flush().unwrap();
     }
 
+    fn raw_record(id: u64) -> Record {
+        Record {
+            id,
+            event_name: "开".into(),
+            meter_no: format!("R{id}"),
+            detected_at: String::new(),
+            from: String::new(),
+            to: String::new(),
+            biz_data: "{}".into(),
+            attempts: 0,
+            rejections: 0,
+            last_error: None,
+        }
+    }
+
     fn stored(o: &Outbox) -> Option<Stored> {
-        o.meta.get(COUNTS_KEY).unwrap().and_then(|v| Stored::parse(&v))
+        o.store.get(COUNTS_KEY).unwrap().and_then(|v| Stored::parse(&v))
     }
 
     #[tokio::test]
@@ -1220,15 +1242,124 @@ mod tests {
             let o = Outbox::open(dir.path(), BIG).unwrap();
             o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id
         };
-        // A version that does not keep the counts delivers the record.
+        // Something that does not keep the counts removes the record.
         {
             let db = open_db(dir.path()).unwrap();
-            db.open_tree("outbox").unwrap().remove(id.to_be_bytes()).unwrap();
+            db.open_tree(STORE).unwrap().remove(id_key(QUEUE, id)).unwrap();
             db.flush().unwrap();
         }
         let o = Outbox::open(dir.path(), BIG).unwrap();
         assert_eq!((o.len(), o.bytes()), (0, 0));
         assert_eq!(stored(&o).map(|s| (s.records, s.bytes)), Some((0, 0)));
+    }
+
+    #[tokio::test]
+    async fn a_state_directory_of_the_layout_before_is_moved_whole_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let letter = DeadLetter {
+            record: raw_record(4),
+            reason: "事件不存在".into(),
+            died_at: "t".into(),
+        };
+        {
+            // The layout before: one tree per kind, counts in `meta` (left wrong on purpose: they are
+            // not trusted after a move).
+            let db = open_db(dir.path()).unwrap();
+            let tree = |name: &str| db.open_tree(name).unwrap();
+            tree("state").insert("M1", encode(&state(1))).unwrap();
+            tree("state").insert("M2", encode(&state(0))).unwrap();
+            for id in [2u64, 7, 3000] {
+                tree("outbox")
+                    .insert(id.to_be_bytes(), encode(&raw_record(id)))
+                    .unwrap();
+            }
+            tree("dead").insert(4u64.to_be_bytes(), encode(&letter)).unwrap();
+            tree("meta").insert(b"outbox_counts", &[0u8; 24][..]).unwrap();
+            db.flush().unwrap();
+        }
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert_eq!(o.state("M1").unwrap(), Some(state(1)));
+        assert_eq!(o.state("M2").unwrap(), Some(state(0)));
+        let ids: Vec<u64> = o.list(10).unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(ids, [2, 7, 3000], "every record, in detection order");
+        assert_eq!(o.list(10).unwrap()[2], raw_record(3000));
+        assert_eq!(o.dead().unwrap(), [letter]);
+        let bytes: u64 = [2u64, 7, 3000]
+            .iter()
+            .map(|i| encode(&raw_record(*i)).len() as u64)
+            .sum();
+        assert_eq!(
+            (o.len(), o.bytes()),
+            (3, bytes),
+            "counted, not taken from the old `meta`"
+        );
+        assert_eq!(
+            stored(&o).map(|s| (s.records, s.bytes, s.top >= 3001)),
+            Some((3, bytes, true))
+        );
+        assert_eq!(
+            o.next_batch(10).unwrap().len(),
+            3,
+            "what was on disk at open is durable"
+        );
+        let new = o.commit("M3", &state(1), vec![draft("开")]).unwrap()[0].id;
+        assert!(new > 3000, "ids go on past the moved ones: {new}");
+        o.sync().await.unwrap();
+        drop(o);
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let names: Vec<String> =
+            o.db.tree_names()
+                .iter()
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .collect();
+        for old in ["state", "outbox", "dead", "meta"] {
+            assert!(!names.iter().any(|n| n == old), "tree {old} left: {names:?}");
+        }
+        assert_eq!(o.len(), 4);
+        assert_eq!(o.requeue(Some(4)).await.unwrap(), 1);
+        let ids: Vec<u64> = o.list(10).unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(ids, [2, 4, 7, 3000, new]);
+    }
+
+    #[tokio::test]
+    async fn records_written_past_the_stored_top_by_other_means_are_counted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = {
+            let o = Outbox::open(dir.path(), BIG).unwrap();
+            o.commit("M1", &state(1), vec![draft("开")]).unwrap();
+            o.sync().await.unwrap();
+            stored(&o).unwrap().top
+        };
+        {
+            let db = open_db(dir.path()).unwrap();
+            let store = db.open_tree(STORE).unwrap();
+            store
+                .insert(id_key(QUEUE, top + 5), encode(&raw_record(top + 5)))
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert_eq!(o.len(), 2);
+        assert_eq!(stored(&o).map(|s| (s.records, s.top >= top + 6)), Some((2, true)));
+    }
+
+    #[tokio::test]
+    async fn an_id_given_twice_is_acked_and_noted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let ids: Vec<u64> = (0..2)
+            .map(|i| o.commit("M1", &state(i), vec![draft("开")]).unwrap()[0].id)
+            .collect();
+        let noted = o.note_failure(&[ids[0], ids[0]], "timeout").unwrap();
+        assert_eq!(
+            noted.iter().map(|r| (r.id, r.attempts)).collect::<Vec<_>>(),
+            [(ids[0], 1)]
+        );
+        o.ack(&[ids[1], ids[1]]).await.unwrap();
+        assert_eq!(o.len(), 1);
+        let s = stored(&o).unwrap();
+        assert_eq!((s.records, s.bytes), (1, o.bytes()));
+        assert_eq!(o.bytes(), encode(&o.list(1).unwrap()[0]).len() as u64);
     }
 
     #[test]
