@@ -59,4 +59,5 @@ pub mod sender;
 pub mod simulator;
 pub mod station;
 pub mod status;
+pub mod stored_record;
 pub mod watchdog;

@@ -4,8 +4,8 @@
 //! Layout, one sled database in `site.state_dir` with ONE tree, `store`, whose keys start with a byte
 //! that says what the value is:
 //! - `s` + meter number (UTF-8) → [`StoredState`] (JSON): valve state, link and rule memory.
-//! - `q` + record id (big-endian u64, so iteration order is detection order) → [`Record`] (JSON): the
-//!   outbox.
+//! - `q` + record id (big-endian u64, so iteration order is detection order) → [`Record`] in its
+//!   stored form ([`crate::stored_record`]; the JSON of releases before still reads): the outbox.
 //! - `d` + record id → [`DeadLetter`] (JSON): records the server refused too often.
 //! - `m` + `outbox_counts` → records queued, their bytes, and one past the highest record id ever
 //!   committed (three big-endian u64). Written with every change of the queue, so opening the store
@@ -48,6 +48,7 @@ use serde::{Deserialize, Serialize};
 use crate::detect::RuleMemory;
 use crate::durable::Synced;
 use crate::record::Record;
+use crate::stored_record;
 
 /// What is persisted about one meter: the last accepted state of its valve, its link, and the
 /// memory of every `[[event]]` rule for it. Committed together with the records it produced.
@@ -369,7 +370,7 @@ impl Outbox {
                         last_error: None,
                     });
                 }
-                let values: Vec<(u64, Vec<u8>)> = records.iter().map(|r| (r.id, encode(r))).collect();
+                let values: Vec<(u64, Vec<u8>)> = records.iter().map(|r| (r.id, stored_record::encode(r))).collect();
                 let bytes: u64 = values.iter().map(|(_, v)| v.len() as u64).sum();
                 if let Err(e) = self.check_room(stored, values.len() as u64, bytes) {
                     last_refused = Some(true);
@@ -484,7 +485,7 @@ impl Outbox {
             .take(limit)
             .map(|item| {
                 let (k, v) = item.map_err(|e| self.db_error(e))?;
-                decode("outbox", id_of(&k), &v)
+                decode_record(id_of(&k), &v)
             })
             .collect()
     }
@@ -509,7 +510,7 @@ impl Outbox {
             // Read the few fields the choice needs first; only a record that joins the batch (or must
             // be shown to `skip`) is decoded in full. A record of another event blocks its meter
             // whether or not `skip` would hold it, so `skip` is not needed for it.
-            let head: Head<'_> = decode("outbox", id_of(&k), &v)?;
+            let head = stored_record::head(&v).map_err(|e| corrupt_record(id_of(&k), e))?;
             if head.id >= durable {
                 break;
             }
@@ -520,7 +521,7 @@ impl Outbox {
                 blocked.insert(head.meter_no.into_owned());
                 continue;
             }
-            let r: Record = decode("outbox", head.id, &v)?;
+            let r = decode_record(head.id, &v)?;
             if skip(&r) {
                 blocked.insert(r.meter_no);
                 continue;
@@ -577,13 +578,13 @@ impl Outbox {
                 let Some(v) = self.get(key)? else {
                     continue;
                 };
-                let mut r: Record = decode("outbox", id, &v)?;
+                let mut r = decode_record(*id, &v)?;
                 r.attempts = r.attempts.saturating_add(1);
                 if rejected {
                     r.rejections = r.rejections.saturating_add(1);
                 }
                 r.last_error = Some(last_error.clone());
-                let nv = encode(&r);
+                let nv = stored_record::encode(&r);
                 stored.bytes = (stored.bytes + nv.len() as u64).saturating_sub(v.len() as u64);
                 batch.insert(&key[..], nv);
                 out.push(r);
@@ -600,7 +601,7 @@ impl Outbox {
             let Some(v) = self.get(key)? else {
                 return Ok(false);
             };
-            let record: Record = decode("outbox", id, &v)?;
+            let record = decode_record(id, &v)?;
             let dead = DeadLetter {
                 record,
                 reason: reason.to_string(),
@@ -650,7 +651,7 @@ impl Outbox {
                 let mut record = decode::<DeadLetter>("dead", id, &v)?.record;
                 record.attempts = 0;
                 record.rejections = 0;
-                let v = encode(&record);
+                let v = stored_record::encode(&record);
                 stored.records += 1;
                 stored.bytes += v.len() as u64;
                 stored.top = stored.top.max(id.saturating_add(1));
@@ -803,15 +804,16 @@ impl Stored {
     }
 }
 
-/// The fields of a stored [`Record`] that choosing a batch needs; the rest (BizData above all) is
-/// skipped by the parser without being unescaped or copied.
-#[derive(Deserialize)]
-struct Head<'a> {
-    id: u64,
-    #[serde(borrow)]
-    event_name: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    meter_no: std::borrow::Cow<'a, str>,
+/// Read back a queued record; a value that does not parse is a typed, located [`OutboxError::Corrupt`].
+fn decode_record(id: u64, v: &[u8]) -> Result<Record, OutboxError> {
+    stored_record::decode(v).map_err(|e| corrupt_record(id, e))
+}
+
+fn corrupt_record(id: u64, e: stored_record::Malformed) -> OutboxError {
+    OutboxError::Corrupt {
+        tree: "outbox",
+        detail: format!("{id}: {e}"),
+    }
 }
 
 /// Read back a stored value; a value that does not parse is a typed, located [`OutboxError::Corrupt`].
@@ -1359,7 +1361,7 @@ mod tests {
         assert_eq!(o.len(), 1);
         let s = stored(&o).unwrap();
         assert_eq!((s.records, s.bytes), (1, o.bytes()));
-        assert_eq!(o.bytes(), encode(&o.list(1).unwrap()[0]).len() as u64);
+        assert_eq!(o.bytes(), stored_record::encode(&o.list(1).unwrap()[0]).len() as u64);
     }
 
     #[test]

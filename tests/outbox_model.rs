@@ -274,7 +274,7 @@ fn check_store(m: &Model, o: &Outbox, step: usize, op: &Op) -> Result<(), TestCa
     prop_assert_eq!(o.dead_len(), m.dead.len(), "step {}: dead_len", step);
     let bytes: u64 = queued
         .iter()
-        .map(|r| serde_json::to_vec(r).map(|v| v.len() as u64).unwrap_or_default())
+        .map(|r| fieldgate::stored_record::encode(r).len() as u64)
         .sum();
     prop_assert_eq!(o.bytes(), bytes, "step {} ({:?}): bytes", step, op);
     Ok(())
