@@ -764,6 +764,9 @@ struct MeterState {
     meter_no: String,
     unit: u8,
     plan: ReadPlan,
+    /// `render_decimals()` of each reading, same order (derived from the scale by formatting it, so
+    /// once, not per poll).
+    decimals: Vec<Option<u32>>,
     online: bool,
     failures: u32,
     /// When an offline meter is tried next.
@@ -811,6 +814,7 @@ pub async fn run_bus(
                 meter_no: m.meter_no.clone(),
                 unit: m.unit,
                 plan: plan_reads(m),
+                decimals: m.readings.iter().map(|r| r.point.render_decimals()).collect(),
                 online: true,
                 failures: 0,
                 next_try: now,
@@ -910,12 +914,16 @@ impl BusTask {
         let Some(meter) = self.cfg.meters.get(index) else {
             return Err(Failure::Decode("meter index outside the config".to_string()));
         };
-        let plan = &self.meters[k].plan;
-        let valve = raw_at(&meter.valve.point, plan.valve, &data)?;
+        let m = &self.meters[k];
+        let valve = raw_at(&meter.valve.point, m.plan.valve, &data)?;
         let valve_raw = point::as_state(valve).ok_or_else(|| Failure::Decode(format!("valve value {valve:?}")))?;
         let mut readings = Vec::with_capacity(meter.readings.len());
-        for (spec, slot) in meter.readings.iter().zip(&plan.readings) {
-            readings.push(point::render(&spec.point, raw_at(&spec.point, *slot, &data)?));
+        for ((spec, slot), decimals) in meter.readings.iter().zip(&m.plan.readings).zip(&m.decimals) {
+            readings.push(point::render_with(
+                &spec.point,
+                raw_at(&spec.point, *slot, &data)?,
+                *decimals,
+            ));
         }
         Ok(Sample {
             meter: index,

@@ -157,13 +157,15 @@ pub fn decode_registers(spec: &PointSpec, words: &[u16]) -> Result<Raw, DecodeEr
             got: words.len(),
         });
     }
-    let mut ordered: Vec<u16> = words
-        .iter()
-        .map(|w| match spec.byte_order {
+    // At most four registers: ordered on the stack (this runs for every reading of every poll).
+    let mut ordered = [0u16; 4];
+    let ordered = &mut ordered[..n];
+    for (o, w) in ordered.iter_mut().zip(words) {
+        *o = match spec.byte_order {
             ByteOrder::Big => *w,
             ByteOrder::Little => w.swap_bytes(),
-        })
-        .collect();
+        };
+    }
     if spec.word_order == WordOrder::Little {
         ordered.reverse();
     }
@@ -190,7 +192,12 @@ pub fn as_state(raw: Raw) -> Option<i64> {
 /// Render a raw value with the point's scale as the decimal string BizData carries: never exponent
 /// form, never binary float noise.
 pub fn render(spec: &PointSpec, raw: Raw) -> String {
-    let decimals = spec.render_decimals();
+    render_with(spec, raw, spec.render_decimals())
+}
+
+/// [`render`] with `decimals` = `spec.render_decimals()` computed once by the caller (the bus task
+/// renders every reading of every poll; deriving the decimals from the scale formats the scale).
+pub fn render_with(spec: &PointSpec, raw: Raw, decimals: Option<u32>) -> String {
     match (raw, spec.scale) {
         (Raw::Int(i), None) => match decimals {
             Some(d) if d > 0 => format!("{i}.{}", "0".repeat(d as usize)),
