@@ -316,16 +316,21 @@ impl Station {
             return Ok((false, 0));
         };
         let label = meter.valve.label(s.valve_raw);
+        // `clone_from` reuses the strings already there: this runs for every sample of every meter.
         self.live.update(|v| {
             if let Some(m) = v.get_mut(s.meter) {
                 m.online = true;
-                m.state = Some(label.clone());
-                m.readings = s.readings.clone();
+                if m.state.as_ref() != Some(&label) {
+                    m.state = Some(label.clone());
+                }
+                m.readings.clone_from(&s.readings);
                 m.last_sample = Some(Instant::now());
             }
         });
-        if let Some(r) = self.last_readings.get_mut(s.meter) {
-            *r = Some(s.readings.clone());
+        match self.last_readings.get_mut(s.meter) {
+            Some(Some(r)) => r.clone_from(&s.readings),
+            Some(r) => *r = Some(s.readings.clone()),
+            None => {}
         }
         if let Some(c) = self.confirmed_offline.get_mut(s.meter) {
             *c = false;
@@ -553,7 +558,15 @@ impl Station {
         if self.staged.is_empty() {
             return (false, 0);
         }
+        // Taken and given back empty: the list keeps its capacity for the next cycle.
         let mut staged = std::mem::take(&mut self.staged);
+        let result = self.commit_staged(&mut staged);
+        staged.clear();
+        self.staged = staged;
+        result
+    }
+
+    fn commit_staged(&mut self, staged: &mut Vec<Staged>) -> (bool, usize) {
         let changes = staged
             .iter_mut()
             .map(|c| {
@@ -569,7 +582,7 @@ impl Station {
             Err(e) => {
                 tracing::error!(message = "Cannot store this cycle's meter states; they are seen again next cycle.", meters = staged.len(), error = %e);
                 // Read these meters back from the store: it, not this process, knows what is committed.
-                for c in &staged {
+                for c in staged.iter() {
                     if let Some(slot) = self.stored.get_mut(c.meter) {
                         *slot = None;
                     }
@@ -578,7 +591,7 @@ impl Station {
             }
         };
         let (mut wrote, mut queued) = (false, 0);
-        for (c, result) in staged.into_iter().zip(results) {
+        for (c, result) in staged.drain(..).zip(results) {
             let records = match result {
                 Ok(records) => records,
                 Err(e) => {
