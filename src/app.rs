@@ -87,7 +87,9 @@ pub struct Gateway {
 struct Field {
     stop_buses: CancellationToken,
     buses: Vec<JoinHandle<()>>,
+    /// The station's thread ([`Station::run_blocking`]) and what tells it to give up.
     station: JoinHandle<()>,
+    abandon_station: CancellationToken,
 }
 
 /// How the gateway reports to its supervisor (systemd).
@@ -248,7 +250,11 @@ fn spawn_field(
     // Bounded: a slow disk makes bus tasks wait instead of piling up samples.
     let (tx, rx) = mpsc::channel(4 * cfg.buses.len().max(1));
     let station = Station::new(cfg.clone(), outbox.clone(), wake.clone(), live.clone());
-    let station = tokio::spawn(station.run(rx));
+    let abandon_station = CancellationToken::new();
+    let station = tokio::task::spawn_blocking({
+        let abandon = abandon_station.clone();
+        move || station.run_blocking(rx, abandon)
+    });
     let buses = stats
         .iter()
         .enumerate()
@@ -258,13 +264,15 @@ fn spawn_field(
         stop_buses,
         buses,
         station,
+        abandon_station,
     }
 }
 
 impl Field {
     /// Buses first, then the station (which applies every cycle left in the channel and syncs).
-    /// A task that overruns `grace` is aborted, so it can never run beside its successor; that loses
-    /// nothing committed (a commit is one sled transaction; the sync is repeated by the next cycle).
+    /// A task that overruns `grace` is aborted (the station, a thread, is told to stop before its next
+    /// cycle), so it can never run beside its successor; that loses nothing committed (a commit is one
+    /// atomic batch; the sync is repeated by the next cycle).
     async fn stop(self, grace: Duration) {
         self.stop_buses.cancel();
         for b in self.buses {
@@ -274,10 +282,9 @@ impl Field {
                 abort.abort();
             }
         }
-        let abort = self.station.abort_handle();
         if tokio::time::timeout(grace, self.station).await.is_err() {
             tracing::warn!(message = "The station did not finish in time; abandoned.");
-            abort.abort();
+            self.abandon_station.cancel();
         }
     }
 }

@@ -19,6 +19,14 @@
 //! fsync (but that of `db`, which is always due) is remembered only after it succeeded, so a failed
 //! or concurrent sync never hides work from the next one. The first sync of a process fsyncs
 //! everything.
+//!
+//! Listing a folder costs more than it looks: `read_dir` allocates and frees a 32 KiB buffer, and
+//! glibc then consolidates its free lists, ~10 % of a station cycle (BENCHMARKS.md row 2). A folder
+//! whose own stamp (inode, mtime, ctime) is unchanged had no entry added, removed or renamed, so it is
+//! listed again only when its stamp moves; its files are then only the log (always fsynced) and files
+//! sled never rewrites in place. The stamp is trusted only if it was already [`RACY`] old when
+//! recorded: a change within the same tick of the file system's clock could leave it as it was (the
+//! "racy timestamp" of git's index).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -26,6 +34,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// How old a folder's stamp must be to stand for "no entry changed" (module docs).
+const RACY: Duration = Duration::from_secs(2);
 
 /// The file sled rewrites in place (its log): fsynced on every sync.
 const LOG_FILE: &str = "db";
@@ -56,12 +68,16 @@ pub struct Synced {
     seen: Mutex<Seen>,
     /// fsync calls made, for the metrics and the tests.
     fsyncs: AtomicU64,
+    /// Folder listings made, for the tests.
+    listings: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct Seen {
     files: HashMap<PathBuf, Stamp>,
     folders: HashMap<PathBuf, Vec<(OsString, u64)>>,
+    /// Folders listed and synced when their stamp was this, and old enough to trust.
+    quiet: HashMap<PathBuf, Stamp>,
 }
 
 /// A file or folder that could not be fsynced.
@@ -79,6 +95,17 @@ impl Synced {
     pub fn sync(&self, dir: &Path) -> Result<(), SyncFailed> {
         for folder in [dir.to_path_buf(), dir.join("blobs")] {
             // A folder that does not exist (no blobs yet) has nothing to make durable.
+            let Ok(meta) = std::fs::metadata(&folder) else {
+                continue;
+            };
+            let stamp = Stamp::of(&meta);
+            if self.seen().quiet.get(&folder) == Some(&stamp) {
+                if folder == dir {
+                    self.fsync(&dir.join(LOG_FILE))?;
+                }
+                continue;
+            }
+            self.listings.fetch_add(1, Ordering::Relaxed);
             let Ok(entries) = std::fs::read_dir(&folder) else {
                 continue;
             };
@@ -95,10 +122,27 @@ impl Synced {
             listing.sort();
             if self.seen().folders.get(&folder) != Some(&listing) {
                 self.fsync(&folder)?;
-                self.seen().folders.insert(folder, listing);
+                self.seen().folders.insert(folder.clone(), listing);
+            }
+            // Taken before the listing: a change since moves the stamp, and the next sync lists again.
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| SystemTime::now().duration_since(m).ok())
+                .is_some_and(|age| age >= RACY);
+            let mut seen = self.seen();
+            if old {
+                seen.quiet.insert(folder, stamp);
+            } else {
+                seen.quiet.remove(&folder);
             }
         }
         Ok(())
+    }
+
+    /// Folder listings made so far (for the tests).
+    pub fn listings(&self) -> u64 {
+        self.listings.load(Ordering::Relaxed)
     }
 
     fn sync_file(&self, path: &Path, always: bool, stamp: Stamp) -> Result<(), SyncFailed> {
@@ -188,6 +232,45 @@ mod tests {
             5,
             "db, conf, the folder, blobs/7, blobs/"
         );
+    }
+
+    #[test]
+    fn a_folder_unchanged_for_a_while_is_not_listed_again_until_an_entry_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("db"), b"log").unwrap();
+        std::fs::write(d.join("conf"), b"conf").unwrap();
+        let age = |t: u64| {
+            let then = SystemTime::now() - Duration::from_secs(t);
+            std::fs::File::open(d).unwrap().set_modified(then).unwrap();
+        };
+        age(10);
+        let s = Synced::default();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 3, "db, conf, the folder");
+        let listed = s.listings();
+        std::fs::write(d.join("db"), b"log, longer").unwrap();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 1, "the log");
+        assert_eq!(s.listings(), listed, "an old, unchanged folder is not listed");
+
+        // A new snapshot moves the folder's stamp: listed, the file and the folder fsynced.
+        std::fs::write(d.join("snap.00000001"), b"snap").unwrap();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 3, "db, the snapshot, the folder");
+        assert_eq!(s.listings(), listed + 1);
+        // Changed just now: not trusted yet, so listed again (and nothing more to fsync).
+        assert_eq!(fsyncs_of_a_sync(&s, d), 1);
+        assert_eq!(s.listings(), listed + 2);
+        // A stamp that was recent when recorded is never trusted: a rename in the same clock tick
+        // could leave it as it is.
+        age(10);
+        assert_eq!(fsyncs_of_a_sync(&s, d), 1);
+        std::fs::rename(d.join("snap.00000001"), d.join("snap.00000002")).unwrap();
+        age(10);
+        assert_eq!(
+            fsyncs_of_a_sync(&s, d),
+            3,
+            "its stamp moved (ctime): db, the snapshot under its new name, the folder"
+        );
+        assert_eq!(s.listings(), listed + 4);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, EventKind, EventRule, OFFLINE, ONLINE};
 use crate::detect::{self, decide, Decision, Pending};
@@ -180,18 +181,29 @@ impl Station {
     }
 
     /// Apply cycles until every bus has dropped its sender (so no cycle is left behind at
-    /// shutdown), then sync.
-    pub async fn run(mut self, mut cycles: mpsc::Receiver<Cycle>) {
-        while let Some(cycle) = cycles.recv().await {
-            self.apply(cycle).await;
+    /// shutdown), then sync. Stops before the next cycle once `abandon` is cancelled (a shutdown or
+    /// reload that gave up waiting for it: it must not commit beside its successor).
+    ///
+    /// Blocking, on a thread of its own (`spawn_blocking`): the station's work is the disk's, one
+    /// commit and one fsync per cycle, and handing each sync to the blocking pool and back cost ~5 %
+    /// of the durable transition rate (BENCHMARKS.md row 2).
+    pub fn run_blocking(mut self, mut cycles: mpsc::Receiver<Cycle>, abandon: CancellationToken) {
+        while let Some(cycle) = cycles.blocking_recv() {
+            if abandon.is_cancelled() {
+                tracing::warn!(
+                    message = "Station abandoned; the states of cycles not applied are read again by the next polls."
+                );
+                return;
+            }
+            self.apply(cycle);
         }
-        if let Err(e) = self.outbox.sync().await {
+        if let Err(e) = self.outbox.sync_blocking() {
             tracing::error!(message = "Final sync of the state database failed.", error = %e);
         }
     }
 
-    /// Apply one cycle; returns how many records it queued (durably).
-    pub async fn apply(&mut self, cycle: Cycle) -> usize {
+    /// Apply one cycle; returns how many records it queued (durably). Blocking (one commit, one fsync).
+    pub fn apply(&mut self, cycle: Cycle) -> usize {
         let now = Utc::now();
         let mut wrote = false;
         let mut queued = 0;
@@ -234,7 +246,7 @@ impl Station {
         wrote |= w;
         queued += q;
         if wrote {
-            match self.outbox.sync().await {
+            match self.outbox.sync_blocking() {
                 Ok(()) => {
                     if queued > 0 {
                         self.sender_wake.notify_one();
