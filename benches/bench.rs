@@ -1112,9 +1112,14 @@ fn fill_outbox_main(args: &[String]) {
         },
     )
     .expect("open");
+    // Changes per commit: 2,000 meters flipping in one cycle by default.
+    let per: usize = std::env::var("FILL_PER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
     let mut i = 0;
     while i < n {
-        let changes: Vec<_> = (i..n.min(i + 2000))
+        let changes: Vec<_> = (i..n.min(i + per))
             .map(|k| {
                 (
                     format!("F{}", k % 2000),

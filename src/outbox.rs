@@ -343,10 +343,31 @@ impl Outbox {
     /// change, in order: its records with their ids, or [`OutboxError::Full`] for a change that would
     /// pass the bounds (that change alone is not committed: its state stays old, so the transition is
     /// seen again; the changes that fit are committed, exactly as with one [`Outbox::commit`] each in
-    /// this order). An `Err` of the whole call is a storage error: nothing was committed. Not durable
-    /// until [`Outbox::sync`]. A meter listed twice ends with its last state; its records keep order.
+    /// this order). An `Err` of the whole call is a storage error: the changes of the failed chunk
+    /// (below) and after it were not committed, earlier chunks may have been, so read states back. Not
+    /// durable until [`Outbox::sync`]. A meter listed twice ends with its last state; its records keep
+    /// order.
+    ///
+    /// Each change is atomic; the changes are applied in chunks of [`CHUNK`]: one sled batch of
+    /// thousands of writes keeps every node version it replaces until it ends (2,000 changes per
+    /// batch: 327 MiB peak; 250: 31 MiB; BENCHMARKS.md row 6). A bus cycle is below one chunk.
     #[allow(clippy::type_complexity)]
     pub fn commit_batch(
+        &self,
+        mut changes: Vec<(String, StoredState, Vec<Draft>)>,
+    ) -> Result<Vec<Result<Vec<Record>, OutboxError>>, OutboxError> {
+        let mut results = Vec::with_capacity(changes.len());
+        while !changes.is_empty() {
+            let rest = changes.split_off(changes.len().min(CHUNK));
+            results.extend(self.commit_chunk(changes)?);
+            changes = rest;
+        }
+        Ok(results)
+    }
+
+    /// One chunk of [`Outbox::commit_batch`], in one atomic batch.
+    #[allow(clippy::type_complexity)]
+    fn commit_chunk(
         &self,
         changes: Vec<(String, StoredState, Vec<Draft>)>,
     ) -> Result<Vec<Result<Vec<Record>, OutboxError>>, OutboxError> {
@@ -680,6 +701,9 @@ impl Outbox {
 
 /// The one tree of the store (module docs).
 const STORE: &str = "store";
+/// Most changes (meters) applied in one sled batch by [`Outbox::commit_batch`]; a Modbus line has at
+/// most 247 units.
+const CHUNK: usize = 256;
 /// First byte of a key: a meter's state.
 const STATE: u8 = b's';
 /// First byte of a key: a queued record.
@@ -1321,6 +1345,37 @@ mod tests {
         assert_eq!(o.requeue(Some(4)).await.unwrap(), 1);
         let ids: Vec<u64> = o.list(10).unwrap().iter().map(|r| r.id).collect();
         assert_eq!(ids, [2, 4, 7, 3000, new]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_several_chunks_commits_like_one_commit_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_records: 300,
+            max_bytes: 1 << 30,
+        };
+        let o = Outbox::open(dir.path(), limits).unwrap();
+        let n = 2 * CHUNK + 88;
+        let changes = (0..n).map(|i| (format!("M{i}"), state(1), vec![draft("开")])).collect();
+        let results = o.commit_batch(changes).unwrap();
+        assert_eq!(results.len(), n);
+        assert!(results[..300].iter().all(|r| r.as_ref().is_ok_and(|v| v.len() == 1)));
+        assert!(results[300..]
+            .iter()
+            .all(|r| matches!(r, Err(OutboxError::Full { .. }))));
+        assert!(o.is_refusing());
+        o.sync().await.unwrap();
+        drop(o);
+        let o = Outbox::open(dir.path(), limits).unwrap();
+        assert_eq!(o.len(), 300);
+        let meters: Vec<String> = o.list(1000).unwrap().into_iter().map(|r| r.meter_no).collect();
+        assert_eq!(
+            meters,
+            (0..300).map(|i| format!("M{i}")).collect::<Vec<_>>(),
+            "detection order"
+        );
+        assert_eq!(o.state("M299").unwrap(), Some(state(1)));
+        assert_eq!(o.state("M300").unwrap(), None, "a refused change keeps its old state");
     }
 
     #[tokio::test]

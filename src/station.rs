@@ -565,7 +565,7 @@ impl Station {
         Ok((false, 0))
     }
 
-    /// Commit every staged change of this cycle in one transaction. Returns (wrote, records queued).
+    /// Commit every staged change of this cycle in one atomic batch. Returns (wrote, records queued).
     fn flush_cycle(&mut self) -> (bool, usize) {
         if self.staged.is_empty() {
             return (false, 0);
