@@ -349,7 +349,7 @@ async fn station_rate(batch: usize, cycles: usize) -> (f64, usize) {
         .list(1)
         .expect("list")
         .first()
-        .map_or(0, |r| serde_json::to_vec(r).map_or(0, |v| v.len()));
+        .map_or(0, |r| fieldgate::stored_record::encode(r).len());
     (rate, size)
 }
 
@@ -419,7 +419,7 @@ async fn row2(plan: Plan) -> Row {
     }
     Row {
         id: "2",
-        what: format!("transitions made durable per second ({batch} per cycle, record {record_size} B, one flush + fsync per cycle): `Station::apply`, the whole cycle in ONE transaction (`Outbox::commit_batch`); in brackets `commit_batch` alone through the Outbox API"),
+        what: format!("transitions made durable per second ({batch} per cycle, record {record_size} B, one flush + fsync per cycle): `Station::apply`, the whole cycle in ONE atomic batch (`Outbox::commit_batch`); in brackets `commit_batch` alone through the Outbox API"),
         baseline: format!("bare sled: {batch} state + {batch} record inserts, flush + fsync: {}", fmt0(stats(bare), "/s")),
         result: format!(
             "station: {} [commit_batch alone: {}]",

@@ -139,7 +139,8 @@ pub struct Station {
 /// do not fit in the outbox, none of its state moves either, so nothing is detected without a record.
 struct Staged {
     meter: usize,
-    before: Option<StoredState>,
+    /// The valve value committed before this cycle (for the transitions counter).
+    before_raw: Option<i64>,
     after: StoredState,
     drafts: Vec<Draft>,
 }
@@ -294,8 +295,7 @@ impl Station {
         let Some(m) = cfg.meters.get(meter) else {
             return Ok((false, 0));
         };
-        let before = self.state_of(meter)?;
-        let mut st = before.clone().unwrap_or(StoredState {
+        let mut st = self.state_of(meter)?.unwrap_or(StoredState {
             valve_unknown: true,
             ..StoredState::default()
         });
@@ -305,20 +305,19 @@ impl Station {
             tracing::info!(message = "Meter counted offline for the link rules.", meter = %m.meter_no);
         }
         let drafts = self.link_drafts(meter, &mut st, now, None);
-        self.commit(meter, before, st, drafts)
+        self.commit(meter, st, drafts)
     }
 
     /// A cycle of the bus of a meter it reports offline: a pending `for` may have run out.
     fn still_offline(&mut self, meter: usize, now: DateTime<Utc>) -> Applied {
-        let Some(before) = self.state_of(meter)? else {
+        let Some(mut st) = self.state_of(meter)? else {
             return Ok((false, 0));
         };
-        if before.offline_since.is_none() {
+        if st.offline_since.is_none() {
             return Ok((false, 0));
         }
-        let mut st = before.clone();
         let drafts = self.link_drafts(meter, &mut st, now, None);
-        self.commit(meter, Some(before), st, drafts)
+        self.commit(meter, st, drafts)
     }
 
     /// One sample: link (back online?), valve (baseline / transition), then the reading rules.
@@ -347,6 +346,7 @@ impl Station {
         if let Some(c) = self.confirmed_offline.get_mut(s.meter) {
             *c = false;
         }
+        // One copy, changed below; `commit` compares it with the state it came from.
         let before = self.state_of(s.meter)?;
         let stored_valve = before.as_ref().filter(|st| !st.valve_unknown).map(|st| st.raw);
         let at = self.stamp(s.at);
@@ -354,7 +354,7 @@ impl Station {
             return Ok((false, 0));
         };
         let decision = decide(stored_valve, pending, s.valve_raw, meter.confirm);
-        let mut st = before.clone().unwrap_or_default();
+        let mut st = before.unwrap_or_default();
 
         // The outage, if one is stored, is over; an `在线` rule reports it if it counts.
         let outage = st.offline_since.take();
@@ -393,7 +393,7 @@ impl Station {
         let mut drafts = self.link_drafts(s.meter, &mut st, s.at, Some(&s.readings));
         drafts.append(&mut valve_drafts);
         drafts.extend(self.reading_drafts(s, &mut st, &at));
-        self.commit(s.meter, before, st, drafts)
+        self.commit(s.meter, st, drafts)
     }
 
     /// Evaluate every link rule against `st` at `now`; `readings` are the sample's, if there is one.
@@ -518,6 +518,15 @@ impl Station {
         }
     }
 
+    /// The state of a meter as this cycle has left it so far (staged, else committed), if known in
+    /// memory: always after [`Station::state_of`] succeeded for it.
+    fn current_state(&self, meter: usize) -> Option<&StoredState> {
+        match self.staged.iter().find(|c| c.meter == meter) {
+            Some(c) => Some(&c.after),
+            None => self.stored.get(meter).and_then(|s| s.as_ref()).and_then(Option::as_ref),
+        }
+    }
+
     /// The state of a meter as this cycle has left it so far: staged, else committed.
     fn state_of(&mut self, meter: usize) -> Result<Option<StoredState>, OutboxError> {
         if let Some(st) = self.staged.iter().find(|c| c.meter == meter) {
@@ -536,20 +545,16 @@ impl Station {
     /// Stage `after` with `drafts` for this cycle's commit, unless nothing changed. Memory of rules no
     /// longer configured is dropped here. Returns (something staged, 0): records are counted when the
     /// cycle is committed.
-    fn commit(
-        &mut self,
-        meter: usize,
-        before: Option<StoredState>,
-        mut after: StoredState,
-        drafts: Vec<Draft>,
-    ) -> Applied {
+    fn commit(&mut self, meter: usize, mut after: StoredState, drafts: Vec<Draft>) -> Applied {
         let cfg = Arc::clone(&self.cfg);
         after.rules.retain(|k, _| cfg.events.iter().any(|e| &e.key == k));
         // Memory that is still all defaults need not be stored.
         after.rules.retain(|_, m| *m != detect::RuleMemory::default());
-        if drafts.is_empty() && before.as_ref() == Some(&after) {
+        let before = self.current_state(meter);
+        if drafts.is_empty() && before == Some(&after) {
             return Ok((false, 0));
         }
+        let before_raw = before.map(|b| b.raw);
         match self.staged.iter_mut().find(|c| c.meter == meter) {
             Some(c) => {
                 c.after = after;
@@ -557,7 +562,7 @@ impl Station {
             }
             None => self.staged.push(Staged {
                 meter,
-                before,
+                before_raw,
                 after,
                 drafts,
             }),
@@ -614,7 +619,7 @@ impl Station {
             wrote = true;
             queued += records.len();
             self.full_logged = false;
-            if c.before.as_ref().is_some_and(|b| b.raw != c.after.raw) {
+            if c.before_raw.is_some_and(|raw| raw != c.after.raw) {
                 self.live.transitions.fetch_add(1, Ordering::Relaxed);
             }
             self.log_queued(&records);
