@@ -321,3 +321,63 @@ async fn a_cycle_that_overflows_the_outbox_keeps_the_refused_meter_for_later() {
         (1, "M2", "开启")
     );
 }
+
+/// A station given up on (a stop or reload that ran out of grace) runs on a thread, which cannot be
+/// aborted: it must apply no further cycle, so it never commits beside its successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_station_applies_no_further_cycle() {
+    use fieldgate::outbox::{Limits, Outbox};
+    use fieldgate::station::{Cycle, Live, Sample, Station};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let text = site_config("tcp = \"127.0.0.1:502\"", "http://127.0.0.1:9", "none", 2);
+    let site = Site::new(&text, &mapping_csv(2));
+    let cfg = Arc::new(site.load());
+    let limits = Limits {
+        max_records: 100,
+        max_bytes: 1 << 20,
+    };
+    let outbox = Outbox::open(&cfg.site.state_dir, limits).unwrap();
+    let station = Station::new(
+        cfg.clone(),
+        outbox.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+        Live::new(2),
+    );
+    let cycle = |raws: [i64; 2]| Cycle {
+        bus: 0,
+        samples: (0..2)
+            .map(|m| Sample {
+                meter: m,
+                valve_raw: raws[m],
+                readings: vec!["1.00".into(), "3.60".into()],
+                at: chrono::Utc::now(),
+            })
+            .collect(),
+        links: vec![],
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let abandon = CancellationToken::new();
+    let thread = tokio::task::spawn_blocking({
+        let abandon = abandon.clone();
+        move || station.run_blocking(rx, abandon)
+    });
+    tx.send(cycle([0, 0])).await.unwrap();
+    wait_until("the baselines are committed", || {
+        let o = outbox.clone();
+        async move { o.state("M2").ok().flatten().is_some() }
+    })
+    .await;
+    abandon.cancel();
+    tx.send(cycle([1, 1])).await.unwrap();
+    drop(tx);
+    thread.await.unwrap();
+    assert_eq!(
+        outbox.len(),
+        0,
+        "no transition committed after the station was abandoned"
+    );
+    assert_eq!(outbox.state("M1").unwrap().unwrap().raw, 0);
+    assert_eq!(outbox.state("M2").unwrap().unwrap().raw, 0);
+}
