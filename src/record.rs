@@ -94,6 +94,101 @@ pub fn render_event_biz_data<'a>(
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
+/// The BizData of one meter and one event rule, prepared once: every key's place decided (as
+/// [`render_event_biz_data`] decides it), keys and fixed values (mapping cells, meter number, the rule's
+/// fields) already written as JSON. A record then only adds its valve state and readings; the
+/// station renders every record this way (BENCHMARKS.md row 2).
+#[derive(Debug, Clone)]
+pub struct BizTemplate {
+    parts: Vec<Part>,
+    readings: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    /// JSON text written as it is.
+    Text(Box<[u8]>),
+    /// The valve's state, as a JSON string.
+    Valve,
+    /// Reading `i`, as a JSON string.
+    Reading(usize),
+}
+
+impl BizTemplate {
+    /// The template of [`render_event_biz_data`] for this `row`, `meter_no`, reading `fields` (in the
+    /// order their values will come) and the rule's `extra` fields.
+    pub fn new(row: &[(&str, &str)], meter_no: &str, fields: &[&str], extra: &[(String, String)]) -> BizTemplate {
+        enum Value<'a> {
+            Fixed(&'a str),
+            Valve,
+            Reading(usize),
+        }
+        // The same rule as the renderer: first place, last value.
+        let mut keys: Vec<(&str, Value)> = Vec::with_capacity(row.len() + fields.len() + extra.len() + 2);
+        let mut put = |k, v| match keys.iter_mut().find(|(key, _)| *key == k) {
+            Some(field) => field.1 = v,
+            None => keys.push((k, v)),
+        };
+        row.iter().for_each(|&(k, v)| put(k, Value::Fixed(v)));
+        put(METER_COLUMN, Value::Fixed(meter_no));
+        put(VALVE_STATE_KEY, Value::Valve);
+        fields.iter().enumerate().for_each(|(i, k)| put(k, Value::Reading(i)));
+        extra.iter().for_each(|(k, v)| put(k, Value::Fixed(v)));
+        let mut parts = Vec::new();
+        let mut text = vec![b'{'];
+        for (i, (k, v)) in keys.iter().enumerate() {
+            if i > 0 {
+                text.push(b',');
+            }
+            json_str(&mut text, k);
+            text.push(b':');
+            let part = match v {
+                Value::Fixed(s) => {
+                    json_str(&mut text, s);
+                    continue;
+                }
+                Value::Valve => Part::Valve,
+                Value::Reading(i) => Part::Reading(*i),
+            };
+            parts.push(Part::Text(std::mem::take(&mut text).into_boxed_slice()));
+            parts.push(part);
+        }
+        text.push(b'}');
+        parts.push(Part::Text(text.into_boxed_slice()));
+        BizTemplate {
+            parts,
+            readings: fields.len(),
+        }
+    }
+
+    /// What [`render_event_biz_data`] renders with `valve_state` and one value per reading field;
+    /// `None` if `readings` has another length (the renderer then decides which keys are left out).
+    pub fn render(&self, valve_state: &str, readings: &[String]) -> Option<String> {
+        if readings.len() != self.readings {
+            return None;
+        }
+        let dynamic = valve_state.len() + readings.iter().map(String::len).sum::<usize>() + 2 * (readings.len() + 1);
+        let fixed: usize = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::Text(t) => t.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut out = Vec::with_capacity(fixed + dynamic);
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.extend_from_slice(t),
+                Part::Valve => json_str(&mut out, valve_state),
+                Part::Reading(i) => json_str(&mut out, readings.get(*i)?),
+            }
+        }
+        // Only JSON text and escaped &strs went in.
+        String::from_utf8(out).ok()
+    }
+}
+
 /// A cheap summary of a key: equal keys have equal tags (unequal keys usually not): its length and
 /// its last 8 bytes, where names sharing a prefix (`用户编号`, `用户名称`) differ.
 fn key_tag(k: &str) -> u64 {
@@ -177,6 +272,21 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn a_template_renders_what_the_renderer_renders(
+            row in pairs(), readings in pairs(), extra in pairs(), meter in "[M0-9\"]{0,4}", state in "[开关\\\\]{0,3}"
+        ) {
+            let cells: Vec<(&str, &str)> = row.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let fields: Vec<&str> = readings.iter().map(|(k, _)| k.as_str()).collect();
+            let values: Vec<String> = readings.iter().map(|(_, v)| v.clone()).collect();
+            let t = BizTemplate::new(&cells, &meter, &fields, &extra);
+            let want = render_event_biz_data(&cells, &meter, &state, readings.iter().map(|(k, v)| (k.as_str(), v.as_str())), &extra);
+            proptest::prop_assert_eq!(t.render(&state, &values), Some(want));
+            let mut more = values.clone();
+            more.push("1".into());
+            proptest::prop_assert_eq!(t.render(&state, &more), None);
+        }
+
         #[test]
         fn biz_data_is_what_a_json_map_renders(
             row in pairs(), readings in pairs(), extra in pairs(), meter in "[M0-9\"]{0,4}", state in "[开关\\\\]{0,3}"

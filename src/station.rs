@@ -21,6 +21,8 @@
 //!
 //! Also keeps the live view of every meter (online, state, readings) for the admin API and tests.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -32,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, EventKind, EventRule, OFFLINE, ONLINE};
 use crate::detect::{self, decide, Decision, Pending};
 use crate::outbox::{Draft, Outbox, OutboxError, StoredState};
-use crate::record::{render_event_biz_data, Record};
+use crate::record::{render_event_biz_data, BizTemplate, Record};
 
 /// One successful read of a meter: its valve's raw value and its readings, rendered.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +134,10 @@ pub struct Station {
     /// station is the only writer of states, so after the first read of a meter its state comes from
     /// here instead of a store read and JSON decode per sample (BENCHMARKS.md row 2).
     stored: Vec<Option<Option<StoredState>>>,
+    /// BizData templates by (meter index, rule index), made on a meter's first record for a rule. At
+    /// most meters × rules (~1 KiB each); a reload starts a new station, so a changed mapping or rule
+    /// gets new ones.
+    templates: RefCell<HashMap<(usize, usize), BizTemplate>>,
 }
 
 /// A meter's changes within one cycle, merged: the state it had when the cycle started, the state it
@@ -178,6 +184,7 @@ impl Station {
             full_logged: false,
             staged: Vec::new(),
             stored: vec![None; n],
+            templates: RefCell::default(),
         }
     }
 
@@ -508,13 +515,25 @@ impl Station {
             ),
             None => ("?", Vec::new(), Vec::new()),
         };
-        let readings = fields.into_iter().zip(readings.iter().map(String::as_str));
+        // From the meter's template for this rule (made on its first record), else rendered in full.
+        let index = self.cfg.events.iter().position(|e| std::ptr::eq(e, rule));
+        let templated = index.and_then(|r| {
+            let mut templates = self.templates.borrow_mut();
+            let t = templates
+                .entry((meter, r))
+                .or_insert_with(|| BizTemplate::new(&row, meter_no, &fields, &rule.fields));
+            t.render(valve_label, readings)
+        });
+        let biz_data = templated.unwrap_or_else(|| {
+            let readings = fields.into_iter().zip(readings.iter().map(String::as_str));
+            render_event_biz_data(&row, meter_no, valve_label, readings, &rule.fields)
+        });
         Draft {
             event_name: rule.name.clone(),
             detected_at: at.to_string(),
             from: from.to_string(),
             to: to.to_string(),
-            biz_data: render_event_biz_data(&row, meter_no, valve_label, readings, &rule.fields),
+            biz_data,
         }
     }
 
