@@ -268,39 +268,8 @@ async fn a_dead_unit_goes_offline_and_the_others_still_deliver() {
 /// record does not fit keeps its old state, and its transition is detected again once there is room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cycle_that_overflows_the_outbox_keeps_the_refused_meter_for_later() {
-    use fieldgate::outbox::{Limits, Outbox};
-    use fieldgate::station::{Cycle, Live, Sample, Station};
-    use std::sync::Arc;
-
-    let text = site_config("tcp = \"127.0.0.1:502\"", "http://127.0.0.1:9", "none", 2);
-    let site = Site::new(&text, &mapping_csv(2));
-    let cfg = Arc::new(site.load());
-    let outbox = Outbox::open(
-        &cfg.site.state_dir,
-        Limits {
-            max_records: 1,
-            max_bytes: 1 << 20,
-        },
-    )
-    .unwrap();
-    let mut station = Station::new(
-        cfg.clone(),
-        outbox.clone(),
-        Arc::new(tokio::sync::Notify::new()),
-        Live::new(2),
-    );
-    let cycle = |raws: [i64; 2]| Cycle {
-        bus: 0,
-        samples: (0..2)
-            .map(|m| Sample {
-                meter: m,
-                valve_raw: raws[m],
-                readings: vec!["1.00".into(), "3.60".into()],
-                at: chrono::Utc::now(),
-            })
-            .collect(),
-        links: vec![],
-    };
+    let rig = StationRig::new(1);
+    let (outbox, mut station, cycle) = (rig.outbox.clone(), rig.station(), two_meter_cycle);
     assert_eq!(station.apply(cycle([0, 0])), 0, "baselines");
     assert_eq!(station.apply(cycle([1, 1])), 1, "room for one record only");
     let queued = outbox.list(10).unwrap();
@@ -326,37 +295,10 @@ async fn a_cycle_that_overflows_the_outbox_keeps_the_refused_meter_for_later() {
 /// aborted: it must apply no further cycle, so it never commits beside its successor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_station_applies_no_further_cycle() {
-    use fieldgate::outbox::{Limits, Outbox};
-    use fieldgate::station::{Cycle, Live, Sample, Station};
-    use std::sync::Arc;
     use tokio_util::sync::CancellationToken;
 
-    let text = site_config("tcp = \"127.0.0.1:502\"", "http://127.0.0.1:9", "none", 2);
-    let site = Site::new(&text, &mapping_csv(2));
-    let cfg = Arc::new(site.load());
-    let limits = Limits {
-        max_records: 100,
-        max_bytes: 1 << 20,
-    };
-    let outbox = Outbox::open(&cfg.site.state_dir, limits).unwrap();
-    let station = Station::new(
-        cfg.clone(),
-        outbox.clone(),
-        Arc::new(tokio::sync::Notify::new()),
-        Live::new(2),
-    );
-    let cycle = |raws: [i64; 2]| Cycle {
-        bus: 0,
-        samples: (0..2)
-            .map(|m| Sample {
-                meter: m,
-                valve_raw: raws[m],
-                readings: vec!["1.00".into(), "3.60".into()],
-                at: chrono::Utc::now(),
-            })
-            .collect(),
-        links: vec![],
-    };
+    let rig = StationRig::new(100);
+    let (outbox, station, cycle) = (rig.outbox.clone(), rig.station(), two_meter_cycle);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let abandon = CancellationToken::new();
     let thread = tokio::task::spawn_blocking({
@@ -380,4 +322,54 @@ async fn an_abandoned_station_applies_no_further_cycle() {
     );
     assert_eq!(outbox.state("M1").unwrap().unwrap().raw, 0);
     assert_eq!(outbox.state("M2").unwrap().unwrap().raw, 0);
+}
+
+/// A two-meter site (M1, M2) with its outbox, for driving a station by hand.
+struct StationRig {
+    _site: Site,
+    cfg: std::sync::Arc<fieldgate::config::Config>,
+    outbox: fieldgate::outbox::Outbox,
+}
+
+impl StationRig {
+    fn new(max_records: u64) -> StationRig {
+        let text = site_config("tcp = \"127.0.0.1:502\"", "http://127.0.0.1:9", "none", 2);
+        let site = Site::new(&text, &mapping_csv(2));
+        let cfg = std::sync::Arc::new(site.load());
+        let limits = fieldgate::outbox::Limits {
+            max_records,
+            max_bytes: 1 << 20,
+        };
+        let outbox = fieldgate::outbox::Outbox::open(&cfg.site.state_dir, limits).unwrap();
+        StationRig {
+            _site: site,
+            cfg,
+            outbox,
+        }
+    }
+
+    fn station(&self) -> fieldgate::station::Station {
+        fieldgate::station::Station::new(
+            self.cfg.clone(),
+            self.outbox.clone(),
+            std::sync::Arc::new(tokio::sync::Notify::new()),
+            fieldgate::station::Live::new(2),
+        )
+    }
+}
+
+/// One cycle of bus 0 with both meters' valve values.
+fn two_meter_cycle(raws: [i64; 2]) -> fieldgate::station::Cycle {
+    fieldgate::station::Cycle {
+        bus: 0,
+        samples: (0..2)
+            .map(|m| fieldgate::station::Sample {
+                meter: m,
+                valve_raw: raws[m],
+                readings: vec!["1.00".into(), "3.60".into()],
+                at: chrono::Utc::now(),
+            })
+            .collect(),
+        links: vec![],
+    }
 }
