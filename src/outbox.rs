@@ -46,7 +46,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::detect::RuleMemory;
-use crate::durable::Synced;
+use crate::durable::{SyncFailed, Synced};
 use crate::record::Record;
 use crate::stored_record;
 
@@ -138,6 +138,15 @@ pub enum OutboxError {
         /// Limit.
         max_bytes: u64,
     },
+}
+
+impl From<SyncFailed> for OutboxError {
+    fn from(e: SyncFailed) -> OutboxError {
+        OutboxError::Sync {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 impl OutboxError {
@@ -443,10 +452,7 @@ impl Outbox {
     pub fn sync_blocking(&self) -> Result<(), OutboxError> {
         let target = self.counts.committed.load(Ordering::SeqCst);
         self.db.flush().map_err(|e| self.db_error(e))?;
-        self.synced.sync(&self.dir).map_err(|e| OutboxError::Sync {
-            path: e.path,
-            source: e.source,
-        })?;
+        self.synced.sync(&self.dir)?;
         self.counts.durable.fetch_max(target, Ordering::SeqCst);
         Ok(())
     }
@@ -780,10 +786,7 @@ fn migrate(db: &sled::Db, store: &sled::Tree, dir: &Path) -> Result<bool, Outbox
     }
     // The copies are on disk before the originals go.
     db.flush().map_err(err)?;
-    Synced::default().sync(dir).map_err(|e| OutboxError::Sync {
-        path: e.path,
-        source: e.source,
-    })?;
+    Synced::default().sync(dir)?;
     for (name, _) in &old {
         db.drop_tree(name).map_err(err)?;
     }

@@ -388,8 +388,14 @@ impl Station {
                 let from = std::mem::replace(&mut st.label, label.clone());
                 st.raw = s.valve_raw;
                 st.since = at.clone();
-                for e in self.cfg.events.iter().filter(|e| e.matches(&from, &label)) {
-                    valve_drafts.push(self.draft(s.meter, e, &at, &from, &label, &label, &s.readings));
+                for rule in self
+                    .cfg
+                    .events
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.matches(&from, &label))
+                {
+                    valve_drafts.push(self.draft(s.meter, rule, &at, &from, &label, &label, &s.readings));
                 }
                 if valve_drafts.is_empty() {
                     tracing::info!(message = "Valve moved; no event matches.", meter = %meter.meter_no, from = %from, to = %label);
@@ -432,7 +438,7 @@ impl Station {
             st.label.clone()
         };
         let mut out = Vec::new();
-        for e in &self.cfg.events {
+        for (r, e) in self.cfg.events.iter().enumerate() {
             let EventKind::Link { online, after } = e.kind else {
                 continue;
             };
@@ -444,7 +450,7 @@ impl Station {
             let mem = st.rules.entry(e.key.clone()).or_default();
             if detect::link(after, mem, since, now) {
                 let (from, to) = if online { (OFFLINE, ONLINE) } else { (ONLINE, OFFLINE) };
-                out.push(self.draft(meter, e, &self.stamp(now), from, to, &label, readings));
+                out.push(self.draft(meter, (r, e), &self.stamp(now), from, to, &label, readings));
             }
         }
         out
@@ -456,7 +462,7 @@ impl Station {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for e in &self.cfg.events {
+        for (r, e) in self.cfg.events.iter().enumerate() {
             let (field, fired, shown_from) = match &e.kind {
                 EventKind::Threshold { field, rule } => {
                     let Some(rendered) = reading(meter, s, field) else {
@@ -490,43 +496,39 @@ impl Station {
             if fired {
                 let value = reading(meter, s, field).unwrap_or_default();
                 let to = format!("{field}={value}");
-                out.push(self.draft(s.meter, e, at, &shown_from, &to, &st.label, &s.readings));
+                out.push(self.draft(s.meter, (r, e), at, &shown_from, &to, &st.label, &s.readings));
             }
         }
         out
     }
 
+    /// A record's draft for `rule` (its index in the config, and itself).
     #[allow(clippy::too_many_arguments)]
     fn draft(
         &self,
         meter: usize,
-        rule: &EventRule,
+        (index, rule): (usize, &EventRule),
         at: &str,
         from: &str,
         to: &str,
         valve_label: &str,
         readings: &[String],
     ) -> Draft {
-        let (meter_no, row, fields): (&str, Vec<(&str, &str)>, Vec<&str>) = match self.cfg.meters.get(meter) {
-            Some(m) => (
-                m.meter_no.as_str(),
-                self.cfg.mapping.get(&m.meter_no).unwrap_or_default(),
-                m.readings.iter().map(|r| r.field.as_str()).collect(),
-            ),
-            None => ("?", Vec::new(), Vec::new()),
-        };
+        let m = self.cfg.meters.get(meter);
+        let meter_no = m.map_or("?", |m| m.meter_no.as_str());
+        // Looked up only to make a template (or in the rare full render below).
+        let row = || m.and_then(|m| self.cfg.mapping.get(&m.meter_no)).unwrap_or_default();
+        let fields = || m.map_or(Vec::new(), |m| m.readings.iter().map(|r| r.field.as_str()).collect());
         // From the meter's template for this rule (made on its first record), else rendered in full.
-        let index = self.cfg.events.iter().position(|e| std::ptr::eq(e, rule));
-        let templated = index.and_then(|r| {
-            let mut templates = self.templates.borrow_mut();
-            let t = templates
-                .entry((meter, r))
-                .or_insert_with(|| BizTemplate::new(&row, meter_no, &fields, &rule.fields));
-            t.render(valve_label, readings)
-        });
+        let templated = self
+            .templates
+            .borrow_mut()
+            .entry((meter, index))
+            .or_insert_with(|| BizTemplate::new(&row(), meter_no, &fields(), &rule.fields))
+            .render(valve_label, readings);
         let biz_data = templated.unwrap_or_else(|| {
-            let readings = fields.into_iter().zip(readings.iter().map(String::as_str));
-            render_event_biz_data(&row, meter_no, valve_label, readings, &rule.fields)
+            let readings = fields().into_iter().zip(readings.iter().map(String::as_str));
+            render_event_biz_data(&row(), meter_no, valve_label, readings, &rule.fields)
         });
         Draft {
             event_name: rule.name.clone(),
@@ -548,17 +550,15 @@ impl Station {
 
     /// The state of a meter as this cycle has left it so far: staged, else committed.
     fn state_of(&mut self, meter: usize) -> Result<Option<StoredState>, OutboxError> {
-        if let Some(st) = self.staged.iter().find(|c| c.meter == meter) {
-            return Ok(Some(st.after.clone()));
+        let known = self.staged.iter().any(|c| c.meter == meter) || matches!(self.stored.get(meter), Some(Some(_)));
+        if !known {
+            let st = self.outbox.state(self.meter_no(meter))?;
+            match self.stored.get_mut(meter) {
+                Some(slot) => *slot = Some(st),
+                None => return Ok(st),
+            }
         }
-        if let Some(Some(known)) = self.stored.get(meter) {
-            return Ok(known.clone());
-        }
-        let st = self.outbox.state(self.meter_no(meter))?;
-        if let Some(slot) = self.stored.get_mut(meter) {
-            *slot = Some(st.clone());
-        }
-        Ok(st)
+        Ok(self.current_state(meter).cloned())
     }
 
     /// Stage `after` with `drafts` for this cycle's commit, unless nothing changed. Memory of rules no
