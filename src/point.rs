@@ -203,7 +203,10 @@ pub fn render_with(spec: &PointSpec, raw: Raw, decimals: Option<u32>) -> String 
             Some(d) if d > 0 => format!("{i}.{}", "0".repeat(d as usize)),
             _ => i.to_string(),
         },
-        (Raw::Int(i), Some(scale)) => fixed(i as f64 * scale, decimals.unwrap_or(0)),
+        (Raw::Int(i), Some(scale)) => {
+            let d = decimals.unwrap_or(0);
+            shifted(i, scale, d).unwrap_or_else(|| fixed(i as f64 * scale, d))
+        }
         (Raw::Float(f), scale) => {
             let v = f * scale.unwrap_or(1.0);
             match decimals {
@@ -228,6 +231,33 @@ fn fixed(v: f64, decimals: u32) -> String {
     } else {
         s
     }
+}
+
+/// What [`fixed`] writes for `i × scale` with `decimals`, by integer arithmetic, in the usual case of
+/// a scale that is the f64 of 10^-decimals (`0.01` in the config) and an integer below 2^40: then the
+/// float product lies within far less than half a last decimal of i / 10^decimals, so rounding it to
+/// `decimals` gives exactly that (a proptest checks it). Float formatting to a precision was the
+/// largest cost of reading a meter after the wire (BENCHMARKS.md row 1).
+fn shifted(i: i128, scale: f64, decimals: u32) -> Option<String> {
+    const TENTHS: [f64; 7] = [1.0, 0.1, 0.01, 0.001, 0.0001, 0.00001, 0.000001];
+    let d = decimals as usize;
+    let magnitude = u64::try_from(i.unsigned_abs()).ok().filter(|a| *a < 1 << 40)?;
+    if TENTHS.get(d) != Some(&scale) {
+        return None;
+    }
+    let digits = magnitude.to_string();
+    // At least one digit before the point: 5 with two decimals is 0.05.
+    let zeros = (d + 1).saturating_sub(digits.len());
+    let mut s = String::with_capacity(digits.len() + zeros + 2);
+    if i < 0 {
+        s.push('-');
+    }
+    s.extend(std::iter::repeat_n('0', zeros));
+    s.push_str(&digits);
+    if d > 0 {
+        s.insert(s.len() - d, '.');
+    }
+    Some(s)
 }
 
 /// Decimals a scale implies: 0.01 → 2, 0.5 → 1, 10 → 0.
@@ -361,5 +391,29 @@ mod tests {
         assert_eq!(as_state(Raw::Int(1)), Some(1));
         assert_eq!(as_state(Raw::Float(2.0)), Some(2));
         assert_eq!(as_state(Raw::Float(2.5)), None);
+    }
+
+    #[test]
+    fn shifted_integers_read_as_fixed_writes_them() {
+        assert_eq!(shifted(123456, 0.01, 2).as_deref(), Some("1234.56"));
+        assert_eq!(shifted(5, 0.01, 2).as_deref(), Some("0.05"));
+        assert_eq!(shifted(-5, 0.001, 3).as_deref(), Some("-0.005"));
+        assert_eq!(shifted(0, 0.1, 1).as_deref(), Some("0.0"));
+        assert_eq!(shifted(-17, 1.0, 0).as_deref(), Some("-17"));
+        // Not a power of ten, more decimals than the scale, or too large: the float path.
+        assert_eq!(shifted(3, 0.5, 1), None);
+        assert_eq!(shifted(3, 0.01, 3), None);
+        assert_eq!(shifted(1 << 40, 0.01, 2), None);
+    }
+
+    proptest::proptest! {
+        /// The integer path writes exactly what formatting the float product writes.
+        #[test]
+        fn shifted_equals_fixed(m in 0u64..(1 << 40), shift in 0u32..40, negative: bool, d in 0u32..=6) {
+            // Magnitudes spread over every length, the short ones (zero padding) included.
+            let i = i128::from(m >> shift) * if negative { -1 } else { 1 };
+            let scale = [1.0, 0.1, 0.01, 0.001, 0.0001, 0.00001, 0.000001][d as usize];
+            proptest::prop_assert_eq!(shifted(i, scale, d), Some(fixed(i as f64 * scale, d)));
+        }
     }
 }
