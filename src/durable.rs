@@ -33,7 +33,7 @@ use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// How old a folder's stamp must be to stand for "no entry changed" (module docs).
@@ -41,6 +41,9 @@ const RACY: Duration = Duration::from_secs(2);
 
 /// The file sled rewrites in place (its log): fsynced on every sync.
 const LOG_FILE: &str = "db";
+
+/// The folder of sled's large values, made on the first one.
+const BLOBS: &str = "blobs";
 
 /// The identity and last change of a file, as `stat` tells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +73,9 @@ pub struct Synced {
     fsyncs: AtomicU64,
     /// Folder listings made, for the tests.
     listings: AtomicU64,
+    /// The log of the folder last synced, kept open while the folder stays quiet: opening it by path
+    /// on every sync cost as much as the rest of the bookkeeping (BENCHMARKS.md row 2).
+    log: Mutex<Option<(PathBuf, Arc<std::fs::File>)>>,
 }
 
 #[derive(Debug, Default)]
@@ -78,6 +84,15 @@ struct Seen {
     folders: HashMap<PathBuf, Vec<(OsString, u64)>>,
     /// Folders listed and synced when their stamp was this, and old enough to trust.
     quiet: HashMap<PathBuf, Stamp>,
+}
+
+impl Seen {
+    /// Whether `folder`'s last listing had an entry `name`.
+    fn has_entry(&self, folder: &Path, name: &str) -> bool {
+        self.folders
+            .get(folder)
+            .is_some_and(|l| l.iter().any(|(n, _)| n.as_os_str() == name))
+    }
 }
 
 /// A file or folder that could not be fsynced.
@@ -93,7 +108,7 @@ impl Synced {
     /// Fsync `dir`'s log always, and every other file of `dir` and `dir/blobs` and the two folders
     /// when they changed since the last successful fsync.
     pub fn sync(&self, dir: &Path) -> Result<(), SyncFailed> {
-        for folder in [dir.to_path_buf(), dir.join("blobs")] {
+        for folder in [dir.to_path_buf(), dir.join(BLOBS)] {
             // A folder that does not exist (no blobs yet) has nothing to make durable.
             let Ok(meta) = std::fs::metadata(&folder) else {
                 continue;
@@ -101,9 +116,17 @@ impl Synced {
             let stamp = Stamp::of(&meta);
             if self.seen().quiet.get(&folder) == Some(&stamp) {
                 if folder == dir {
-                    self.fsync(&dir.join(LOG_FILE))?;
+                    self.fsync_log(dir)?;
+                    // No entry of `dir` changed since it was listed without `blobs`: none to sync.
+                    if !self.seen().has_entry(dir, BLOBS) {
+                        break;
+                    }
                 }
                 continue;
+            }
+            if folder == dir {
+                // Entries changed: the log is fsynced by name below and opened anew when quiet again.
+                *self.log() = None;
             }
             self.listings.fetch_add(1, Ordering::Relaxed);
             let Ok(entries) = std::fs::read_dir(&folder) else {
@@ -177,6 +200,37 @@ impl Synced {
                 path: path.to_path_buf(),
                 source,
             })
+    }
+
+    /// fsync the log of `dir` through the kept handle, opening it if there is none (or it is of
+    /// another folder). After a failure the handle is dropped, so the next sync opens the file again.
+    fn fsync_log(&self, dir: &Path) -> Result<(), SyncFailed> {
+        let failed = |source| SyncFailed {
+            path: dir.join(LOG_FILE),
+            source,
+        };
+        let file = {
+            let mut log = self.log();
+            match &*log {
+                Some((d, f)) if d == dir => f.clone(),
+                _ => {
+                    let f = Arc::new(std::fs::File::open(dir.join(LOG_FILE)).map_err(failed)?);
+                    *log = Some((dir.to_path_buf(), f.clone()));
+                    f
+                }
+            }
+        };
+        self.fsyncs.fetch_add(1, Ordering::Relaxed);
+        // Outside the lock: concurrent syncs (station, sender) may share one journal commit.
+        file.sync_all().map_err(|e| {
+            *self.log() = None;
+            failed(e)
+        })
+    }
+
+    fn log(&self) -> std::sync::MutexGuard<'_, Option<(PathBuf, Arc<std::fs::File>)>> {
+        // Only a cached handle: after a panic elsewhere it is still a valid cache.
+        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -277,5 +331,43 @@ mod tests {
     fn a_folder_that_does_not_exist_has_nothing_to_sync() {
         let s = Synced::default();
         assert_eq!(fsyncs_of_a_sync(&s, Path::new("/nonexistent/fieldgate-test")), 0);
+    }
+
+    /// The inode of the kept log handle, if any.
+    fn kept_log(s: &Synced) -> Option<u64> {
+        s.log().as_ref().and_then(|(_, f)| f.metadata().ok()).map(|m| m.ino())
+    }
+
+    #[test]
+    fn the_kept_log_handle_follows_the_folder_and_blobs_made_later_are_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("db"), b"log").unwrap();
+        let age = || {
+            let then = SystemTime::now() - Duration::from_secs(10);
+            std::fs::File::open(d).unwrap().set_modified(then).unwrap();
+        };
+        let ino = |name: &str| std::fs::metadata(d.join(name)).unwrap().ino();
+        age();
+        let s = Synced::default();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 2, "db, the folder");
+        assert_eq!(kept_log(&s), None, "fsynced by name while listing");
+        assert_eq!(fsyncs_of_a_sync(&s, d), 1, "the log");
+        assert_eq!(kept_log(&s), Some(ino("db")));
+
+        // A log put in place by rename (sled never does it) is a new entry: listed, fsynced by name,
+        // and the old handle let go.
+        std::fs::write(d.join("db.new"), b"another log").unwrap();
+        std::fs::rename(d.join("db.new"), d.join("db")).unwrap();
+        age();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 2, "the new db, the folder");
+        assert_eq!(kept_log(&s), None);
+        assert_eq!(fsyncs_of_a_sync(&s, d), 1);
+        assert_eq!(kept_log(&s), Some(ino("db")), "the new log's handle");
+
+        // `blobs` made after the folder went quiet: the folder's stamp moved, so both are listed.
+        std::fs::create_dir(d.join("blobs")).unwrap();
+        std::fs::write(d.join("blobs").join("1"), b"large value").unwrap();
+        assert_eq!(fsyncs_of_a_sync(&s, d), 4, "db, the folder, the blob, blobs");
     }
 }
