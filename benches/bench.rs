@@ -328,12 +328,14 @@ struct BareSled {
     state: sled::Tree,
     queue: sled::Tree,
     value: Vec<u8>,
+    /// Two state values of the stored state's size, one per valve position.
+    states: [Vec<u8>; 2],
     batch: usize,
     one_batch: bool,
 }
 
 impl BareSled {
-    fn new(batch: usize, value_size: usize, one_batch: bool) -> BareSled {
+    fn new(batch: usize, (value_size, state_size): (usize, usize), one_batch: bool) -> BareSled {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::Config::new()
             .path(dir.path())
@@ -345,12 +347,14 @@ impl BareSled {
             db.open_tree("outbox").expect("tree"),
         );
         let value = vec![b'x'; value_size.max(1)];
+        let states = [vec![b'0'; state_size.max(1)], vec![b'1'; state_size.max(1)]];
         BareSled {
             dir,
             db,
             state,
             queue,
             value,
+            states,
             batch,
             one_batch,
         }
@@ -362,7 +366,7 @@ impl BareSled {
             let mut b = sled::Batch::default();
             for m in 0..self.batch {
                 let id = self.db.generate_id().expect("id");
-                b.insert(format!("M{m}").as_bytes(), format!("{{\"raw\":{}}}", c % 2).as_bytes());
+                b.insert(format!("M{m}").as_bytes(), &self.states[c % 2][..]);
                 b.insert(&id.to_be_bytes()[..], &self.value[..]);
             }
             self.queue.apply_batch(b).expect("batch");
@@ -373,7 +377,7 @@ impl BareSled {
         for m in 0..self.batch {
             let id = self.db.generate_id().expect("id");
             self.state
-                .insert(format!("M{m}").as_bytes(), format!("{{\"raw\":{}}}", c % 2).as_bytes())
+                .insert(format!("M{m}").as_bytes(), &self.states[c % 2][..])
                 .expect("insert");
             self.queue.insert(id.to_be_bytes(), &self.value[..]).expect("insert");
         }
@@ -433,9 +437,12 @@ impl StationRig {
         }
     }
 
-    fn record_size(&self) -> usize {
+    /// Bytes of a stored record and of a stored state (serde's JSON, as the outbox stores it).
+    fn sizes(&self) -> (usize, usize) {
         let first = self.outbox.list(1).expect("list");
-        first.first().map_or(0, |r| fieldgate::stored_record::encode(r).len())
+        let record = first.first().map_or(0, |r| fieldgate::stored_record::encode(r).len());
+        let state = self.outbox.state("M1").expect("state").expect("stored");
+        (record, serde_json::to_vec(&state).expect("json").len())
     }
 }
 
@@ -493,12 +500,12 @@ impl BatchRig {
 /// single inserts, and the record size. The four run cycle by cycle in turn (the order rotating), each
 /// cycle timed alone, so a slow spell of this shared disk falls on all alike instead of on whichever
 /// ran during it.
-fn interleaved_rates(batch: usize, cycles: usize) -> ([f64; KINDS], usize) {
+fn interleaved_rates(batch: usize, cycles: usize) -> ([f64; KINDS], (usize, usize)) {
     let mut station = StationRig::new(batch);
-    let size = station.record_size();
+    let sizes = station.sizes();
     let commit = BatchRig::new(batch);
-    let bare = BareSled::new(batch, size, true);
-    let singles = BareSled::new(batch, size, false);
+    let bare = BareSled::new(batch, sizes, true);
+    let singles = BareSled::new(batch, sizes, false);
     // New state dirs settle as a running gateway's have (`settle`); the bare loop never lists them.
     std::thread::sleep(Duration::from_millis(2100));
     let flips: Vec<Cycle> = (0..cycles)
@@ -519,7 +526,7 @@ fn interleaved_rates(batch: usize, cycles: usize) -> ([f64; KINDS], usize) {
             spent[which] += start.elapsed();
         }
     }
-    (std::array::from_fn(|k| done[k] as f64 / spent[k].as_secs_f64()), size)
+    (std::array::from_fn(|k| done[k] as f64 / spent[k].as_secs_f64()), sizes)
 }
 
 /// Station, commit_batch alone, bare (one batch), bare (single inserts).
@@ -532,12 +539,12 @@ async fn row2(plan: Plan) -> Row {
     let (mut ratios, mut gw, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     let (mut station_ratios, mut station) = (Vec::new(), Vec::new());
     let (mut singles_ratios, mut singles) = (Vec::new(), Vec::new());
-    let mut record_size = 0;
+    let mut sizes = (0, 0);
     for _ in 0..plan.repeats {
         let ([st, g, b, one], size) = tokio::task::spawn_blocking(move || interleaved_rates(batch, cycles))
             .await
             .expect("join");
-        record_size = size;
+        sizes = size;
         singles_ratios.push(st / one);
         singles.push(one);
         ratios.push(g / b);
@@ -548,9 +555,9 @@ async fn row2(plan: Plan) -> Row {
     }
     Row {
         id: "2",
-        what: format!("transitions made durable per second ({batch} per cycle, record {record_size} B, one flush + fsync per cycle): `Station::apply`, the whole cycle in ONE atomic batch (`Outbox::commit_batch`); in brackets `commit_batch` alone through the Outbox API; the three run cycle by cycle in turn"),
+        what: format!("transitions made durable per second ({batch} per cycle, record {} B, state {} B, one flush + fsync per cycle): `Station::apply`, the whole cycle in ONE atomic batch (`Outbox::commit_batch`); in brackets `commit_batch` alone through the Outbox API; all run cycle by cycle in turn, each cycle timed alone", sizes.0, sizes.1),
         baseline: format!(
-            "bare sled: one `sled::Batch` of {batch} state + {batch} record inserts, flush + fsync: {}",
+            "bare sled: one `sled::Batch` of {batch} state + {batch} record inserts (values of the stored sizes), flush + fsync: {}",
             fmt0(stats(bare), "/s")
         ),
         result: format!(

@@ -454,8 +454,12 @@ pub struct ValveSpec {
 
 impl ValveSpec {
     /// The label of a raw value: its mapped label or `未知(<raw>)`.
-    pub fn label(&self, raw: i64) -> String {
-        self.states.get(&raw).cloned().unwrap_or_else(|| format!("未知({raw})"))
+    pub fn label(&self, raw: i64) -> std::borrow::Cow<'_, str> {
+        // Borrowed: this runs for every sample of every meter.
+        match self.states.get(&raw) {
+            Some(label) => label.as_str().into(),
+            None => format!("未知({raw})").into(),
+        }
     }
 }
 

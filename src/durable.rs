@@ -73,9 +73,18 @@ pub struct Synced {
     fsyncs: AtomicU64,
     /// Folder listings made, for the tests.
     listings: AtomicU64,
-    /// The log of the folder last synced, kept open while the folder stays quiet: opening it by path
-    /// on every sync cost as much as the rest of the bookkeeping (BENCHMARKS.md row 2).
-    log: Mutex<Option<(PathBuf, Arc<std::fs::File>)>>,
+    /// Handles of the database folder last synced and of its log (kept while the folder stays
+    /// quiet): opening and looking up paths on every sync cost as much as the rest of the bookkeeping
+    /// (BENCHMARKS.md row 2).
+    kept: Mutex<Option<Kept>>,
+}
+
+/// Open handles of one database folder.
+#[derive(Debug)]
+struct Kept {
+    dir: PathBuf,
+    folder: Arc<std::fs::File>,
+    log: Option<Arc<std::fs::File>>,
 }
 
 #[derive(Debug, Default)]
@@ -108,59 +117,72 @@ impl Synced {
     /// Fsync `dir`'s log always, and every other file of `dir` and `dir/blobs` and the two folders
     /// when they changed since the last successful fsync.
     pub fn sync(&self, dir: &Path) -> Result<(), SyncFailed> {
-        for folder in [dir.to_path_buf(), dir.join(BLOBS)] {
-            // A folder that does not exist (no blobs yet) has nothing to make durable.
-            let Ok(meta) = std::fs::metadata(&folder) else {
-                continue;
-            };
-            let stamp = Stamp::of(&meta);
-            if self.seen().quiet.get(&folder) == Some(&stamp) {
-                if folder == dir {
-                    self.fsync_log(dir)?;
-                    // No entry of `dir` changed since it was listed without `blobs`: none to sync.
-                    if !self.seen().has_entry(dir, BLOBS) {
-                        break;
-                    }
-                }
-                continue;
-            }
-            if folder == dir {
-                // Entries changed: the log is fsynced by name below and opened anew when quiet again.
-                *self.log() = None;
-            }
-            self.listings.fetch_add(1, Ordering::Relaxed);
-            let Ok(entries) = std::fs::read_dir(&folder) else {
-                continue;
-            };
-            let mut listing = Vec::new();
-            for entry in entries.flatten() {
-                let Ok(meta) = entry.metadata() else {
-                    continue; // gone since the listing (an old snapshot sled deleted)
-                };
-                listing.push((entry.file_name(), meta.ino()));
-                if meta.is_file() {
-                    self.sync_file(&entry.path(), entry.file_name() == LOG_FILE, Stamp::of(&meta))?;
-                }
-            }
-            listing.sort();
-            if self.seen().folders.get(&folder) != Some(&listing) {
-                self.fsync(&folder)?;
-                self.seen().folders.insert(folder.clone(), listing);
-            }
-            // Taken before the listing: a change since moves the stamp, and the next sync lists again.
-            let old = meta
-                .modified()
-                .ok()
-                .and_then(|m| SystemTime::now().duration_since(m).ok())
-                .is_some_and(|age| age >= RACY);
-            let mut seen = self.seen();
-            if old {
-                seen.quiet.insert(folder, stamp);
-            } else {
-                seen.quiet.remove(&folder);
-            }
+        if self.sync_folder(dir, true)? {
+            self.sync_folder(&dir.join(BLOBS), false)?;
         }
         Ok(())
+    }
+
+    /// Make `folder` durable (`is_db`: the database folder, whose log is always fsynced). Returns
+    /// whether `blobs` may hold something to sync.
+    fn sync_folder(&self, folder: &Path, is_db: bool) -> Result<bool, SyncFailed> {
+        // A folder that does not exist (no blobs yet) has nothing to make durable. The database
+        // folder is looked at through a kept handle: no path to walk on every sync.
+        let meta = if is_db {
+            self.kept_folder(folder).and_then(|f| f.metadata())
+        } else {
+            std::fs::metadata(folder)
+        };
+        let Ok(meta) = meta else {
+            return Ok(is_db);
+        };
+        let stamp = Stamp::of(&meta);
+        if self.seen().quiet.get(folder) == Some(&stamp) {
+            if !is_db {
+                return Ok(false);
+            }
+            self.fsync_log(folder)?;
+            // No entry changed since the folder was listed: `blobs` only if it was there.
+            return Ok(self.seen().has_entry(folder, BLOBS));
+        }
+        if is_db {
+            // Entries changed: the log is fsynced by name below and opened anew when quiet again.
+            if let Some(kept) = self.kept().as_mut() {
+                kept.log = None;
+            }
+        }
+        self.listings.fetch_add(1, Ordering::Relaxed);
+        let Ok(entries) = std::fs::read_dir(folder) else {
+            return Ok(is_db);
+        };
+        let mut listing = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else {
+                continue; // gone since the listing (an old snapshot sled deleted)
+            };
+            listing.push((entry.file_name(), meta.ino()));
+            if meta.is_file() {
+                self.sync_file(&entry.path(), entry.file_name() == LOG_FILE, Stamp::of(&meta))?;
+            }
+        }
+        listing.sort();
+        if self.seen().folders.get(folder) != Some(&listing) {
+            self.fsync(folder)?;
+            self.seen().folders.insert(folder.to_path_buf(), listing);
+        }
+        // Taken before the listing: a change since moves the stamp, and the next sync lists again.
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age >= RACY);
+        let mut seen = self.seen();
+        if old {
+            seen.quiet.insert(folder.to_path_buf(), stamp);
+        } else {
+            seen.quiet.remove(folder);
+        }
+        Ok(is_db)
     }
 
     /// Folder listings made so far (for the tests).
@@ -202,35 +224,59 @@ impl Synced {
             })
     }
 
-    /// fsync the log of `dir` through the kept handle, opening it if there is none (or it is of
-    /// another folder). After a failure the handle is dropped, so the next sync opens the file again.
+    /// The kept handle of the database folder `dir` (opened if there is none, or it is of another
+    /// folder).
+    fn kept_folder(&self, dir: &Path) -> std::io::Result<Arc<std::fs::File>> {
+        let mut kept = self.kept();
+        match &*kept {
+            Some(k) if k.dir == dir => Ok(k.folder.clone()),
+            _ => {
+                let folder = Arc::new(std::fs::File::open(dir)?);
+                *kept = Some(Kept {
+                    dir: dir.to_path_buf(),
+                    folder: folder.clone(),
+                    log: None,
+                });
+                Ok(folder)
+            }
+        }
+    }
+
+    /// fsync the log of `dir` through the kept handle, opening it if there is none. After a failure
+    /// the handle is dropped, so the next sync opens the file again.
     fn fsync_log(&self, dir: &Path) -> Result<(), SyncFailed> {
         let failed = |source| SyncFailed {
             path: dir.join(LOG_FILE),
             source,
         };
         let file = {
-            let mut log = self.log();
-            match &*log {
-                Some((d, f)) if d == dir => f.clone(),
-                _ => {
-                    let f = Arc::new(std::fs::File::open(dir.join(LOG_FILE)).map_err(failed)?);
-                    *log = Some((dir.to_path_buf(), f.clone()));
-                    f
-                }
+            let mut kept = self.kept();
+            match kept.as_mut() {
+                Some(k) if k.dir == dir => match &k.log {
+                    Some(log) => log.clone(),
+                    None => {
+                        let log = Arc::new(std::fs::File::open(dir.join(LOG_FILE)).map_err(failed)?);
+                        k.log = Some(log.clone());
+                        log
+                    }
+                },
+                // Not kept (only after a folder's handle failed): by name, as any file.
+                _ => return self.fsync(&dir.join(LOG_FILE)),
             }
         };
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         // Outside the lock: concurrent syncs (station, sender) may share one journal commit.
         file.sync_all().map_err(|e| {
-            *self.log() = None;
+            if let Some(kept) = self.kept().as_mut() {
+                kept.log = None;
+            }
             failed(e)
         })
     }
 
-    fn log(&self) -> std::sync::MutexGuard<'_, Option<(PathBuf, Arc<std::fs::File>)>> {
-        // Only a cached handle: after a panic elsewhere it is still a valid cache.
-        self.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn kept(&self) -> std::sync::MutexGuard<'_, Option<Kept>> {
+        // Only cached handles: after a panic elsewhere they are still valid.
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
@@ -335,7 +381,11 @@ mod tests {
 
     /// The inode of the kept log handle, if any.
     fn kept_log(s: &Synced) -> Option<u64> {
-        s.log().as_ref().and_then(|(_, f)| f.metadata().ok()).map(|m| m.ino())
+        s.kept()
+            .as_ref()
+            .and_then(|k| k.log.as_ref())
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.ino())
     }
 
     #[test]

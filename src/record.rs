@@ -76,6 +76,8 @@ pub fn render_event_biz_data<'a>(
 pub struct BizTemplate {
     parts: Vec<Part>,
     readings: usize,
+    /// Bytes of the fixed text.
+    fixed: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -129,43 +131,53 @@ impl BizTemplate {
         }
         text.push('}');
         parts.push(Part::Text(text.into_boxed_str()));
-        BizTemplate {
-            parts,
-            readings: fields.len(),
-        }
-    }
-
-    /// The BizData with `valve_state` and one value per reading field; `None` if `readings` has another
-    /// length.
-    pub fn render(&self, valve_state: &str, readings: &[impl AsRef<str>]) -> Option<String> {
-        if readings.len() != self.readings {
-            return None;
-        }
-        let dynamic =
-            valve_state.len() + readings.iter().map(|r| r.as_ref().len()).sum::<usize>() + 2 * (readings.len() + 1);
-        let fixed: usize = self
-            .parts
+        let fixed = parts
             .iter()
             .map(|p| match p {
                 Part::Text(t) => t.len(),
                 _ => 0,
             })
             .sum();
-        // Built as a String from &strs: no UTF-8 check of the result (that was a fifth of rendering).
-        let mut out = String::with_capacity(fixed + dynamic);
+        BizTemplate {
+            parts,
+            readings: fields.len(),
+            fixed,
+        }
+    }
+
+    /// The BizData with `valve_state` and one value per reading field; `None` if `readings` has another
+    /// length.
+    pub fn render(&self, valve_state: &str, readings: &[impl AsRef<str>]) -> Option<String> {
+        let mut out = String::new();
+        self.render_into(&mut out, valve_state, readings).then_some(out)
+    }
+
+    /// [`BizTemplate::render`] into `out` (emptied first, its capacity kept); false if `readings` has
+    /// another length.
+    pub fn render_into(&self, out: &mut String, valve_state: &str, readings: &[impl AsRef<str>]) -> bool {
+        out.clear();
+        if readings.len() != self.readings {
+            return false;
+        }
+        let dynamic =
+            valve_state.len() + readings.iter().map(|r| r.as_ref().len()).sum::<usize>() + 2 * (readings.len() + 1);
+        out.reserve(self.fixed + dynamic);
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
-                Part::Valve => json_str(&mut out, valve_state),
-                Part::Reading(i) => json_str(&mut out, readings.get(*i)?.as_ref()),
+                Part::Valve => json_str(out, valve_state),
+                Part::Reading(i) => match readings.get(*i) {
+                    Some(r) => json_str(out, r.as_ref()),
+                    None => return false,
+                },
             }
         }
-        Some(out)
+        true
     }
 }
 
 /// Append `s` as a JSON string, escaped exactly as serde_json escapes it.
-fn json_str(out: &mut String, s: &str) {
+pub(crate) fn json_str(out: &mut String, s: &str) {
     // Mapping cells, meter numbers and readings almost never need escaping: copy those as they are
     // (serde_json's escaper, byte by byte, was half of rendering BizData: BENCHMARKS.md row 2).
     if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {

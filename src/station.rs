@@ -138,7 +138,16 @@ pub struct Station {
     /// most meters × rules (~1 KiB each); a reload starts a new station, so a changed mapping or rule
     /// gets new ones.
     templates: RefCell<HashMap<(usize, usize), BizTemplate>>,
+    /// BizData buffers of committed records, rendered into again: a cycle's records are all alive
+    /// until its commit, too many for the allocator's per-size cache, so each new one cost a slow
+    /// allocation (BENCHMARKS.md row 2). At most [`SPARE_BIZ`] are kept (~600 B each).
+    spare_biz: RefCell<Vec<String>>,
+    /// The last second [`Station::stamp`] formatted, and its text.
+    last_stamp: RefCell<(Option<i64>, String)>,
 }
+
+/// Most BizData buffers kept for reuse: one commit chunk's worth.
+const SPARE_BIZ: usize = 256;
 
 /// A meter's changes within one cycle, merged: the state it had when the cycle started, the state it
 /// ends with, and every record made on the way. Merging keeps a meter all-or-nothing: if its records
@@ -185,6 +194,8 @@ impl Station {
             staged: Vec::new(),
             stored: vec![None; n],
             templates: RefCell::default(),
+            spare_biz: RefCell::default(),
+            last_stamp: RefCell::default(),
         }
     }
 
@@ -288,8 +299,15 @@ impl Station {
     }
 
     fn stamp(&self, t: DateTime<Utc>) -> String {
-        t.with_timezone(&self.cfg.site.timezone)
-            .to_rfc3339_opts(SecondsFormat::Secs, false)
+        // The samples of a cycle mostly fall in one second: format it once.
+        let mut last = self.last_stamp.borrow_mut();
+        if last.0 != Some(t.timestamp()) {
+            let text = t
+                .with_timezone(&self.cfg.site.timezone)
+                .to_rfc3339_opts(SecondsFormat::Secs, false);
+            *last = (Some(t.timestamp()), text);
+        }
+        last.1.clone()
     }
 
     /// The bus reported `meter` offline (after `offline_after` failures): start the outage unless one
@@ -338,8 +356,8 @@ impl Station {
         self.live.update(|v| {
             if let Some(m) = v.get_mut(s.meter) {
                 m.online = true;
-                if m.state.as_ref() != Some(&label) {
-                    m.state = Some(label.clone());
+                if m.state.as_deref() != Some(&*label) {
+                    m.state = Some(label.to_string());
                 }
                 m.readings.clone_from(&s.readings);
                 m.last_sample = Some(Instant::now());
@@ -380,12 +398,12 @@ impl Station {
             Decision::Baseline => {
                 tracing::info!(message = "Baseline valve state stored.", meter = %meter.meter_no, state = %label);
                 st.raw = s.valve_raw;
-                st.label = label.clone();
+                st.label = label.to_string();
                 st.since = at.clone();
                 st.valve_unknown = false;
             }
             Decision::Transition => {
-                let from = std::mem::replace(&mut st.label, label.clone());
+                let from = std::mem::replace(&mut st.label, label.to_string());
                 st.raw = s.valve_raw;
                 st.since = at.clone();
                 for rule in self
@@ -404,7 +422,12 @@ impl Station {
         }
 
         let mut drafts = self.link_drafts(s.meter, &mut st, s.at, Some(&s.readings));
-        drafts.append(&mut valve_drafts);
+        // Usually there are no link records: take the valve's list rather than copy it into a new one.
+        if drafts.is_empty() {
+            drafts = valve_drafts;
+        } else {
+            drafts.append(&mut valve_drafts);
+        }
         drafts.extend(self.reading_drafts(s, &mut st, &at));
         self.commit(s.meter, st, drafts)
     }
@@ -520,16 +543,17 @@ impl Station {
         let row = || m.and_then(|m| self.cfg.mapping.get(&m.meter_no)).unwrap_or_default();
         let fields = || m.map_or(Vec::new(), |m| m.readings.iter().map(|r| r.field.as_str()).collect());
         // From the meter's template for this rule (made on its first record), else rendered in full.
+        let mut biz_data = self.spare_biz.borrow_mut().pop().unwrap_or_default();
         let templated = self
             .templates
             .borrow_mut()
             .entry((meter, index))
             .or_insert_with(|| BizTemplate::new(&row(), meter_no, &fields(), &rule.fields))
-            .render(valve_label, readings);
-        let biz_data = templated.unwrap_or_else(|| {
+            .render_into(&mut biz_data, valve_label, readings);
+        if !templated {
             let readings = fields().into_iter().zip(readings.iter().map(String::as_str));
-            render_event_biz_data(&row(), meter_no, valve_label, readings, &rule.fields)
-        });
+            biz_data = render_event_biz_data(&row(), meter_no, valve_label, readings, &rule.fields);
+        }
         Draft {
             event_name: rule.name.clone(),
             detected_at: at.to_string(),
@@ -603,15 +627,10 @@ impl Station {
     }
 
     fn commit_staged(&mut self, staged: &mut Vec<Staged>) -> (bool, usize) {
+        // Borrowed, not copied: the states are kept below once committed.
         let changes = staged
             .iter_mut()
-            .map(|c| {
-                (
-                    self.meter_no(c.meter).to_string(),
-                    c.after.clone(),
-                    std::mem::take(&mut c.drafts),
-                )
-            })
+            .map(|c| (self.meter_no(c.meter), &c.after, std::mem::take(&mut c.drafts)))
             .collect();
         let results = match self.outbox.commit_batch(changes) {
             Ok(r) => r,
@@ -642,11 +661,19 @@ impl Station {
                 self.live.transitions.fetch_add(1, Ordering::Relaxed);
             }
             self.log_queued(&records);
+            self.keep_spare(records);
             if let Some(slot) = self.stored.get_mut(c.meter) {
                 *slot = Some(Some(c.after));
             }
         }
         (wrote, queued)
+    }
+
+    /// Keep committed records' BizData buffers for the next drafts (up to [`SPARE_BIZ`]).
+    fn keep_spare(&self, records: Vec<Record>) {
+        let mut spare = self.spare_biz.borrow_mut();
+        let room = SPARE_BIZ.saturating_sub(spare.len());
+        spare.extend(records.into_iter().take(room).map(|r| r.biz_data));
     }
 
     fn log_queued(&self, records: &[Record]) {

@@ -43,22 +43,34 @@ pub struct Head<'a> {
 
 /// The stored form of `r`.
 pub fn encode(r: &Record) -> Vec<u8> {
-    let strings = [&r.event_name, &r.meter_no, &r.detected_at, &r.from, &r.to, &r.biz_data];
-    let len =
-        17 + strings.iter().map(|s| 4 + s.len()).sum::<usize>() + 4 + r.last_error.as_ref().map_or(0, String::len);
-    let mut out = Vec::with_capacity(len);
+    let mut out = Vec::with_capacity(encoded_len(r));
+    encode_into(&mut out, r);
+    out
+}
+
+/// Bytes of `r`'s stored form.
+pub fn encoded_len(r: &Record) -> usize {
+    17 + strings(r).iter().map(|s| 4 + s.len()).sum::<usize>() + 4 + r.last_error.as_ref().map_or(0, String::len)
+}
+
+/// Append `r`'s stored form to `out` (a buffer used again for each record of a commit).
+pub fn encode_into(out: &mut Vec<u8>, r: &Record) {
+    out.reserve(encoded_len(r));
     out.push(FORMAT);
     out.extend_from_slice(&r.id.to_be_bytes());
     out.extend_from_slice(&r.attempts.to_be_bytes());
     out.extend_from_slice(&r.rejections.to_be_bytes());
-    for s in strings {
-        put_str(&mut out, s);
+    for s in strings(r) {
+        put_str(out, s);
     }
     match &r.last_error {
-        Some(e) => put_str(&mut out, e),
+        Some(e) => put_str(out, e),
         None => out.extend_from_slice(&NONE.to_be_bytes()),
     }
-    out
+}
+
+fn strings(r: &Record) -> [&String; 6] {
+    [&r.event_name, &r.meter_no, &r.detected_at, &r.from, &r.to, &r.biz_data]
 }
 
 /// Read a stored record back (either form).
@@ -205,6 +217,7 @@ mod tests {
         #[test]
         fn a_record_reads_back_as_it_was_stored(r in record()) {
             let v = encode(&r);
+            prop_assert_eq!(v.len(), encoded_len(&r));
             prop_assert_eq!(decode(&v), Ok(r.clone()));
             let h = head(&v).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!((h.id, &*h.event_name, &*h.meter_no), (r.id, r.event_name.as_str(), r.meter_no.as_str()));
