@@ -245,17 +245,30 @@ fn shifted(i: i128, scale: f64, decimals: u32) -> Option<String> {
     if TENTHS.get(d) != Some(&scale) {
         return None;
     }
-    let digits = magnitude.to_string();
-    // At least one digit before the point: 5 with two decimals is 0.05.
-    let zeros = (d + 1).saturating_sub(digits.len());
-    let mut s = String::with_capacity(digits.len() + zeros + 2);
+    // The digits, on the stack (below 2^40: at most 13).
+    let mut buf = [b'0'; 20];
+    let mut start = buf.len();
+    let mut rest = magnitude;
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    // At least one digit before the point: 5 with two decimals is 0.05 (`buf` is zeros before).
+    let start = start.min(buf.len() - (d + 1));
+    let (whole, fraction) = buf[start..].split_at(buf.len() - start - d);
+    let mut s = String::with_capacity(buf.len() - start + 2);
     if i < 0 {
         s.push('-');
     }
-    s.extend(std::iter::repeat_n('0', zeros));
-    s.push_str(&digits);
+    // Only ASCII digits were written.
+    s.push_str(std::str::from_utf8(whole).ok()?);
     if d > 0 {
-        s.insert(s.len() - d, '.');
+        s.push('.');
+        s.push_str(std::str::from_utf8(fraction).ok()?);
     }
     Some(s)
 }
