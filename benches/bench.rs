@@ -305,7 +305,7 @@ async fn row1(plan: Plan) -> Row {
             rate_ratio(idle, " req/s", idle_ratios),
             rate_ratio(timed, " req/s", timed_ratios)
         ),
-        target: "≥ 0.95",
+        target: "≥ 0.95 (judged against the second baseline, the same runtime state: notes, row 1)",
         bound: "the in-process simulator and loopback round trip (one request in flight per bus)".into(),
     }
 }
@@ -437,10 +437,14 @@ impl StationRig {
         }
     }
 
-    /// Bytes of a stored record and of a stored state (serde's JSON, as the outbox stores it).
-    fn sizes(&self) -> (usize, usize) {
+    /// Bytes of a stored record and of a stored state (serde's JSON, as the outbox stores it). The
+    /// rig holds only baselines, which make no record: one flip there and back makes some (and leaves
+    /// every valve where the measured cycles expect it).
+    fn sizes(&mut self) -> (usize, usize) {
+        self.station.apply(flipped(self.batch, 1));
+        self.station.apply(flipped(self.batch, 0));
         let first = self.outbox.list(1).expect("list");
-        let record = first.first().map_or(0, |r| fieldgate::stored_record::encode(r).len());
+        let record = fieldgate::stored_record::encode(first.first().expect("the flips made records")).len();
         let state = self.outbox.state("M1").expect("state").expect("stored");
         (record, serde_json::to_vec(&state).expect("json").len())
     }
@@ -650,7 +654,7 @@ async fn sender_rate(records: usize) -> f64 {
 
 /// A plain reqwest loop posting the same bodies as the sender, sequentially: the mock's own ceiling.
 async fn bare_reqwest(records: usize) -> f64 {
-    post_loop(records, None).await
+    post_loop(records, Ack::None).await
 }
 
 /// [`bare_reqwest`] plus the disk work the delivery rule demands of anyone: after each answer, remove
@@ -669,18 +673,40 @@ async fn bare_reqwest_durable(records: usize) -> f64 {
         tree.insert(i.to_be_bytes(), value.as_slice()).expect("insert");
     }
     db.flush().expect("flush");
-    post_loop(records, Some((db, tree, dir.path().to_path_buf()))).await
+    post_loop(records, Ack::Sled(db, tree, dir.path().to_path_buf())).await
 }
 
-/// Post `records` in batches of 50 to a fresh mock; with `ack`, remove each answered batch from the
-/// tree and flush + fsync before the next request.
-async fn post_loop(records: usize, ack: Option<(sled::Db, sled::Tree, std::path::PathBuf)>) -> f64 {
+/// [`bare_reqwest`] plus the cheapest durable acknowledgement there is: the last answered position,
+/// 8 bytes written over the start of a file allocated beforehand, then `fdatasync` (no size change,
+/// so no metadata to journal). No store can acknowledge a batch for less on this disk: this loop is
+/// the ceiling of any sender that makes each acknowledgement durable before its next request.
+async fn bare_reqwest_watermark(records: usize) -> f64 {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("acked");
+    let mut file = std::fs::File::create(&path).expect("create");
+    file.write_all(&[0; 4096]).expect("allocate");
+    file.sync_all().expect("fsync");
+    post_loop(records, Ack::Watermark(file)).await
+}
+
+/// What a post loop does after each answer before its next request.
+enum Ack {
+    None,
+    Sled(sled::Db, sled::Tree, PathBuf),
+    Watermark(std::fs::File),
+}
+
+/// Post `records` in batches of 50 to a fresh mock, acknowledging each answered batch as `ack` says
+/// before the next request.
+async fn post_loop(records: usize, ack: Ack) -> f64 {
     let panda = MockPanda::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         MockOptions::default(),
     );
     let url = format!("{}/PandaWorkFlow/WorkFlow/api/PostFlowNodeData", panda.base_url());
     let http = reqwest::Client::new();
+    let ack = Arc::new(ack);
     let start = Instant::now();
     for chunk in (0..records).collect::<Vec<_>>().chunks(50) {
         let flow: Vec<_> = chunk
@@ -690,37 +716,56 @@ async fn post_loop(records: usize, ack: Option<(sled::Db, sled::Tree, std::path:
         let body = serde_json::json!({"eventName": "用水户开阀", "userId": 42, "FlowDatas": flow});
         let resp = http.post(&url).json(&body).send().await.expect("post");
         let _ = resp.bytes().await.expect("body");
-        if let Some((db, tree, path)) = &ack {
-            let (db, tree, path, ids) = (db.clone(), tree.clone(), path.clone(), chunk.to_vec());
-            tokio::task::spawn_blocking(move || {
-                for i in ids {
-                    tree.remove((i as u64).to_be_bytes()).expect("remove");
-                }
-                db.flush().expect("flush");
-                sync_dir(&path);
-            })
+        if matches!(*ack, Ack::None) {
+            continue;
+        }
+        let (ack, ids) = (ack.clone(), chunk.to_vec());
+        tokio::task::spawn_blocking(move || acknowledge(&ack, &ids))
             .await
             .expect("join");
-        }
     }
     let rate = records as f64 / start.elapsed().as_secs_f64();
     panda.stop().await;
     rate
 }
 
+/// Make one answered batch's acknowledgement durable, as `ack` says.
+fn acknowledge(ack: &Ack, ids: &[usize]) {
+    use std::os::unix::fs::FileExt as _;
+    match ack {
+        Ack::None => {}
+        Ack::Sled(db, tree, path) => {
+            for &i in ids {
+                tree.remove((i as u64).to_be_bytes()).expect("remove");
+            }
+            db.flush().expect("flush");
+            sync_dir(path);
+        }
+        Ack::Watermark(file) => {
+            let last = ids.last().copied().unwrap_or_default() as u64;
+            file.write_all_at(&last.to_le_bytes(), 0).expect("write");
+            file.sync_data().expect("fdatasync");
+        }
+    }
+}
+
 async fn row3(plan: Plan) -> (Row, f64) {
     let records = if plan.long { 50_000 } else { 10_000 };
     let (mut ratios, mut gw, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     let (mut durable, mut durable_ratios) = (Vec::new(), Vec::new());
+    let (mut ceiling, mut ceiling_ratios) = (Vec::new(), Vec::new());
     for _ in 0..plan.repeats {
         let b = bare_reqwest(records).await;
         let g = sender_rate(records).await;
         let d = bare_reqwest_durable(records).await;
+        let w = bare_reqwest_watermark(records).await;
         ratios.push(g / b);
         gw.push(g);
         bare.push(b);
         durable.push(d);
         durable_ratios.push(g / d);
+        ceiling_ratios.push(w / b);
+        ceiling.push(w);
     }
     let bare_median = stats(bare.clone()).0;
     let row = Row {
@@ -733,9 +778,10 @@ async fn row3(plan: Plan) -> (Row, f64) {
             fmt0(stats(bare), " rec/s")
         ),
         result: format!(
-            "{}; against the same loop that also removes each batch from sled and flushes + fsyncs: {}",
+            "{}; against the same loop that also removes each batch from sled and flushes + fsyncs: {}. Ceiling of any sender that makes each acknowledgement durable before its next request (the plain loop + an 8-byte overwrite + `fdatasync` per batch): {} of the plain loop",
             rate_ratio(gw, " rec/s", ratios),
-            rate_ratio(durable, " rec/s", durable_ratios)
+            rate_ratio(durable, " rec/s", durable_ratios),
+            rate_ratio(ceiling, " rec/s", ceiling_ratios)
         ),
         target: "≥ 0.8 and ≥ 5,000 rec/s",
         bound: "disk: one ack flush + fsync per batch of 50 (the baseline has none); then the mock server (in-process, same cores)".into(),
