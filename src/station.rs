@@ -392,6 +392,8 @@ impl Station {
             tracing::info!(message = "Meter answers again after an outage.", meter = %meter.meter_no, reported);
         }
 
+        // Usually one rule matches a transition: room for one draft (120 B) is a small allocation,
+        // where a first `push` would reserve four (480 B, glibc's slow path while a cycle's 50 are alive).
         let mut valve_drafts = Vec::new();
         match decision {
             Decision::Unchanged | Decision::Pending => {}
@@ -406,6 +408,7 @@ impl Station {
                 let from = std::mem::replace(&mut st.label, label.to_string());
                 st.raw = s.valve_raw;
                 st.since = at.clone();
+                valve_drafts.reserve_exact(1);
                 for rule in self
                     .cfg
                     .events
