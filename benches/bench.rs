@@ -319,6 +319,17 @@ fn sync_dir(dir: &Path) {
     let _ = std::fs::File::open(dir.join("db")).and_then(|f| f.sync_all());
 }
 
+/// A sled database of the bare baselines in a new temporary folder, with the gateway's cache size.
+fn bare_db() -> (tempfile::TempDir, sled::Db) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(16 << 20)
+        .open()
+        .expect("sled");
+    (dir, db)
+}
+
 /// The baseline: per cycle `batch` state and `batch` record inserts, flush, fsync. With `one_batch`
 /// (the "batch insert") all inserts of a cycle go into one `sled::Batch` of one tree;
 /// otherwise they are single inserts into two trees.
@@ -336,12 +347,7 @@ struct BareSled {
 
 impl BareSled {
     fn new(batch: usize, (value_size, state_size): (usize, usize), one_batch: bool) -> BareSled {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new()
-            .path(dir.path())
-            .cache_capacity(16 << 20)
-            .open()
-            .expect("sled");
+        let (dir, db) = bare_db();
         let (state, queue) = (
             db.open_tree("state").expect("tree"),
             db.open_tree("outbox").expect("tree"),
@@ -661,12 +667,7 @@ async fn bare_reqwest(records: usize) -> f64 {
 /// the batch's records from a sled tree holding them, flush + fsync (the same `sync_dir` as row 2's
 /// bare loop). Shows how much of the gap to the plain loop is the disk, and how much is the sender.
 async fn bare_reqwest_durable(records: usize) -> f64 {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = sled::Config::new()
-        .path(dir.path())
-        .cache_capacity(16 << 20)
-        .open()
-        .expect("sled");
+    let (dir, db) = bare_db();
     let tree = db.open_tree("outbox").expect("tree");
     let value = vec![b'x'; 700];
     for i in 0..records as u64 {
