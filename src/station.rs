@@ -392,8 +392,6 @@ impl Station {
             tracing::info!(message = "Meter answers again after an outage.", meter = %meter.meter_no, reported);
         }
 
-        // Usually one rule matches a transition: room for one draft (120 B) is a small allocation,
-        // where a first `push` would reserve four (480 B, glibc's slow path while a cycle's 50 are alive).
         let mut valve_drafts = Vec::new();
         match decision {
             Decision::Unchanged | Decision::Pending => {}
@@ -408,6 +406,8 @@ impl Station {
                 let from = std::mem::replace(&mut st.label, label.to_string());
                 st.raw = s.valve_raw;
                 st.since = at.clone();
+                // Usually one rule matches: room for one draft (120 B) is a small allocation, where a
+                // first `push` reserves four (480 B: glibc's slow path while a cycle's 50 are alive).
                 valve_drafts.reserve_exact(1);
                 for rule in self
                     .cfg
