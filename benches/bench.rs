@@ -443,7 +443,7 @@ impl StationRig {
         }
     }
 
-    /// Bytes of a stored record and of a stored state (serde's JSON, as the outbox stores it). The
+    /// Bytes of a stored record (as `stored_record` encodes it) and of a stored state (serde's JSON). The
     /// rig holds only baselines, which make no record: one flip there and back makes some (and leaves
     /// every valve where the measured cycles expect it).
     fn sizes(&mut self) -> (usize, usize) {
@@ -660,7 +660,7 @@ async fn sender_rate(records: usize) -> f64 {
 
 /// A plain reqwest loop posting the same bodies as the sender, sequentially: the mock's own ceiling.
 async fn bare_reqwest(records: usize) -> f64 {
-    post_loop(records, Ack::None).await
+    post_loop(records, None).await
 }
 
 /// [`bare_reqwest`] plus the disk work the delivery rule demands of anyone: after each answer, remove
@@ -674,7 +674,7 @@ async fn bare_reqwest_durable(records: usize) -> f64 {
         tree.insert(i.to_be_bytes(), value.as_slice()).expect("insert");
     }
     db.flush().expect("flush");
-    post_loop(records, Ack::Sled(db, tree, dir.path().to_path_buf())).await
+    post_loop(records, Some(Ack::Sled(db, tree, dir.path().to_path_buf()))).await
 }
 
 /// [`bare_reqwest`] plus the cheapest durable acknowledgement there is: the last answered position,
@@ -688,26 +688,25 @@ async fn bare_reqwest_watermark(records: usize) -> f64 {
     let mut file = std::fs::File::create(&path).expect("create");
     file.write_all(&[0; 4096]).expect("allocate");
     file.sync_all().expect("fsync");
-    post_loop(records, Ack::Watermark(file)).await
+    post_loop(records, Some(Ack::Watermark(file))).await
 }
 
-/// What a post loop does after each answer before its next request.
+/// How a post loop acknowledges each answer before its next request.
 enum Ack {
-    None,
     Sled(sled::Db, sled::Tree, PathBuf),
     Watermark(std::fs::File),
 }
 
-/// Post `records` in batches of 50 to a fresh mock, acknowledging each answered batch as `ack` says
-/// before the next request.
-async fn post_loop(records: usize, ack: Ack) -> f64 {
+/// Post `records` in batches of 50 to a fresh mock; with `ack`, acknowledge each answered batch as it
+/// says before the next request.
+async fn post_loop(records: usize, ack: Option<Ack>) -> f64 {
     let panda = MockPanda::start(
         TcpListener::bind("127.0.0.1:0").await.expect("bind"),
         MockOptions::default(),
     );
     let url = format!("{}/PandaWorkFlow/WorkFlow/api/PostFlowNodeData", panda.base_url());
     let http = reqwest::Client::new();
-    let ack = Arc::new(ack);
+    let ack = ack.map(Arc::new);
     let start = Instant::now();
     for chunk in (0..records).collect::<Vec<_>>().chunks(50) {
         let flow: Vec<_> = chunk
@@ -717,13 +716,12 @@ async fn post_loop(records: usize, ack: Ack) -> f64 {
         let body = serde_json::json!({"eventName": "用水户开阀", "userId": 42, "FlowDatas": flow});
         let resp = http.post(&url).json(&body).send().await.expect("post");
         let _ = resp.bytes().await.expect("body");
-        if matches!(*ack, Ack::None) {
-            continue;
+        if let Some(ack) = &ack {
+            let (ack, ids) = (ack.clone(), chunk.to_vec());
+            tokio::task::spawn_blocking(move || acknowledge(&ack, &ids))
+                .await
+                .expect("join");
         }
-        let (ack, ids) = (ack.clone(), chunk.to_vec());
-        tokio::task::spawn_blocking(move || acknowledge(&ack, &ids))
-            .await
-            .expect("join");
     }
     let rate = records as f64 / start.elapsed().as_secs_f64();
     panda.stop().await;
@@ -734,7 +732,6 @@ async fn post_loop(records: usize, ack: Ack) -> f64 {
 fn acknowledge(ack: &Ack, ids: &[usize]) {
     use std::os::unix::fs::FileExt as _;
     match ack {
-        Ack::None => {}
         Ack::Sled(db, tree, path) => {
             for &i in ids {
                 tree.remove((i as u64).to_be_bytes()).expect("remove");
