@@ -180,12 +180,6 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
         stop_sender.clone(),
         sender_stats.clone(),
     ));
-    let stop_watchdog = CancellationToken::new();
-    let watchdog = tokio::spawn(run_watchdog(
-        sup.notifier.clone(),
-        liveness.clone(),
-        stop_watchdog.clone(),
-    ));
     tracing::info!(
         message = "Gateway started.",
         site = %cfg.site.name,
@@ -194,7 +188,15 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
         queued = outbox.len(),
         watchdog = ?sup.notifier.watchdog_timeout(),
     );
+    // READY=1 goes out before the watchdog task exists: its first tick is immediate, and a ping
+    // racing ahead of READY would tell systemd about a service it still counts as starting.
     sup.notifier.ready(&running_status(&cfg, &outbox));
+    let stop_watchdog = CancellationToken::new();
+    let watchdog = tokio::spawn(run_watchdog(
+        sup.notifier.clone(),
+        liveness.clone(),
+        stop_watchdog.clone(),
+    ));
     Ok(Gateway {
         grace: cfg.panda.timeout.max(Duration::from_secs(2)),
         cfg,
