@@ -64,6 +64,13 @@ const CHECKED: Timing = Timing {
     offline_retry: "300ms",
 };
 
+/// For the late-answer tests: CHECKED with a guard of 1 s, so the 300 ms late answer lands 800 ms
+/// before the line is reopened. The simulator, its late-frame timer and the bus share the test's one
+/// thread; with CHECKED's 400 ms guard, one stall of 200 ms across both deadlines let the two timers
+/// fire in the same tick and the frame be written after the reopen. That is an answer later than the
+/// guard, which no RTU master can tell from a fresh one, not the case these tests are about.
+const LATE: Timing = Timing { guard: "1s", ..CHECKED };
+
 /// Scheduling slack allowed between a request going out and its sample's timestamp, beyond the timeout.
 const SLACK: Duration = Duration::from_millis(250);
 
@@ -590,9 +597,9 @@ async fn values_are_read_and_valve_flips_show_in_the_next_samples(kind: Kind) {
 }
 
 async fn a_late_answer_never_becomes_a_wrong_value(kind: Kind) {
-    let mut rig = Rig::start_with(kind, CHECKED, true, ONLY_M2).await;
+    let mut rig = Rig::start_with(kind, LATE, true, ONLY_M2).await;
     rig.more_samples(1).await;
-    // The next request answers 300 ms late: after the 100 ms timeout, before the 400 ms guard ends, and
+    // The next request answers 300 ms late: after the 100 ms timeout, before the 1 s guard ends, and
     // before the next round's request (500 ms) would read it if it were kept.
     rig.plant.inject(2, Fault::Late(Duration::from_millis(300)));
     rig.until("the late answer sent and timed out", |r| {
@@ -609,7 +616,7 @@ async fn a_late_answer_never_becomes_a_wrong_value(kind: Kind) {
 }
 
 async fn a_late_answer_to_one_unit_never_lands_on_another(kind: Kind) {
-    let mut rig = Rig::start_with(kind, CHECKED, true, SINGLE_REQUEST_METERS).await;
+    let mut rig = Rig::start_with(kind, LATE, true, SINGLE_REQUEST_METERS).await;
     rig.more_samples(1).await;
     // M1's next request answers 300 ms late, with the valve as it was; the valve moves while that answer
     // is on its way. M2 is read right after the timeout: the guard keeps the late frame off the line's
