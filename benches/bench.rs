@@ -324,7 +324,7 @@ fn bare_db() -> (tempfile::TempDir, sled::Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = sled::Config::new()
         .path(dir.path())
-        .cache_capacity(16 << 20)
+        .cache_capacity(fieldgate::outbox::CACHE_CAPACITY)
         .open()
         .expect("sled");
     (dir, db)

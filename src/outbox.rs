@@ -898,10 +898,13 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 /// holds it after this and gets [`OutboxError::Locked`].
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// sled's page cache of the outbox database, in bytes (BENCHMARKS.md row 6 measured 1, 16 and 64 MiB).
+pub const CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
+
 fn open_db(dir: &Path) -> Result<sled::Db, OutboxError> {
     let start = std::time::Instant::now();
     loop {
-        let opened = sled::Config::new().path(dir).cache_capacity(16 * 1024 * 1024).open();
+        let opened = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY).open();
         match opened.map_err(|e| open_error(dir, e)) {
             Err(OutboxError::Locked(_)) if start.elapsed() < LOCK_WAIT => {
                 std::thread::sleep(std::time::Duration::from_millis(50));

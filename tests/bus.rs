@@ -54,8 +54,7 @@ const FAST: Timing = Timing {
 };
 
 /// For the fault tests: a round period well above timeout + slack, so an answer one round stale fails
-/// the freshness check; a guard longer than the late answer's remaining delay; faults never take a
-/// meter offline.
+/// the freshness check; faults never take a meter offline. The late-answer tests use [`LATE`].
 const CHECKED: Timing = Timing {
     poll: "500ms",
     timeout: Duration::from_millis(100),
