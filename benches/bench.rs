@@ -421,6 +421,7 @@ fn unlimited() -> Limits {
     Limits {
         max_records: u64::MAX,
         max_bytes: u64::MAX,
+        ..Limits::DEFAULT
     }
 }
 
@@ -615,6 +616,7 @@ async fn sender_rate(records: usize) -> f64 {
         Limits {
             max_records: u64::MAX,
             max_bytes: u64::MAX,
+            ..Limits::DEFAULT
         },
     )
     .expect("open");
@@ -1294,6 +1296,7 @@ fn fill_outbox_main(args: &[String]) {
         Limits {
             max_records: u64::MAX,
             max_bytes: u64::MAX,
+            ..Limits::DEFAULT
         },
     )
     .expect("open");

@@ -820,6 +820,7 @@ mod tests {
         let limits = Limits {
             max_records: 100,
             max_bytes: 1 << 20,
+            ..Limits::DEFAULT
         };
         let outbox = Outbox::open(dir.path(), limits).unwrap();
         let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");

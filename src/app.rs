@@ -30,7 +30,7 @@ use crate::admin::{AdminError, AdminState};
 use crate::bus::{run_bus, BusStats};
 use crate::config::{Config, ConfigError};
 use crate::notify::Notifier;
-use crate::outbox::{Limits, Outbox, OutboxError};
+use crate::outbox::{Outbox, OutboxError};
 use crate::panda::{PandaClient, PandaError};
 use crate::sender::{run_sender, SenderConfig, SenderStats};
 use crate::station::{Live, Station};
@@ -130,10 +130,7 @@ pub async fn start(cfg: Config) -> Result<Gateway, StartError> {
 /// systemd asked for one.
 pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartError> {
     let cfg = Arc::new(cfg);
-    let limits = Limits {
-        max_records: cfg.outbox.max_records,
-        max_bytes: cfg.outbox.max_bytes,
-    };
+    let limits = cfg.outbox.limits();
     let dir = cfg.site.state_dir.clone();
     let outbox = tokio::task::spawn_blocking(move || Outbox::open(&dir, limits))
         .await

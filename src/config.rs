@@ -149,6 +149,18 @@ struct RawOutbox {
     max_bytes: Option<i64>,
     #[serde(default)]
     dead_after: Option<i64>,
+    #[serde(default)]
+    min_free: Option<RawByteSize>,
+    #[serde(default)]
+    max_dead: Option<i64>,
+}
+
+/// A byte size as written in the TOML: a number of bytes, or text with a unit (`"64MiB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawByteSize {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -372,6 +384,43 @@ pub struct OutboxConfig {
     pub max_bytes: u64,
     /// A record the server refuses on its own this many times moves to the dead letters.
     pub dead_after: u32,
+    /// Least free bytes on the state directory's file system; below it no new state or record is
+    /// committed (as when the outbox is full).
+    pub min_free: u64,
+    /// Most dead letters kept; at it a refused record stays queued (held) instead.
+    pub max_dead: u64,
+}
+
+impl OutboxConfig {
+    /// The bounds of the store.
+    pub fn limits(&self) -> crate::outbox::Limits {
+        crate::outbox::Limits {
+            max_records: self.max_records,
+            max_bytes: self.max_bytes,
+            min_free: self.min_free,
+            max_dead: self.max_dead,
+        }
+    }
+}
+
+/// Parse a byte size: digits, then optionally a unit `B`, `kB`/`KB`, `KiB`, `MB`, `MiB`, `GB`, `GiB`
+/// (any case; decimal units are powers of 1000, binary ones of 1024).
+pub fn parse_byte_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().ok()?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "kib" => 1 << 10,
+        "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(factor)
 }
 
 /// Serial line parity.
@@ -887,11 +936,14 @@ impl<'a> Validator<'a> {
         // A large station: 2000 meters, each moving its valve 4 times a day, for 7 days = 56,000
         // records; ~1 KiB each with BizData. Defaults leave ~3.5x head room.
         let (records, bytes, dead_after) = (200_000i64, 256 * 1024 * 1024i64, 5i64);
+        let max_dead = crate::outbox::DEFAULT_MAX_DEAD as i64;
         let Some(o) = o else {
             return OutboxConfig {
                 max_records: records as u64,
                 max_bytes: bytes as u64,
                 dead_after: dead_after as u32,
+                min_free: crate::outbox::DEFAULT_MIN_FREE,
+                max_dead: max_dead as u64,
             };
         };
         let line = self.at(o);
@@ -900,6 +952,32 @@ impl<'a> Validator<'a> {
             max_records: self.ranged(line, "outbox.max_records", r.max_records, records, 1, i64::MAX) as u64,
             max_bytes: self.ranged(line, "outbox.max_bytes", r.max_bytes, bytes, 1024, i64::MAX) as u64,
             dead_after: self.ranged(line, "outbox.dead_after", r.dead_after, dead_after, 1, 1000) as u32,
+            min_free: self.byte_size(line, "outbox.min_free", r.min_free.as_ref(), crate::outbox::DEFAULT_MIN_FREE),
+            max_dead: self.ranged(line, "outbox.max_dead", r.max_dead, max_dead, 1, 10_000_000) as u64,
+        }
+    }
+
+    fn byte_size(&mut self, line: usize, field: &str, v: Option<&RawByteSize>, default: u64) -> u64 {
+        let parsed = match v {
+            None => return default,
+            Some(RawByteSize::Bytes(n)) => u64::try_from(*n).ok(),
+            Some(RawByteSize::Text(t)) => parse_byte_size(t),
+        };
+        match parsed {
+            Some(n) => n,
+            None => {
+                let shown = match v {
+                    Some(RawByteSize::Bytes(n)) => n.to_string(),
+                    Some(RawByteSize::Text(t)) => format!("`{t}`"),
+                    None => String::new(),
+                };
+                self.issue(
+                    line,
+                    field,
+                    format!("{shown} is not a byte size: use a number of bytes (0 or more) or text with a unit, e.g. \"64MiB\", \"500MB\", \"1GiB\""),
+                );
+                default
+            }
         }
     }
 

@@ -164,6 +164,9 @@ async fn open_stopped(dir: &Path) -> Result<Outbox, OutboxCliError> {
     let limits = Limits {
         max_records: u64::MAX,
         max_bytes: u64::MAX,
+        // An operator's tool on a stopped daemon's directory: it only moves what is there.
+        min_free: 0,
+        max_dead: u64::MAX,
     };
     let d = dir.to_path_buf();
     match tokio::task::spawn_blocking(move || Outbox::open(&d, limits)).await {

@@ -13,6 +13,13 @@
 //! | GenerateToken `errMsg` | credentials wrong: [`SenderStats::login_failing`] set, one error log per change of `errMsg`, backoff up to [`LOGIN_BACKOFF_MAX`]; records kept |
 //! | anything else (5xx, HTML, empty/truncated body, timeout, refused/reset connection, DNS) | transient: records kept, full-jitter exponential backoff `retry_min` → `max_backoff`, forever |
 //!
+//! What the sender writes about an answer (the ack, a failure or refusal note, a burial) is stored
+//! before anything more is sent: if the store cannot take it (disk full, I/O error, a failed store
+//! being reopened), the sender waits, retrying that one write with backoff, and sends nothing
+//! until it is stored ([`Sender::until_stored`]). A store fault therefore costs at most the one
+//! request whose answer is being stored, and only if the process dies meanwhile; it never loops.
+//! While the store is failed, nothing is sent at all.
+//!
 //! Invariants:
 //! - A record leaves the outbox only through [`Outbox::ack`] right after a `code: 0` for a request that
 //!   carried it, or [`Outbox::bury`] after `dead_after` refusals of it alone. Nothing is deleted otherwise.
@@ -53,6 +60,11 @@ pub const IDLE_TICK: Duration = Duration::from_secs(5);
 
 /// A repeating failure of the same kind is logged at most this often.
 pub const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// First wait before a store write about an answer is tried again.
+const STORE_RETRY_MIN: Duration = Duration::from_millis(200);
+/// Longest wait between two tries of a store write about an answer.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// `dead_after` when none is configured.
 pub const DEFAULT_DEAD_AFTER: u32 = 5;
@@ -129,6 +141,10 @@ pub struct SenderStats {
     pub dead_lettered: AtomicU64,
     /// Records on hold after the server refused them alone (gauge).
     pub held: AtomicU64,
+    /// Store writes about an answer that failed and were retried (nothing was sent meanwhile).
+    pub store_retries: AtomicU64,
+    /// Burials refused because `max_dead` dead letters are kept (the record stays queued, held).
+    pub dead_full: AtomicU64,
     /// GenerateToken refuses the configured credentials (`errMsg`): a configuration fault, health
     /// `critical`. Cleared by the next answer that needed a token.
     pub login_failing: AtomicBool,
@@ -162,6 +178,12 @@ pub struct SenderSnapshot {
     pub dead_lettered: u64,
     /// See [`SenderStats::held`].
     pub held: u64,
+    /// See [`SenderStats::store_retries`].
+    #[serde(default)]
+    pub store_retries: u64,
+    /// See [`SenderStats::dead_full`].
+    #[serde(default)]
+    pub dead_full: u64,
     /// See [`SenderStats::login_failing`].
     pub login_failing: bool,
     /// See [`SenderStats::last_error`].
@@ -189,6 +211,8 @@ impl SenderStats {
             failures_in_a_row: n(&self.failures_in_a_row),
             dead_lettered: n(&self.dead_lettered),
             held: n(&self.held),
+            store_retries: n(&self.store_retries),
+            dead_full: n(&self.dead_full),
             login_failing: self.login_failing.load(Ordering::Relaxed),
             last_error: self.last_error(),
         }
@@ -237,6 +261,8 @@ pub async fn run_sender(
         stats,
         holds: HashMap::new(),
         log: FailureLog::default(),
+        store_backoff: Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX),
+        dead_full: false,
     };
     sender.run(&wake).await;
     tracing::info!(message = "Sender stopped.", queued = sender.outbox.len());
@@ -263,6 +289,10 @@ struct Sender {
     /// is tried once more at once (alone, as its stored `rejections` says).
     holds: HashMap<u64, Instant>,
     log: FailureLog,
+    /// Waits while the store is failed.
+    store_backoff: Backoff,
+    /// A burial was refused at `max_dead` and none succeeded since (logged once).
+    dead_full: bool,
 }
 
 // === impl Sender ===
@@ -273,6 +303,14 @@ impl Sender {
             if self.shutdown.is_cancelled() {
                 return;
             }
+            if !self.outbox.heal().await {
+                // Nothing is sent while the store is failed: no answer could be stored.
+                if !wait(self.store_backoff.next_delay().max(STORE_RETRY_MIN), &self.shutdown).await {
+                    return;
+                }
+                continue;
+            }
+            self.store_backoff.reset();
             // Register for a wake-up before looking, so a commit between the look and the wait is not missed.
             let notified = wake.notified();
             tokio::pin!(notified);
@@ -350,7 +388,11 @@ impl Sender {
                 self.login_works();
             }
             match outcome {
-                Ok(()) => self.delivered(&ids).await,
+                Ok(()) => {
+                    if !self.delivered(&ids).await {
+                        return Flow::Stop;
+                    }
+                }
                 Err(DeliveryError::Rejected { code, msg }) if part.len() > 1 => {
                     tracing::debug!(message = "Panda refused a batch; splitting it to find the refused records.", records = part.len(), code, msg = %msg);
                     let right = part.split_off(part.len() / 2);
@@ -360,7 +402,9 @@ impl Sender {
                 Err(DeliveryError::Rejected { code, msg }) => {
                     if let Some(record) = part.pop() {
                         blocked.insert(record.meter_no.clone());
-                        self.refused_alone(record, code, &msg).await;
+                        if !self.refused_alone(record, code, &msg).await {
+                            return Flow::Stop;
+                        }
                     }
                 }
                 Err(e) => {
@@ -372,7 +416,10 @@ impl Sender {
                             .filter(|r| !blocked.contains(&r.meter_no))
                             .map(|r| r.id),
                     );
-                    return Flow::Retry(self.failed(&unanswered, &e));
+                    return match self.failed(&unanswered, &e).await {
+                        Some(delay) => Flow::Retry(delay),
+                        None => Flow::Stop,
+                    };
                 }
             }
         }
@@ -399,21 +446,67 @@ impl Sender {
         }
     }
 
-    async fn delivered(&mut self, ids: &[u64]) {
+    /// Store `what` about an answer: retry `op` with backoff (healing the store meanwhile) until it
+    /// succeeds; nothing else is sent meanwhile. Logged once when it fails and once when it is
+    /// stored. `None` on shutdown (the write is then not stored: at most this one request is sent
+    /// again at the next start).
+    async fn until_stored<T, F, Fut>(&mut self, what: &'static str, mut op: F) -> Option<T>
+    where
+        F: FnMut(Outbox) -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::outbox::OutboxError>>,
+    {
+        let mut backoff = Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX);
+        let mut failures = 0u64;
+        loop {
+            match op(self.outbox.clone()).await {
+                Ok(v) => {
+                    if failures > 0 {
+                        tracing::info!(message = "Stored after the store recovered; sending resumes.", what, tries = failures + 1);
+                    }
+                    return Some(v);
+                }
+                Err(e) => {
+                    if failures == 0 {
+                        tracing::error!(message = "Cannot store the outcome of a delivery; nothing more is sent until it is stored (retrying with backoff).", what, error = %e);
+                    }
+                    failures += 1;
+                    self.stats.store_retries.fetch_add(1, Ordering::Relaxed);
+                    self.stats.set_last_error(Some(format!("cannot store {what}: {e}")));
+                    self.outbox.heal().await;
+                    if !wait(backoff.next_delay().max(STORE_RETRY_MIN), &self.shutdown).await {
+                        tracing::warn!(message = "Shutdown while a delivery's outcome was not stored; its request may be sent again at the next start.", what);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The server accepted `ids`: remove them (stored before anything more is sent). `false` on
+    /// shutdown before the removal was stored.
+    async fn delivered(&mut self, ids: &[u64]) -> bool {
         // Acknowledge right after the answer: this is what keeps the duplicate window small.
-        if let Err(e) = self.outbox.ack(ids).await {
-            // The records may be sent again: a duplicate, never a loss.
-            tracing::error!(message = "Delivered records could not be removed from the outbox; they may be sent again.", records = ids.len(), error = %e);
+        let owned = ids.to_vec();
+        let acked = self
+            .until_stored("the removal of delivered records", |o| {
+                let ids = owned.clone();
+                async move { o.ack(&ids).await }
+            })
+            .await;
+        if acked.is_none() {
+            return false;
         }
         tracing::info!(message = "Work orders delivered.", records = ids.len(), ids = ?ids);
         self.stats.set_last_error(None);
         // Last, so that a reader who sees the count also sees the rest of this delivery.
         self.stats.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
         self.log.success(ids.len());
+        true
     }
 
-    /// The server refused `record` alone: count it; hold it, or bury it at `dead_after`.
-    async fn refused_alone(&mut self, record: Record, code: i64, msg: &str) {
+    /// The server refused `record` alone: count it; hold it, or bury it at `dead_after`. `false` on
+    /// shutdown before that was stored.
+    async fn refused_alone(&mut self, record: Record, code: i64, msg: &str) -> bool {
         let reason = if msg.trim().is_empty() {
             format!("code {code} (no msg)")
         } else {
@@ -426,34 +519,59 @@ impl Sender {
         self.stats.records_rejected.fetch_add(1, Ordering::Relaxed);
         self.stats.set_last_error(Some(error.to_string()));
         self.log.failure(error.error_code(), &error.to_string(), true, false);
-        let updated = match self.outbox.note_rejection(record.id, &error.to_string()) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!(message = "Cannot record a refusal in the outbox.", id = record.id, error = %e);
-                self.hold(record.id, record.rejections.saturating_add(1));
-                return;
-            }
+        let text = error.to_string();
+        let id = record.id;
+        let noted = self
+            .until_stored("a refusal", |o| {
+                let text = text.clone();
+                async move { o.note_rejection(id, &text) }
+            })
+            .await;
+        let updated = match noted {
+            None => return false,
+            Some(None) => return true,
+            Some(Some(r)) => r,
         };
         if updated.rejections < self.cfg.dead_after {
             tracing::info!(message = "Panda refused a record; it is held and tried again alone.", id = updated.id, meter = %updated.meter_no, event = %updated.event_name, rejections = updated.rejections, dead_after = self.cfg.dead_after, msg = %reason);
             self.hold(updated.id, updated.rejections);
-            return;
+            return true;
         }
         let died_at = Utc::now()
             .with_timezone(&self.cfg.tz)
             .to_rfc3339_opts(SecondsFormat::Secs, false);
-        match self.outbox.bury(updated.id, &reason, &died_at).await {
-            Ok(()) => {
+        let buried = self
+            .until_stored("a dead letter", |o| {
+                let (reason, died_at) = (reason.clone(), died_at.clone());
+                async move {
+                    match o.bury(id, &reason, &died_at).await {
+                        Ok(()) => Ok(true),
+                        // At the bound the record stays queued: not a store fault, nothing to retry.
+                        Err(crate::outbox::OutboxError::DeadFull { .. }) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await;
+        match buried {
+            None => return false,
+            Some(true) => {
+                self.dead_full = false;
                 self.holds.remove(&updated.id);
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(message = "Panda refused a record too often; moved it to the dead letters. Fix the cause on the server, then `fieldgate outbox requeue`.", id = updated.id, meter = %updated.meter_no, event = %updated.event_name, rejections = updated.rejections, msg = %reason);
             }
-            Err(e) => {
-                tracing::error!(message = "Cannot move a refused record to the dead letters; it stays queued.", id = updated.id, error = %e);
-                self.hold(updated.id, updated.rejections);
+            Some(false) => {
+                self.stats.dead_full.fetch_add(1, Ordering::Relaxed);
+                // Once per episode; the next burial that succeeds ends it.
+                if !self.dead_full {
+                    self.dead_full = true;
+                    tracing::error!(message = "The dead letters are at outbox.max_dead: a record the server refused too often stays queued, held, and is retried at the longest backoff. Look at `fieldgate outbox dead`, fix the cause, requeue them.", id = updated.id, max_dead = self.outbox.limits().max_dead);
+                }
+                self.hold(updated.id, u32::MAX);
             }
         }
+        true
     }
 
     /// Hold a record after its `rejections`-th refusal: `retry_min·2^(n-1)` capped at `max_backoff`, the
@@ -466,12 +584,16 @@ impl Sender {
         self.stats.held.store(self.holds.len() as u64, Ordering::Relaxed);
     }
 
-    /// A request without a definite answer: keep the records, note why, pick the delay.
-    fn failed(&mut self, ids: &[u64], e: &DeliveryError) -> Duration {
+    /// A request without a definite answer: keep the records, note why, pick the delay (`None` on
+    /// shutdown before the note was stored).
+    async fn failed(&mut self, ids: &[u64], e: &DeliveryError) -> Option<Duration> {
         let reason = e.to_string();
-        if let Err(store_err) = self.outbox.note_failure(ids, &reason) {
-            tracing::error!(message = "Cannot record a failed attempt in the outbox.", error = %store_err);
-        }
+        let owned = ids.to_vec();
+        self.until_stored("a failed attempt", |o| {
+            let (ids, reason) = (owned.clone(), reason.clone());
+            async move { o.note_failure(&ids, &reason) }
+        })
+        .await?;
         self.stats.set_last_error(Some(reason.clone()));
         let login = matches!(e, DeliveryError::Login(_));
         if login {
@@ -480,11 +602,11 @@ impl Sender {
         // The server's own words (a login's errMsg) are a new state when they change; a network error's
         // details are not.
         self.log.failure(e.error_code(), &reason, login, login);
-        if login {
+        Some(if login {
             self.backoff.next_delay_capped(LOGIN_BACKOFF_MAX)
         } else {
             self.backoff.next_delay()
-        }
+        })
     }
 
     /// An answer that needed a token came: the login works (again).

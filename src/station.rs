@@ -134,6 +134,9 @@ pub struct Station {
     /// station is the only writer of states, so after the first read of a meter its state comes from
     /// here instead of a store read and JSON decode per sample (BENCHMARKS.md row 2).
     stored: Vec<Option<Option<StoredState>>>,
+    /// [`Outbox::generation`] when `stored` was filled: a reopened store may have lost what sat in
+    /// sled's failed buffer, so the states are read from it again.
+    generation: u64,
     /// BizData templates by (meter index, rule index), made on a meter's first record for a rule. At
     /// most meters × rules (~1 KiB each); a reload starts a new station, so a changed mapping or rule
     /// gets new ones.
@@ -179,6 +182,7 @@ impl Station {
                 .any(|e| matches!(e.kind, EventKind::Link { online: o, .. } if o == online))
         };
         let (link_rules, offline_rules) = (link(true) || link(false), link(false));
+        let generation = outbox.generation();
         Station {
             pending: vec![Pending::default(); n],
             confirmed_offline: vec![false; n],
@@ -193,6 +197,7 @@ impl Station {
             full_logged: false,
             staged: Vec::new(),
             stored: vec![None; n],
+            generation,
             templates: RefCell::default(),
             spare_biz: RefCell::default(),
             last_stamp: RefCell::default(),
@@ -222,6 +227,10 @@ impl Station {
     }
 
     /// Apply one cycle; returns how many records it queued (durably). Blocking (one commit, one fsync).
+    ///
+    /// While the store is failed the cycle only updates the live view (polling goes on): its states
+    /// are not evaluated, so what it would have detected is detected again from the stored states
+    /// once the store works. Each cycle tries to heal the store (at most as often as its backoff lets).
     pub fn apply(&mut self, cycle: Cycle) -> usize {
         let now = Utc::now();
         let mut wrote = false;
@@ -235,6 +244,14 @@ impl Station {
             if let Some(c) = self.confirmed_offline.get_mut(meter) {
                 *c = !online;
             }
+        }
+        for sample in &cycle.samples {
+            self.observe(sample);
+        }
+        if !self.store_works() {
+            return 0;
+        }
+        for &(meter, online) in &cycle.links {
             if !online {
                 let r = self.went_offline(meter, now);
                 self.settle(meter, r, &mut wrote, &mut queued);
@@ -271,10 +288,28 @@ impl Station {
                         self.sender_wake.notify_one();
                     }
                 }
-                Err(e) => tracing::error!(message = "Cannot sync the state database to disk.", error = %e),
+                // The store is failed now and logged it; this cycle's records stay invisible to the
+                // sender until a reopen has made them durable (or lost them with their states).
+                Err(e) => tracing::debug!(message = "Cannot sync the state database to disk.", error = %e),
             }
         }
         queued
+    }
+
+    /// Whether the store works (healing it when it is failed and its backoff allows). After a reopen
+    /// the states are read from the store again, and the sender is woken for what the reopen made
+    /// durable.
+    fn store_works(&mut self) -> bool {
+        if !self.outbox.heal_blocking() {
+            return false;
+        }
+        let generation = self.outbox.generation();
+        if generation != self.generation {
+            self.generation = generation;
+            self.stored.iter_mut().for_each(|s| *s = None);
+            self.sender_wake.notify_one();
+        }
+        true
     }
 
     fn settle(&mut self, meter: usize, r: Applied, wrote: &mut bool, queued: &mut usize) {
@@ -288,6 +323,9 @@ impl Station {
                 self.full_logged = true;
                 tracing::error!(message = "Outbox full: new states are not committed until records are delivered.", error = %e);
             }
+            // Logged once per change by the outbox (free space, store failure).
+            Err(OutboxError::NoSpace(_) | OutboxError::Failed { .. }) => {}
+            Err(_) if self.outbox.is_failed() => {}
             Err(e) => {
                 tracing::error!(message = "Cannot store a meter state.", meter = %self.meter_no(meter), error = %e)
             }
@@ -345,11 +383,11 @@ impl Station {
         self.commit(meter, st, drafts)
     }
 
-    /// One sample: link (back online?), valve (baseline / transition), then the reading rules.
-    fn apply_sample(&mut self, s: &Sample) -> Applied {
-        let cfg = Arc::clone(&self.cfg);
-        let Some(meter) = cfg.meters.get(s.meter) else {
-            return Ok((false, 0));
+    /// What a sample shows whether or not the store works: the live view, the latest readings, and
+    /// that the meter answers.
+    fn observe(&mut self, s: &Sample) {
+        let Some(meter) = self.cfg.meters.get(s.meter) else {
+            return;
         };
         let label = meter.valve.label(s.valve_raw);
         // `clone_from` reuses the strings already there: this runs for every sample of every meter.
@@ -371,6 +409,16 @@ impl Station {
         if let Some(c) = self.confirmed_offline.get_mut(s.meter) {
             *c = false;
         }
+    }
+
+    /// One sample (already [`Station::observe`]d): link (back online?), valve (baseline /
+    /// transition), then the reading rules.
+    fn apply_sample(&mut self, s: &Sample) -> Applied {
+        let cfg = Arc::clone(&self.cfg);
+        let Some(meter) = cfg.meters.get(s.meter) else {
+            return Ok((false, 0));
+        };
+        let label = meter.valve.label(s.valve_raw);
         // One copy, changed below; `commit` compares it with the state it came from.
         let before = self.state_of(s.meter)?;
         let stored_valve = before.as_ref().filter(|st| !st.valve_unknown).map(|st| st.raw);
@@ -638,7 +686,8 @@ impl Station {
         let results = match self.outbox.commit_batch(changes) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(message = "Cannot store this cycle's meter states; they are seen again next cycle.", meters = staged.len(), error = %e);
+                // A storage error fails the store, which logs it once; its states are seen again.
+                tracing::debug!(message = "Cannot store this cycle's meter states; they are seen again next cycle.", meters = staged.len(), error = %e);
                 // Read these meters back from the store: it, not this process, knows what is committed.
                 for c in staged.iter() {
                     if let Some(slot) = self.stored.get_mut(c.meter) {

@@ -339,6 +339,7 @@ impl StationRig {
         let limits = fieldgate::outbox::Limits {
             max_records,
             max_bytes: 1 << 20,
+            ..fieldgate::outbox::Limits::DEFAULT
         };
         let outbox = fieldgate::outbox::Outbox::open(&cfg.site.state_dir, limits).unwrap();
         StationRig {

@@ -178,6 +178,7 @@ fn open_outbox(site: &Site) -> Outbox {
         Limits {
             max_records: 1000,
             max_bytes: 1 << 20,
+            ..Limits::DEFAULT
         },
     )
     .unwrap_or_else(|e| panic!("reopen the state dir: {e}"))
@@ -435,6 +436,7 @@ async fn a_second_instance_on_the_same_state_dir_fails_with_a_clear_message() {
             Limits {
                 max_records: 10,
                 max_bytes: 1 << 20,
+                ..Limits::DEFAULT
             },
         )
         .is_ok()

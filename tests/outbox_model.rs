@@ -16,6 +16,7 @@ const EVENTS: [&str; 2] = ["用水户开阀", "用水户关阀"];
 const LIMITS: Limits = Limits {
     max_records: 12,
     max_bytes: 1 << 30,
+    ..Limits::DEFAULT
 };
 
 #[derive(Debug, Clone)]
@@ -271,7 +272,7 @@ fn check_store(m: &Model, o: &Outbox, step: usize, op: &Op) -> Result<(), TestCa
     let want: Vec<(u64, Entry)> = m.dead.iter().map(|(k, v)| (*k, v.clone())).collect();
     prop_assert_eq!(dead, want, "step {} ({:?}): dead letters", step, op);
     prop_assert_eq!(o.len(), m.queue.len() as u64, "step {}: len", step);
-    prop_assert_eq!(o.dead_len(), m.dead.len(), "step {}: dead_len", step);
+    prop_assert_eq!(o.dead_len(), m.dead.len() as u64, "step {}: dead_len", step);
     let bytes: u64 = queued
         .iter()
         .map(|r| fieldgate::stored_record::encode(r).len() as u64)

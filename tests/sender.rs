@@ -62,6 +62,7 @@ fn open_outbox(dir: &tempfile::TempDir) -> Outbox {
         Limits {
             max_records: 10_000,
             max_bytes: 1 << 30,
+            ..Limits::DEFAULT
         },
     )
     .unwrap()
@@ -1161,6 +1162,7 @@ async fn a_full_outbox_is_critical_with_the_refused_commits_counted() {
         Limits {
             max_records: 2,
             max_bytes: 1 << 20,
+            ..Limits::DEFAULT
         },
     )
     .unwrap();
@@ -1225,6 +1227,7 @@ async fn the_outbox_command_lists_and_requeues_dead_letters_offline_and_through_
             Limits {
                 max_records: 100,
                 max_bytes: 1 << 20,
+                ..Limits::DEFAULT
             },
         )
         .unwrap();
@@ -1340,6 +1343,7 @@ fn open_outbox_at(dir: &std::path::Path) -> Outbox {
         Limits {
             max_records: 100,
             max_bytes: 1 << 20,
+            ..Limits::DEFAULT
         },
     )
     .unwrap()

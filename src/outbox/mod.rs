@@ -7,42 +7,60 @@
 //! - `q` + record id (big-endian u64, so iteration order is detection order) → [`Record`] in its
 //!   stored form ([`crate::stored_record`]; the JSON of releases before still reads): the outbox.
 //! - `d` + record id → [`DeadLetter`] (JSON): records the server refused too often.
+//! - `x` + the key of any entry above → its bytes, unchanged: an entry that could not be decoded,
+//!   set aside ([`Outbox::corrupt`]) so that the rest of the queue and the other meters go on.
 //! - `m` + `outbox_counts` → records queued, their bytes, and one past the highest record id ever
 //!   committed (three big-endian u64). Written with every change of the queue, so opening the store
-//!   never has to read the whole queue to count it (that read pulled every record of a backlog into
-//!   memory: BENCHMARKS.md row 6). If a record sits at or past the stored top (written by something
-//!   that does not keep the counts), the queue is counted once at open; an empty queue resets them.
+//!   never has to read the whole queue to count it. If a record sits at or past the stored top
+//!   (written by something that does not keep the counts), the queue is counted once at open; an
+//!   empty queue resets them. Dead letters and set-aside entries are counted at open (they are
+//!   bounded) and kept in memory.
 //!
-//! Why one tree: a `sled::Batch` applied to one tree is atomic, across a crash too (sled recovers it
-//! whole or not at all), and costs what its inserts cost; a transaction over several trees reads
-//! every key it writes and keeps a write set, ~20 % of a cycle's commit (BENCHMARKS.md row 2). Every
-//! change of the store goes through [`Outbox::write`]: one lock held while the change reads what it
-//! needs and its batch is applied. That serialises writers as the transactions did (an ack racing a
+//! Why one tree: a `sled::Batch` applied to one tree is atomic, across a crash too, and costs what its
+//! inserts cost. Every change of the store goes through [`Outbox::write`]: one lock held while the
+//! change reads what it needs and its batch is applied. That serialises writers (an ack racing a
 //! failure note cannot bring a delivered record back) and keeps the stored counts exact.
 //!
 //! A state directory of the layout before (trees `state`, `outbox`, `dead` and `meta`) is moved into
 //! `store` at open: copied in bounded batches, made durable, then the old trees dropped, and the queue
 //! counted once. A crash in the middle copies again at the next open (same keys, same values).
 //!
+//! Faults of the disk ([`fault`], [`space`]):
+//! - Below `min_free` bytes free on the state directory's file system, [`Outbox::commit_batch`]
+//!   refuses every change ([`OutboxError::NoSpace`]) exactly as when the outbox is full; what empties
+//!   the queue still writes (it uses the reserve).
+//! - The first sled error or failed fsync marks the store failed: sled stays failed after one failed
+//!   write, and after a failed fsync the page cache cannot be trusted. From then on every call
+//!   returns [`OutboxError::Failed`] without touching the database until [`Outbox::heal`] has opened
+//!   it again (with backoff). A reopen bumps [`Outbox::generation`]: whoever keeps what the store
+//!   held (the station's states) reads it again, because what sat in sled's failed buffer is gone.
+//! - Every open (the first and each reopen) makes the whole database durable before anything found
+//!   on it is handed to the sender: a record that only the page cache held could otherwise be
+//!   delivered, then lost in a power cut with its state, detected again and delivered twice.
+//!
 //! Invariants:
 //! - A meter's new state (valve, link, rule memory) and its records are committed in one atomic batch
 //!   ([`Outbox::commit`]). If a crash loses the commit, it loses the state with it, and the
 //!   transition is detected again: nothing is repeated, nothing forgotten.
 //! - "Stored" means committed *and* [`Outbox::sync`]ed: sled's `flush()` is followed by `fsync` of the
-//!   database's log and of every other file and folder of it that changed ([`crate::durable`]),
-//!   because `flush()` alone does not survive a power cut.
+//!   database's log and of every other file and folder of it that changed ([`crate::durable`]).
+//!   The sender sees only records below the durable mark.
 //! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`), or moved between
 //!   outbox and dead letters by [`Outbox::bury`] / [`Outbox::requeue`] (each one batch, keeping the
-//!   record's id). Nothing here ever drops a record to make room: when the bounds are reached, `commit`
-//!   refuses ([`OutboxError::Full`]) and the caller keeps the old state so the change is seen again.
-//! - Dead letters do not count against the bounds (they are few, and an operator's business).
+//!   record's id), or set aside undecodable (kept, listed). Nothing here ever drops a record to make
+//!   room: when a bound is reached, the write is refused and the caller keeps what it had.
+//! - Dead letters do not count against the outbox bounds; they have their own, `max_dead`: at it,
+//!   [`Outbox::bury`] refuses ([`OutboxError::DeadFull`]) and the record stays queued.
+
+pub mod fault;
+pub mod space;
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -51,6 +69,8 @@ use crate::detect::RuleMemory;
 use crate::durable::{SyncFailed, Synced};
 use crate::record::{json_str, Record};
 use crate::stored_record;
+use fault::{Fault, StoreFault};
+use space::{LowSpace, Space};
 
 /// What is persisted about one meter: the last accepted state of its valve, its link, and the
 /// memory of every `[[event]]` rule for it. Committed together with the records it produced.
@@ -98,6 +118,19 @@ pub struct DeadLetter {
     pub died_at: String,
 }
 
+/// An entry that could not be decoded and was set aside (kept as it was, for an operator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorruptEntry {
+    /// What it was: `record 42`, `dead letter 42` or `state M1`.
+    pub entry: String,
+    /// Its size in bytes.
+    pub bytes: usize,
+    /// Why it does not decode.
+    pub error: String,
+    /// Its first bytes, as text where they are text.
+    pub preview: String,
+}
+
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -120,6 +153,12 @@ pub enum OutboxError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The store failed earlier and has not been opened again yet: nothing was read or written.
+    #[error("the state database failed ({error}) and is not open again yet; nothing was written")]
+    Failed {
+        /// The error that failed it.
+        error: String,
+    },
     /// A stored value could not be read back.
     #[error("corrupt entry in tree {tree}: {detail}")]
     Corrupt {
@@ -140,6 +179,15 @@ pub enum OutboxError {
         /// Limit.
         max_bytes: u64,
     },
+    /// Free space below `min_free`; nothing was committed.
+    #[error("disk almost full: {} bytes free, outbox.min_free is {} bytes", .0.free, .0.reserve)]
+    NoSpace(LowSpace),
+    /// `max_dead` dead letters already: the record stays queued.
+    #[error("{dead} dead letters, the bound outbox.max_dead; the record stays queued")]
+    DeadFull {
+        /// Dead letters kept.
+        dead: u64,
+    },
 }
 
 impl From<SyncFailed> for OutboxError {
@@ -158,19 +206,54 @@ impl OutboxError {
             OutboxError::Locked(_) => "locked",
             OutboxError::Db { .. } => "db",
             OutboxError::Sync { .. } => "sync",
+            OutboxError::Failed { .. } => "store_failed",
             OutboxError::Corrupt { .. } => "corrupt",
             OutboxError::Full { .. } => "full",
+            OutboxError::NoSpace(_) => "no_space",
+            OutboxError::DeadFull { .. } => "dead_full",
         }
+    }
+
+    /// A refusal for lack of room (outbox bound or disk reserve): nothing was written, the caller
+    /// keeps what it had and tries again later.
+    pub fn is_no_room(&self) -> bool {
+        matches!(self, OutboxError::Full { .. } | OutboxError::NoSpace(_))
     }
 }
 
-/// Bounds of the outbox.
+/// Bounds of the store.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Most records.
     pub max_records: u64,
     /// Most bytes (sum of stored record sizes).
     pub max_bytes: u64,
+    /// Least free bytes on the state directory's file system for new states and records.
+    pub min_free: u64,
+    /// Most dead letters.
+    pub max_dead: u64,
+}
+
+/// `min_free` when none is configured: room for sled to finish what it has begun (its log grows
+/// in segments of 512 KiB) and for a day of acknowledgements, small next to any SD card.
+pub const DEFAULT_MIN_FREE: u64 = 64 * 1024 * 1024;
+/// `max_dead` when none is configured.
+pub const DEFAULT_MAX_DEAD: u64 = 10_000;
+
+impl Limits {
+    /// The defaults of `[outbox]`.
+    pub const DEFAULT: Limits = Limits {
+        max_records: 100_000,
+        max_bytes: 64 * 1024 * 1024,
+        min_free: DEFAULT_MIN_FREE,
+        max_dead: DEFAULT_MAX_DEAD,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::DEFAULT
+    }
 }
 
 /// Counters of the outbox (shared by clones).
@@ -179,6 +262,8 @@ struct Counts {
     records: AtomicU64,
     bytes: AtomicU64,
     refused: AtomicU64,
+    /// Commits refused for lack of disk space, since open.
+    refused_space: AtomicU64,
     /// One past the highest record id committed.
     committed: AtomicU64,
     /// Set when a commit was refused for lack of room; cleared by the next commit that fits or by any
@@ -188,19 +273,39 @@ struct Counts {
     /// sees records up to here: a record that a crash could still take back is never delivered,
     /// so a lost commit can never turn into a duplicate work order.
     durable: AtomicU64,
+    /// Dead letters kept.
+    dead: AtomicU64,
+    /// Burials refused at `max_dead`, since start.
+    dead_refused: AtomicU64,
+    /// Entries set aside as undecodable.
+    corrupt: AtomicU64,
 }
 
 /// Handle to the store; cheap to clone, all clones share one database.
 #[derive(Clone)]
 pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     dir: PathBuf,
+    limits: Limits,
+    counts: Counts,
+    /// The open database; `None` only while [`Outbox::heal`] replaces it.
+    open: RwLock<Option<Arc<Open>>>,
+    /// The stored counts as last written, locked by every writer: see [`Outbox::write`].
+    writer: Mutex<Stored>,
+    fault: Fault,
+    space: Space,
+    /// Reopens of the database since start.
+    generation: AtomicU64,
+}
+
+/// One opened database.
+struct Open {
     db: sled::Db,
     store: sled::Tree,
-    /// The stored counts as last written, locked by every writer: see [`Outbox::write`].
-    writer: Arc<Mutex<Stored>>,
-    limits: Limits,
-    counts: Arc<Counts>,
-    synced: Arc<Synced>,
+    synced: Synced,
 }
 
 /// A record before it has an id.
@@ -218,100 +323,167 @@ pub struct Draft {
     pub biz_data: String,
 }
 
+/// What [`open_store`] found.
+struct Opened {
+    open: Open,
+    stored: Stored,
+    /// One past the highest id on disk.
+    top: u64,
+    dead: u64,
+    corrupt: u64,
+}
+
 impl Outbox {
     /// Open (or create) the store in `dir`; a state directory of the layout before is moved into it.
+    /// Everything found on disk is made durable before this returns.
     pub fn open(dir: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
         std::fs::create_dir_all(dir).map_err(|e| OutboxError::Sync {
             path: dir.to_path_buf(),
             source: e,
         })?;
-        let db = open_db(dir)?;
-        let store = db.open_tree(STORE).map_err(|e| open_error(dir, e))?;
-        let moved = migrate(&db, &store, dir)?;
-        let counts = Counts::default();
-        // Whatever is on disk at open is durable, dead letters included (they may be requeued): every
-        // id sled ever gave out is below the next one it gives (its ids are monotonic across restarts).
-        // Not the last key of the queue: any backward walk in sled (`last`, `next_back`) links its
-        // 1 MiB `MAX_KEY` constant (`[255; 1 << 20]`) into the binary (BENCHMARKS.md row 7).
-        let mut top = db.generate_id().map_err(|e| open_error(dir, e))?;
-        // Ids written by other means (tests, tools) are covered too: dead letters are few.
-        for k in store.scan_prefix([DEAD]).keys() {
-            top = top.max(id_of(&k.map_err(|e| open_error(dir, e))?).saturating_add(1));
-        }
-        counts.committed.store(top, Ordering::Relaxed);
-        counts.durable.store(top, Ordering::Relaxed);
-        let stored = store
-            .get(COUNTS_KEY)
-            .map_err(|e| open_error(dir, e))?
-            .and_then(|v| Stored::parse(&v));
-        let first = |from: [u8; 9]| {
-            store
-                .range(&from[..]..&[QUEUE + 1][..])
-                .next()
-                .transpose()
-                .map(|item| item.is_none())
-                .map_err(|e| open_error(dir, e))
+        let opened = open_store(dir)?;
+        let outbox = Outbox {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                limits,
+                counts: Counts::default(),
+                open: RwLock::new(None),
+                writer: Mutex::new(opened.stored),
+                fault: Fault::default(),
+                space: Space::new(limits.min_free),
+                generation: AtomicU64::new(0),
+            }),
         };
-        let (records, bytes, counted) = match stored {
-            // An empty queue needs no count (this also mends counts left wrong by other means).
-            _ if first(id_key(QUEUE, 0))? => (0, 0, false),
-            // No record at or past the stored top: nobody but us wrote to the queue since.
-            Some(c) if first(id_key(QUEUE, c.top))? => (c.records, c.bytes, false),
-            // No counts yet (a state directory just moved from the layout before), or records written
-            // by something that does not keep them: read the whole queue, once.
-            _ => {
-                let (mut n, mut b) = (0u64, 0u64);
-                for item in store.scan_prefix([QUEUE]) {
-                    let (k, v) = item.map_err(|e| open_error(dir, e))?;
-                    top = top.max(id_of(&k).saturating_add(1));
-                    n += 1;
-                    b += v.len() as u64;
-                }
-                tracing::info!(message = "Outbox counted.", records = n, bytes = b);
-                (n, b, true)
+        outbox.install(opened);
+        Ok(outbox)
+    }
+
+    /// Put a freshly opened database in place and take its counts.
+    fn install(&self, o: Opened) {
+        let c = &self.shared.counts;
+        c.records.store(o.stored.records, Ordering::Relaxed);
+        c.bytes.store(o.stored.bytes, Ordering::Relaxed);
+        c.committed.store(o.top, Ordering::SeqCst);
+        c.durable.store(o.top, Ordering::SeqCst);
+        c.dead.store(o.dead, Ordering::Relaxed);
+        c.corrupt.store(o.corrupt, Ordering::Relaxed);
+        c.refusing.store(false, Ordering::Relaxed);
+        *self.shared.writer.lock().unwrap_or_else(PoisonError::into_inner) = o.stored;
+        *self.shared.open.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(o.open));
+    }
+
+    /// If the store failed, open it again once its backoff allows (blocking: call from a blocking
+    /// thread, or use [`Outbox::heal`]). Returns whether the store works now.
+    pub fn heal_blocking(&self) -> bool {
+        let sh = &self.shared;
+        if !sh.fault.is_failed() {
+            return true;
+        }
+        if !sh.fault.reopen_due() {
+            return false;
+        }
+        // No writer may run against a half-replaced store.
+        let writer = sh.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        // Our handles go first: sled lets go of its file lock only when the last one is dropped.
+        *sh.open.write().unwrap_or_else(PoisonError::into_inner) = None;
+        // Opening a damaged database can panic inside sled: that is a failed attempt, not our end.
+        let opened = std::panic::catch_unwind(|| open_store(&sh.dir));
+        drop(writer);
+        match opened {
+            Ok(Ok(opened)) => {
+                self.install(opened);
+                sh.generation.fetch_add(1, Ordering::SeqCst);
+                sh.fault.healed(&sh.dir);
+                true
             }
-        };
-        let keep = Stored {
-            records,
-            bytes,
-            top: stored.map_or(top, |c| c.top.max(top)),
-        };
-        if stored != Some(keep) {
-            store
-                .insert(COUNTS_KEY, &keep.to_bytes())
-                .map_err(|e| open_error(dir, e))?;
+            Ok(Err(e)) => {
+                sh.fault.reopen_failed(&sh.dir, &e.to_string());
+                false
+            }
+            Err(_) => {
+                sh.fault.reopen_failed(&sh.dir, "sled panicked while opening the database");
+                false
+            }
         }
-        if counted || moved {
-            // The count (or the move) read every page of the queue into sled's cache, which does not
-            // give them back (1,000,000 records: ~50 MiB held for the whole drain). Open again to
-            // start from an empty cache; the second open finds the counts just written.
-            db.flush().map_err(|e| open_error(dir, e))?;
-            drop((store, db));
-            return Outbox::open(dir, limits);
+    }
+
+    /// [`Outbox::heal_blocking`] off the async threads.
+    pub async fn heal(&self) -> bool {
+        if !self.shared.fault.is_failed() {
+            return true;
         }
-        counts.records.store(records, Ordering::Relaxed);
-        counts.bytes.store(bytes, Ordering::Relaxed);
-        Ok(Outbox {
-            dir: dir.to_path_buf(),
-            db,
-            store,
-            writer: Arc::new(Mutex::new(keep)),
-            limits,
-            counts: Arc::new(counts),
-            synced: Arc::default(),
-        })
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.heal_blocking())
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Whether the store is failed (waiting to be opened again).
+    pub fn is_failed(&self) -> bool {
+        self.shared.fault.is_failed()
+    }
+
+    /// The failure of the store, if it is failed.
+    pub fn fault(&self) -> Option<StoreFault> {
+        self.shared.fault.view()
+    }
+
+    /// (failures, successful reopens) since start.
+    pub fn fault_totals(&self) -> (u64, u64) {
+        self.shared.fault.totals()
+    }
+
+    /// How often the database was opened again after a failure: what a cache of its contents
+    /// compares to know it must read them again.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    /// Free space below `min_free`, if it is (looked up at most once a second).
+    pub fn low_space(&self) -> Option<LowSpace> {
+        self.shared.space.low(&self.shared.dir)
+    }
+
+    /// Free bytes of the state directory's file system at the last look, and the reserve.
+    pub fn space(&self) -> (Option<u64>, u64, bool) {
+        let s = &self.shared.space;
+        (s.free(), s.reserve(), s.is_low())
+    }
+
+    /// The open database, or [`OutboxError::Failed`].
+    fn handle(&self) -> Result<Arc<Open>, OutboxError> {
+        let failed = || OutboxError::Failed {
+            error: self.shared.fault.error().unwrap_or_else(|| "being opened again".into()),
+        };
+        if self.shared.fault.is_failed() {
+            return Err(failed());
+        }
+        self.shared
+            .open
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(failed)
     }
 
     /// The state directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.shared.dir
     }
 
-    /// The last accepted state of a meter.
+    /// The last accepted state of a meter. A state that does not decode is set aside (listed by
+    /// [`Outbox::corrupt`]) and the meter starts again from no state: its next sample is a baseline.
     pub fn state(&self, meter_no: &str) -> Result<Option<StoredState>, OutboxError> {
-        match self.store.get(state_key(meter_no)).map_err(|e| self.db_error(e))? {
-            None => Ok(None),
-            Some(v) => decode("state", meter_no, &v).map(Some),
+        let key = state_key(meter_no);
+        let Some(v) = self.handle()?.store.get(&key).map_err(|e| self.db_error(e))? else {
+            return Ok(None);
+        };
+        match decode("state", meter_no, &v) {
+            Ok(st) => Ok(Some(st)),
+            Err(e) => {
+                self.set_aside(&key, &v, &e)?;
+                Ok(None)
+            }
         }
     }
 
@@ -320,30 +492,31 @@ impl Outbox {
     /// counts go into the same batch when they changed. An `Err` from `change` writes nothing.
     fn write<T>(
         &self,
-        change: impl FnOnce(&mut sled::Batch, &mut Stored) -> Result<T, OutboxError>,
+        change: impl FnOnce(&Open, &mut sled::Batch, &mut Stored) -> Result<T, OutboxError>,
     ) -> Result<T, OutboxError> {
-        let mut stored = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stored = self.shared.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = self.handle()?;
         let mut next = *stored;
         let mut batch = sled::Batch::default();
-        let out = change(&mut batch, &mut next)?;
+        let out = change(&open, &mut batch, &mut next)?;
         if next != *stored {
             batch.insert(COUNTS_KEY, &next.to_bytes()[..]);
         }
-        self.store.apply_batch(batch).map_err(|e| self.db_error(e))?;
+        open.store.apply_batch(batch).map_err(|e| self.db_error(e))?;
         *stored = next;
-        self.counts.records.store(next.records, Ordering::Relaxed);
-        self.counts.bytes.store(next.bytes, Ordering::Relaxed);
+        self.shared.counts.records.store(next.records, Ordering::Relaxed);
+        self.shared.counts.bytes.store(next.bytes, Ordering::Relaxed);
         Ok(out)
     }
 
-    /// A queued record's stored bytes, read under the writer's lock.
-    fn get(&self, key: [u8; 9]) -> Result<Option<sled::IVec>, OutboxError> {
-        self.store.get(key).map_err(|e| self.db_error(e))
+    /// A stored value, read under the writer's lock.
+    fn get(&self, open: &Open, key: &[u8]) -> Result<Option<sled::IVec>, OutboxError> {
+        open.store.get(key).map_err(|e| self.db_error(e))
     }
 
     /// Commit a meter's new state and its records atomically. Returns the records with their ids.
-    /// Refuses with [`OutboxError::Full`] (committing nothing) when the bounds would be passed. Not
-    /// durable until [`Outbox::sync`].
+    /// Refuses with [`OutboxError::Full`] or [`OutboxError::NoSpace`] (committing nothing) when a
+    /// bound would be passed. Not durable until [`Outbox::sync`].
     pub fn commit(&self, meter_no: &str, state: &StoredState, drafts: Vec<Draft>) -> Result<Vec<Record>, OutboxError> {
         let mut results = self.commit_batch(vec![(meter_no.to_string(), state.clone(), drafts)])?;
         results.pop().unwrap_or_else(|| Ok(Vec::new()))
@@ -354,19 +527,24 @@ impl Outbox {
     /// change, in order: its records with their ids, or [`OutboxError::Full`] for a change that would
     /// pass the bounds (that change alone is not committed: its state stays old, so the transition is
     /// seen again; the changes that fit are committed, exactly as with one [`Outbox::commit`] each in
-    /// this order). An `Err` of the whole call is a storage error: the changes of the failed chunk
-    /// (below) and after it were not committed, earlier chunks may have been, so read states back. Not
-    /// durable until [`Outbox::sync`]. A meter listed twice ends with its last state; its records keep
-    /// order.
+    /// this order). Below `min_free` every change is refused with [`OutboxError::NoSpace`]. An `Err`
+    /// of the whole call is a storage error: the changes of the failed chunk (below) and after it
+    /// were not committed, earlier chunks may have been, so read states back. Not durable until
+    /// [`Outbox::sync`]. A meter listed twice ends with its last state; its records keep order.
     ///
     /// Each change is atomic; the changes are applied in chunks of [`CHUNK`]: one sled batch of
-    /// thousands of writes keeps every node version it replaces until it ends (2,000 changes per
-    /// batch: 327 MiB peak; 250: 31 MiB; BENCHMARKS.md row 6). A bus cycle is below one chunk.
+    /// thousands of writes keeps every node version it replaces until it ends. A bus cycle is below
+    /// one chunk.
     #[allow(clippy::type_complexity)]
     pub fn commit_batch<M: AsRef<str>, S: Borrow<StoredState>>(
         &self,
         mut changes: Vec<(M, S, Vec<Draft>)>,
     ) -> Result<Vec<Result<Vec<Record>, OutboxError>>, OutboxError> {
+        if let Some(low) = self.low_space() {
+            self.shared.counts.refused_space.fetch_add(1, Ordering::Relaxed);
+            self.shared.counts.refusing.store(true, Ordering::Relaxed);
+            return Ok(changes.iter().map(|_| Err(OutboxError::NoSpace(low))).collect());
+        }
         let mut results = Vec::with_capacity(changes.len());
         while !changes.is_empty() {
             let rest = changes.split_off(changes.len().min(CHUNK));
@@ -383,7 +561,7 @@ impl Outbox {
         changes: Vec<(M, S, Vec<Draft>)>,
     ) -> Result<Vec<Result<Vec<Record>, OutboxError>>, OutboxError> {
         let mut last_refused = None;
-        let (results, top) = self.write(|batch, stored| {
+        let (results, top) = self.write(|open, batch, stored| {
             let mut results = Vec::with_capacity(changes.len());
             let mut top = 0;
             // sled copies keys and values: one buffer serves every record, one every state.
@@ -393,7 +571,7 @@ impl Outbox {
                 let mut records = Vec::with_capacity(drafts.len());
                 for d in drafts {
                     records.push(Record {
-                        id: self.db.generate_id().map_err(|e| self.db_error(e))?,
+                        id: open.db.generate_id().map_err(|e| self.db_error(e))?,
                         event_name: d.event_name,
                         meter_no: meter_no.to_string(),
                         detected_at: d.detected_at,
@@ -427,10 +605,10 @@ impl Outbox {
             stored.top = stored.top.max(top);
             Ok((results, top))
         })?;
-        self.counts.committed.fetch_max(top, Ordering::SeqCst);
+        self.shared.counts.committed.fetch_max(top, Ordering::SeqCst);
         // As after one commit per change in order: the last change decides whether we are refusing.
         if let Some(refused) = last_refused {
-            self.counts.refusing.store(refused, Ordering::Relaxed);
+            self.shared.counts.refusing.store(refused, Ordering::Relaxed);
         }
         Ok(results)
     }
@@ -438,29 +616,34 @@ impl Outbox {
     /// Whether `records` more records of `bytes` fit next to the `stored` counts; a refusal is
     /// counted and sets the refusing flag.
     fn check_room(&self, stored: &Stored, records: u64, bytes: u64) -> Result<(), OutboxError> {
-        if records > 0
-            && (stored.records + records > self.limits.max_records || stored.bytes + bytes > self.limits.max_bytes)
-        {
-            self.counts.refused.fetch_add(1, Ordering::Relaxed);
-            self.counts.refusing.store(true, Ordering::Relaxed);
+        let limits = &self.shared.limits;
+        if records > 0 && (stored.records + records > limits.max_records || stored.bytes + bytes > limits.max_bytes) {
+            self.shared.counts.refused.fetch_add(1, Ordering::Relaxed);
+            self.shared.counts.refusing.store(true, Ordering::Relaxed);
             return Err(OutboxError::Full {
                 records: stored.records,
                 bytes: stored.bytes,
-                max_records: self.limits.max_records,
-                max_bytes: self.limits.max_bytes,
+                max_records: limits.max_records,
+                max_bytes: limits.max_bytes,
             });
         }
         Ok(())
     }
 
     /// Make everything committed so far durable: sled flush, then fsync of its log and of whatever
-    /// else of the database changed ([`crate::durable`]).
+    /// else of the database changed ([`crate::durable`]). A failure fails the store (module docs):
+    /// the records of this sync stay invisible to the sender until a reopen has synced them.
     /// Blocking; call from `spawn_blocking` in async code (or use [`Outbox::sync`]).
     pub fn sync_blocking(&self) -> Result<(), OutboxError> {
-        let target = self.counts.committed.load(Ordering::SeqCst);
-        self.db.flush().map_err(|e| self.db_error(e))?;
-        self.synced.sync(&self.dir)?;
-        self.counts.durable.fetch_max(target, Ordering::SeqCst);
+        let open = self.handle()?;
+        let target = self.shared.counts.committed.load(Ordering::SeqCst);
+        open.db.flush().map_err(|e| self.db_error(e))?;
+        open.synced.sync(&self.shared.dir).map_err(|e| {
+            let e = OutboxError::from(e);
+            self.shared.fault.fail(&self.shared.dir, &e.to_string());
+            e
+        })?;
+        self.shared.counts.durable.fetch_max(target, Ordering::SeqCst);
         Ok(())
     }
 
@@ -470,15 +653,21 @@ impl Outbox {
         match tokio::task::spawn_blocking(move || me.sync_blocking()).await {
             Ok(r) => r,
             Err(e) => Err(OutboxError::Sync {
-                path: self.dir.clone(),
+                path: self.shared.dir.clone(),
                 source: std::io::Error::other(e),
             }),
         }
     }
 
+    /// Whether records were committed that are not yet durable (a sync is due).
+    pub fn unsynced(&self) -> bool {
+        let c = &self.shared.counts;
+        c.committed.load(Ordering::SeqCst) > c.durable.load(Ordering::SeqCst)
+    }
+
     /// Records queued.
     pub fn len(&self) -> u64 {
-        self.counts.records.load(Ordering::Relaxed)
+        self.shared.counts.records.load(Ordering::Relaxed)
     }
 
     /// Whether nothing is queued.
@@ -488,40 +677,61 @@ impl Outbox {
 
     /// Bytes of queued records.
     pub fn bytes(&self) -> u64 {
-        self.counts.bytes.load(Ordering::Relaxed)
+        self.shared.counts.bytes.load(Ordering::Relaxed)
     }
 
     /// Commits refused because the outbox was full, since open.
     pub fn refused(&self) -> u64 {
-        self.counts.refused.load(Ordering::Relaxed)
+        self.shared.counts.refused.load(Ordering::Relaxed)
+    }
+
+    /// Commits refused because free space was below `min_free`, since open.
+    pub fn refused_space(&self) -> u64 {
+        self.shared.counts.refused_space.load(Ordering::Relaxed)
     }
 
     /// Whether the last commit was refused for lack of room and nothing has been removed since: new
     /// valve states are not being recorded (health `critical`).
     pub fn is_refusing(&self) -> bool {
-        self.counts.refusing.load(Ordering::Relaxed)
+        self.shared.counts.refusing.load(Ordering::Relaxed)
     }
 
     /// The bounds this store was opened with.
     pub fn limits(&self) -> Limits {
-        self.limits
+        self.shared.limits
     }
 
-    /// Number of dead letters (walks them; they are few).
-    pub fn dead_len(&self) -> usize {
-        self.store.scan_prefix([DEAD]).count()
+    /// Number of dead letters (a count kept in memory: no walk).
+    pub fn dead_len(&self) -> u64 {
+        self.shared.counts.dead.load(Ordering::Relaxed)
     }
 
-    /// All queued records, oldest first (for the admin API and tests).
+    /// Burials refused because `max_dead` dead letters were kept, since start.
+    pub fn dead_refused(&self) -> u64 {
+        self.shared.counts.dead_refused.load(Ordering::Relaxed)
+    }
+
+    /// Number of entries set aside as undecodable.
+    pub fn corrupt_len(&self) -> u64 {
+        self.shared.counts.corrupt.load(Ordering::Relaxed)
+    }
+
+    /// Queued records, oldest first, at most `limit` (for the admin API and tests). Undecodable ones
+    /// are set aside.
     pub fn list(&self, limit: usize) -> Result<Vec<Record>, OutboxError> {
-        self.store
-            .scan_prefix([QUEUE])
-            .take(limit)
-            .map(|item| {
-                let (k, v) = item.map_err(|e| self.db_error(e))?;
-                decode_record(id_of(&k), &v)
-            })
-            .collect()
+        let open = self.handle()?;
+        let mut out = Vec::new();
+        for item in open.store.scan_prefix([QUEUE]) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.db_error(e))?;
+            match decode_record(id_of(&k), &v) {
+                Ok(r) => out.push(r),
+                Err(e) => self.set_aside(&k, &v, &e)?,
+            }
+        }
+        Ok(out)
     }
 
     /// The next batch to send: the oldest record, plus later records with the same `eventName`, up
@@ -533,21 +743,29 @@ impl Outbox {
 
     /// [`Outbox::next_batch`], passing over records for which `skip` is true (the sender's records on
     /// hold after a rejection). A skipped record blocks the later records of its meter like a record of
-    /// another event does, so skipping never reorders a meter's records.
+    /// another event does, so skipping never reorders a meter's records. A record that does not
+    /// decode is set aside and blocks nothing.
     pub fn next_batch_where(&self, max: usize, skip: impl Fn(&Record) -> bool) -> Result<Vec<Record>, OutboxError> {
+        let open = self.handle()?;
         let mut batch: Vec<Record> = Vec::new();
         let mut blocked: HashSet<String> = HashSet::new();
         // Bound the scan: a backlog of other events must not make each batch read the whole queue.
-        let durable = self.counts.durable.load(Ordering::SeqCst);
-        for item in self.store.scan_prefix([QUEUE]).take(max.saturating_mul(20).max(100)) {
+        let durable = self.shared.counts.durable.load(Ordering::SeqCst);
+        for item in open.store.scan_prefix([QUEUE]).take(max.saturating_mul(20).max(100)) {
             let (k, v) = item.map_err(|e| self.db_error(e))?;
             // Read the few fields the choice needs first; only a record that joins the batch (or must
             // be shown to `skip`) is decoded in full. A record of another event blocks its meter
             // whether or not `skip` would hold it, so `skip` is not needed for it.
-            let head = stored_record::head(&v).map_err(|e| corrupt_record(id_of(&k), e))?;
-            if head.id >= durable {
+            if id_of(&k) >= durable {
                 break;
             }
+            let head = match stored_record::head(&v) {
+                Ok(head) => head,
+                Err(e) => {
+                    self.set_aside(&k, &v, &corrupt_record(id_of(&k), e))?;
+                    continue;
+                }
+            };
             if blocked.contains(&*head.meter_no) {
                 continue;
             }
@@ -555,7 +773,13 @@ impl Outbox {
                 blocked.insert(head.meter_no.into_owned());
                 continue;
             }
-            let r = decode_record(head.id, &v)?;
+            let r = match decode_record(head.id, &v) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.set_aside(&k, &v, &e)?;
+                    continue;
+                }
+            };
             if skip(&r) {
                 blocked.insert(r.meter_no);
                 continue;
@@ -568,13 +792,14 @@ impl Outbox {
         Ok(batch)
     }
 
-    /// Remove delivered records (the server answered `code: 0`), then sync.
+    /// Remove delivered records (the server answered `code: 0`), then sync. An `Err` means the removal
+    /// may not be stored: the caller must not send anything more until it is.
     pub async fn ack(&self, ids: &[u64]) -> Result<(), OutboxError> {
-        let removed = self.write(|batch, stored| {
+        let removed = self.write(|open, batch, stored| {
             let mut removed = 0;
             for id in ids.iter().collect::<BTreeSet<_>>() {
                 let key = id_key(QUEUE, *id);
-                if let Some(v) = self.get(key)? {
+                if let Some(v) = self.get(open, &key)? {
                     batch.remove(&key[..]);
                     stored.records = stored.records.saturating_sub(1);
                     stored.bytes = stored.bytes.saturating_sub(v.len() as u64);
@@ -584,7 +809,7 @@ impl Outbox {
             Ok(removed)
         })?;
         if removed > 0 {
-            self.counts.refusing.store(false, Ordering::Relaxed);
+            self.shared.counts.refusing.store(false, Ordering::Relaxed);
         }
         self.sync().await
     }
@@ -603,16 +828,23 @@ impl Outbox {
 
     fn update_failed(&self, ids: &[u64], error: &str, rejected: bool) -> Result<Vec<Record>, OutboxError> {
         let last_error: String = error.chars().take(500).collect();
+        let mut bad = Vec::new();
         // Under the writer's lock, so an ack that raced this update is not undone (a record acked
         // meanwhile is not found here).
-        self.write(|batch, stored| {
+        let out = self.write(|open, batch, stored| {
             let mut out = Vec::new();
             for id in ids.iter().collect::<BTreeSet<_>>() {
                 let key = id_key(QUEUE, *id);
-                let Some(v) = self.get(key)? else {
+                let Some(v) = self.get(open, &key)? else {
                     continue;
                 };
-                let mut r = decode_record(*id, &v)?;
+                let mut r = match decode_record(*id, &v) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        bad.push((key, v, e));
+                        continue;
+                    }
+                };
                 r.attempts = r.attempts.saturating_add(1);
                 if rejected {
                     r.rejections = r.rejections.saturating_add(1);
@@ -624,18 +856,36 @@ impl Outbox {
                 out.push(r);
             }
             Ok(out)
-        })
+        })?;
+        for (key, v, e) in bad {
+            self.set_aside(&key, &v, &e)?;
+        }
+        Ok(out)
     }
 
-    /// Move a record to the dead letters with the server's reason (one batch), then sync.
+    /// Move a record to the dead letters with the server's reason (one batch), then sync. Refused
+    /// with [`OutboxError::DeadFull`] at `max_dead` dead letters: the record stays queued.
     pub async fn bury(&self, id: u64, reason: &str, died_at: &str) -> Result<(), OutboxError> {
-        let buried = self.write(|batch, stored| {
+        let max_dead = self.shared.limits.max_dead;
+        let mut bad = None;
+        let buried = self.write(|open, batch, stored| {
             let key = id_key(QUEUE, id);
             // Gone meanwhile (acked by a request that carried it): nothing to bury.
-            let Some(v) = self.get(key)? else {
+            let Some(v) = self.get(open, &key)? else {
                 return Ok(false);
             };
-            let record = decode_record(id, &v)?;
+            let record = match decode_record(id, &v) {
+                Ok(r) => r,
+                Err(e) => {
+                    bad = Some((key, v, e));
+                    return Ok(false);
+                }
+            };
+            let dead = self.shared.counts.dead.load(Ordering::Relaxed);
+            if dead >= max_dead {
+                self.shared.counts.dead_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(OutboxError::DeadFull { dead });
+            }
             let dead = DeadLetter {
                 record,
                 reason: reason.to_string(),
@@ -647,21 +897,48 @@ impl Outbox {
             stored.bytes = stored.bytes.saturating_sub(v.len() as u64);
             Ok(true)
         })?;
+        if let Some((key, v, e)) = bad {
+            self.set_aside(&key, &v, &e)?;
+        }
         if buried {
-            self.counts.refusing.store(false, Ordering::Relaxed);
+            self.shared.counts.dead.fetch_add(1, Ordering::Relaxed);
+            self.shared.counts.refusing.store(false, Ordering::Relaxed);
         }
         self.sync().await
     }
 
-    /// Dead letters, oldest first.
+    /// All dead letters, oldest first. Loads every one: for tools on a stopped state directory and
+    /// tests; the admin API pages with [`Outbox::dead_page`].
     pub fn dead(&self) -> Result<Vec<DeadLetter>, OutboxError> {
-        self.store
-            .scan_prefix([DEAD])
-            .map(|item| {
-                let (k, v) = item.map_err(|e| self.db_error(e))?;
-                decode("dead", id_of(&k), &v)
-            })
-            .collect()
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.dead_page(after, 1000)?;
+            let Some(last) = page.last() else {
+                return Ok(out);
+            };
+            after = Some(last.record.id);
+            out.extend(page);
+        }
+    }
+
+    /// At most `limit` dead letters with ids after `after` (all when `None`), oldest first.
+    /// Undecodable ones are set aside.
+    pub fn dead_page(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+        let open = self.handle()?;
+        let from = id_key(DEAD, after.map_or(0, |a| a.saturating_add(1)));
+        let mut out = Vec::new();
+        for item in open.store.range(&from[..]..&[DEAD + 1][..]) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.db_error(e))?;
+            match decode::<DeadLetter>("dead", id_of(&k), &v) {
+                Ok(d) => out.push(d),
+                Err(e) => self.set_aside(&k, &v, &e)?,
+            }
+        }
+        Ok(out)
     }
 
     /// Put dead letters back in the outbox under their old ids (attempts and rejections reset, last
@@ -670,46 +947,249 @@ impl Outbox {
     /// The old id puts the record back at its place in detection order, ahead of anything queued
     /// after it; later records of its meter that were delivered meanwhile stay delivered.
     pub async fn requeue(&self, id: Option<u64>) -> Result<usize, OutboxError> {
-        let ids: Vec<u64> = match id {
-            Some(id) => vec![id],
-            None => self.dead()?.iter().map(|d| d.record.id).collect(),
-        };
         let mut moved = 0;
-        for id in ids {
-            let requeued = self.write(|batch, stored| {
-                let key = id_key(DEAD, id);
-                // Not a dead letter (any more: another requeue was quicker).
-                let Some(v) = self.get(key)? else {
-                    return Ok(false);
-                };
-                let mut record = decode::<DeadLetter>("dead", id, &v)?.record;
-                record.attempts = 0;
-                record.rejections = 0;
-                let v = stored_record::encode(&record);
-                stored.records += 1;
-                stored.bytes += v.len() as u64;
-                stored.top = stored.top.max(id.saturating_add(1));
-                batch.remove(&key[..]);
-                batch.insert(&id_key(QUEUE, id)[..], v);
-                Ok(true)
-            })?;
-            if requeued {
-                moved += 1;
-                // The sender sees ids below the durable mark only; the sync below brings the mark past
-                // this id even if the queue held nothing newer since the store was opened.
-                self.counts.committed.fetch_max(id.saturating_add(1), Ordering::SeqCst);
+        let mut after = None;
+        loop {
+            // A page at a time: "requeue all" never holds every dead letter in memory.
+            let ids: Vec<u64> = match id {
+                Some(id) if after.is_none() => vec![id],
+                Some(_) => Vec::new(),
+                None => self.dead_page(after, 256)?.iter().map(|d| d.record.id).collect(),
+            };
+            let Some(&last) = ids.last() else { break };
+            after = Some(last);
+            for id in ids {
+                if self.requeue_one(id)? {
+                    moved += 1;
+                }
             }
         }
         self.sync().await?;
         Ok(moved)
     }
 
+    fn requeue_one(&self, id: u64) -> Result<bool, OutboxError> {
+        let mut bad = None;
+        let requeued = self.write(|open, batch, stored| {
+            let key = id_key(DEAD, id);
+            // Not a dead letter (any more: another requeue was quicker).
+            let Some(v) = self.get(open, &key)? else {
+                return Ok(false);
+            };
+            let mut record = match decode::<DeadLetter>("dead", id, &v) {
+                Ok(d) => d.record,
+                Err(e) => {
+                    bad = Some((key, v, e));
+                    return Ok(false);
+                }
+            };
+            record.attempts = 0;
+            record.rejections = 0;
+            let v = stored_record::encode(&record);
+            stored.records += 1;
+            stored.bytes += v.len() as u64;
+            stored.top = stored.top.max(id.saturating_add(1));
+            batch.remove(&key[..]);
+            batch.insert(&id_key(QUEUE, id)[..], v);
+            Ok(true)
+        })?;
+        if let Some((key, v, e)) = bad {
+            self.set_aside(&key, &v, &e)?;
+        }
+        if requeued {
+            self.shared.counts.dead.fetch_sub(1, Ordering::Relaxed);
+            // The sender sees ids below the durable mark only; the sync after this brings the mark past
+            // this id even if the queue held nothing newer since the store was opened.
+            self.shared.counts.committed.fetch_max(id.saturating_add(1), Ordering::SeqCst);
+        }
+        Ok(requeued)
+    }
+
+    /// Move an undecodable entry aside (one batch: kept under `x` + its key, removed from where it
+    /// was, the counts mended), unless it changed meanwhile. Logged once per entry.
+    fn set_aside(&self, key: &[u8], value: &[u8], why: &OutboxError) -> Result<(), OutboxError> {
+        let moved = self.write(|open, batch, stored| {
+            if self.get(open, key)?.as_deref() != Some(value) {
+                return Ok(false);
+            }
+            batch.remove(key);
+            let mut aside = Vec::with_capacity(1 + key.len());
+            aside.push(ASIDE);
+            aside.extend_from_slice(key);
+            batch.insert(aside, value);
+            if key.first() == Some(&QUEUE) {
+                stored.records = stored.records.saturating_sub(1);
+                stored.bytes = stored.bytes.saturating_sub(value.len() as u64);
+            }
+            Ok(true)
+        })?;
+        if moved {
+            let c = &self.shared.counts;
+            c.corrupt.fetch_add(1, Ordering::Relaxed);
+            if key.first() == Some(&DEAD) {
+                c.dead.fetch_sub(1, Ordering::Relaxed);
+            }
+            tracing::error!(
+                message = "An entry of the state database cannot be read; it is set aside (kept, see `fieldgate outbox corrupt`) and the rest goes on.",
+                entry = %describe_key(key),
+                bytes = value.len(),
+                error = %why
+            );
+        }
+        Ok(())
+    }
+
+    /// Entries set aside as undecodable, at most `limit`.
+    pub fn corrupt(&self, limit: usize) -> Result<Vec<CorruptEntry>, OutboxError> {
+        let open = self.handle()?;
+        let mut out = Vec::new();
+        for item in open.store.scan_prefix([ASIDE]).take(limit) {
+            let (k, v) = item.map_err(|e| self.db_error(e))?;
+            let key = k.get(1..).unwrap_or_default();
+            let error = match key.first() {
+                Some(&QUEUE) => decode_record(id_of(key), &v).err(),
+                Some(&DEAD) => decode::<DeadLetter>("dead", id_of(key), &v).err(),
+                Some(&STATE) => decode::<StoredState>("state", "", &v).err(),
+                _ => None,
+            };
+            let text = String::from_utf8_lossy(&v);
+            out.push(CorruptEntry {
+                entry: describe_key(key),
+                bytes: v.len(),
+                error: error.map_or_else(|| "decodes now (kept as it was)".into(), |e| e.to_string()),
+                preview: text.chars().take(120).collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Write raw bytes under a queued record's or a state's key, bypassing every check: for tests
+    /// that damage an entry as a failing disk would.
+    #[doc(hidden)]
+    pub fn damage(&self, entry: DamageTarget<'_>, bytes: &[u8]) -> Result<(), OutboxError> {
+        let key = match entry {
+            DamageTarget::Record(id) => id_key(QUEUE, id).to_vec(),
+            DamageTarget::State(meter_no) => state_key(meter_no),
+        };
+        let open = self.handle()?;
+        open.store.insert(key, bytes).map_err(|e| self.db_error(e))?;
+        Ok(())
+    }
+
+    /// A sled error: the store is failed from now on (module docs).
     fn db_error(&self, e: sled::Error) -> OutboxError {
+        self.shared.fault.fail(&self.shared.dir, &e.to_string());
         OutboxError::Db {
-            path: self.dir.clone(),
+            path: self.shared.dir.clone(),
             source: e,
         }
     }
+}
+
+/// Which entry [`Outbox::damage`] overwrites.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum DamageTarget<'a> {
+    /// A queued record.
+    Record(u64),
+    /// A meter's state.
+    State(&'a str),
+}
+
+/// An entry's key in words, for logs and listings.
+fn describe_key(key: &[u8]) -> String {
+    match key.first() {
+        Some(&QUEUE) => format!("record {}", id_of(key)),
+        Some(&DEAD) => format!("dead letter {}", id_of(key)),
+        Some(&STATE) => format!("state {}", String::from_utf8_lossy(key.get(1..).unwrap_or_default())),
+        _ => format!("key {}", String::from_utf8_lossy(key)),
+    }
+}
+
+/// Open the database in `dir` (moving a layout before), read or rebuild its counts, and make it
+/// durable (module docs) before anything on it is handed out.
+fn open_store(dir: &Path) -> Result<Opened, OutboxError> {
+    let db = open_db(dir)?;
+    let store = db.open_tree(STORE).map_err(|e| open_error(dir, e))?;
+    let moved = migrate(&db, &store, dir)?;
+    // Whatever is on disk at open is durable once the sync below is done, dead letters included
+    // (they may be requeued): every id sled ever gave out is below the next one it gives (its ids
+    // are monotonic across restarts). Not the last key of the queue: any backward walk in sled
+    // (`last`, `next_back`) links its 1 MiB `MAX_KEY` constant into the binary.
+    let mut top = db.generate_id().map_err(|e| open_error(dir, e))?;
+    // Ids written by other means (tests, tools) are covered too; and the dead letters are counted
+    // (they are bounded by max_dead).
+    let mut dead = 0u64;
+    for k in store.scan_prefix([DEAD]).keys() {
+        top = top.max(id_of(&k.map_err(|e| open_error(dir, e))?).saturating_add(1));
+        dead += 1;
+    }
+    let mut corrupt = 0u64;
+    for k in store.scan_prefix([ASIDE]).keys() {
+        k.map_err(|e| open_error(dir, e))?;
+        corrupt += 1;
+    }
+    let stored = store
+        .get(COUNTS_KEY)
+        .map_err(|e| open_error(dir, e))?
+        .and_then(|v| Stored::parse(&v));
+    let first = |from: [u8; 9]| {
+        store
+            .range(&from[..]..&[QUEUE + 1][..])
+            .next()
+            .transpose()
+            .map(|item| item.is_none())
+            .map_err(|e| open_error(dir, e))
+    };
+    let (records, bytes, counted) = match stored {
+        // An empty queue needs no count (this also mends counts left wrong by other means).
+        _ if first(id_key(QUEUE, 0))? => (0, 0, false),
+        // No record at or past the stored top: nobody but us wrote to the queue since.
+        Some(c) if first(id_key(QUEUE, c.top))? => (c.records, c.bytes, false),
+        // No counts yet (a state directory just moved from the layout before), or records written
+        // by something that does not keep them: read the whole queue, once.
+        _ => {
+            let (mut n, mut b) = (0u64, 0u64);
+            for item in store.scan_prefix([QUEUE]) {
+                let (k, v) = item.map_err(|e| open_error(dir, e))?;
+                top = top.max(id_of(&k).saturating_add(1));
+                n += 1;
+                b += v.len() as u64;
+            }
+            tracing::info!(message = "Outbox counted.", records = n, bytes = b);
+            (n, b, true)
+        }
+    };
+    let keep = Stored {
+        records,
+        bytes,
+        top: stored.map_or(top, |c| c.top.max(top)),
+    };
+    if stored != Some(keep) {
+        store
+            .insert(COUNTS_KEY, &keep.to_bytes())
+            .map_err(|e| open_error(dir, e))?;
+    }
+    if counted || moved {
+        // The count (or the move) read every page of the queue into sled's cache, which does not
+        // give them back (1,000,000 records: ~50 MiB held for the whole drain). Open again to
+        // start from an empty cache; the second open finds the counts just written.
+        db.flush().map_err(|e| open_error(dir, e))?;
+        drop((store, db));
+        return open_store(dir);
+    }
+    // Open syncs first: what sled recovered may sit only in the page cache (a crash before its
+    // fsync); it is on disk before the sender may deliver it.
+    db.flush().map_err(|e| open_error(dir, e))?;
+    let synced = Synced::default();
+    synced.sync(dir)?;
+    Ok(Opened {
+        open: Open { db, store, synced },
+        stored: keep,
+        top,
+        dead,
+        corrupt,
+    })
 }
 
 /// The one tree of the store (module docs).
@@ -723,6 +1203,8 @@ const STATE: u8 = b's';
 const QUEUE: u8 = b'q';
 /// First byte of a key: a dead letter.
 const DEAD: u8 = b'd';
+/// First byte of a key: an undecodable entry set aside (followed by its original key).
+const ASIDE: u8 = b'x';
 /// The stored counts (first byte `m`, metadata).
 const COUNTS_KEY: &[u8] = b"moutbox_counts";
 
@@ -898,7 +1380,7 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 /// holds it after this and gets [`OutboxError::Locked`].
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// sled's page cache of the outbox database, in bytes (BENCHMARKS.md row 6 measured 1, 16 and 64 MiB).
+/// sled's page cache of the outbox database, in bytes .
 pub const CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
 
 fn open_db(dir: &Path) -> Result<sled::Db, OutboxError> {
@@ -952,6 +1434,7 @@ mod tests {
     const BIG: Limits = Limits {
         max_records: 1000,
         max_bytes: 1 << 30,
+        ..Limits::DEFAULT
     };
 
     #[tokio::test]
@@ -1013,6 +1496,7 @@ mod tests {
             Limits {
                 max_records: 1,
                 max_bytes: 1 << 20,
+                ..Limits::DEFAULT
             },
         )
         .unwrap();
@@ -1159,6 +1643,7 @@ mod tests {
             Limits {
                 max_records: 2,
                 max_bytes: 1 << 20,
+                ..Limits::DEFAULT
             },
         )
         .unwrap();
@@ -1235,7 +1720,7 @@ mod tests {
     }
 
     fn stored(o: &Outbox) -> Option<Stored> {
-        o.store.get(COUNTS_KEY).unwrap().and_then(|v| Stored::parse(&v))
+        o.handle().unwrap().store.get(COUNTS_KEY).unwrap().and_then(|v| Stored::parse(&v))
     }
 
     #[tokio::test]
@@ -1370,7 +1855,7 @@ mod tests {
         drop(o);
         let o = Outbox::open(dir.path(), BIG).unwrap();
         let names: Vec<String> =
-            o.db.tree_names()
+            o.handle().unwrap().db.tree_names()
                 .iter()
                 .map(|n| String::from_utf8_lossy(n).into_owned())
                 .collect();
@@ -1389,6 +1874,7 @@ mod tests {
         let limits = Limits {
             max_records: 300,
             max_bytes: 1 << 30,
+            ..Limits::DEFAULT
         };
         let o = Outbox::open(dir.path(), limits).unwrap();
         let n = 2 * CHUNK + 88;
@@ -1468,6 +1954,131 @@ mod tests {
             r#"{"raw":1,"label":"开启","since":"2026-01-01T08:00:00+08:00"}"#,
             "nothing new is written while the new parts are empty"
         );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_is_set_aside_and_the_queue_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let b = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
+        let c = o.commit("M3", &state(1), vec![draft("开")]).unwrap()[0].id;
+        o.sync().await.unwrap();
+        o.damage(DamageTarget::Record(b), b"\x01garbage").unwrap();
+        let batch: Vec<u64> = o.next_batch(10).unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(batch, vec![a, c], "the bad record blocks nothing");
+        assert_eq!((o.len(), o.corrupt_len()), (2, 1));
+        let aside = o.corrupt(10).unwrap();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(aside[0].entry, format!("record {b}"));
+        assert_eq!(aside[0].bytes, 8);
+        assert!(!aside[0].error.is_empty());
+        o.ack(&[a, c]).await.unwrap();
+        drop(o);
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert_eq!((o.len(), o.corrupt_len()), (0, 1), "kept across a reopen, out of the queue");
+        assert_eq!(o.corrupt(10).unwrap()[0].entry, format!("record {b}"));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_state_is_set_aside_and_the_meter_starts_from_a_baseline() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        o.commit("M1", &state(1), vec![]).unwrap();
+        o.commit("M2", &state(0), vec![]).unwrap();
+        o.damage(DamageTarget::State("M1"), b"{\"raw\":").unwrap();
+        assert_eq!(o.state("M1").unwrap(), None, "no state: the next sample is a baseline");
+        assert_eq!(o.state("M2").unwrap(), Some(state(0)));
+        assert_eq!(o.corrupt_len(), 1);
+        assert_eq!(o.corrupt(10).unwrap()[0].entry, "state M1");
+        assert_eq!(o.corrupt(10).unwrap()[0].preview, "{\"raw\":");
+        o.commit("M1", &state(1), vec![]).unwrap();
+        assert_eq!(o.state("M1").unwrap(), Some(state(1)), "the meter is stored again");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_counted_bounded_and_paged() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits { max_dead: 3, ..BIG };
+        let o = Outbox::open(dir.path(), limits).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            ids.push(o.commit(&format!("M{i}"), &state(1), vec![draft("开")]).unwrap()[0].id);
+        }
+        o.sync().await.unwrap();
+        for id in &ids[..3] {
+            o.bury(*id, "bad", "t").await.unwrap();
+        }
+        assert_eq!(o.dead_len(), 3);
+        let e = o.bury(ids[3], "bad", "t").await.unwrap_err();
+        assert!(matches!(e, OutboxError::DeadFull { dead: 3 }), "{e}");
+        assert_eq!((o.len(), o.dead_refused()), (2, 1), "the refused record stays queued");
+        let first: Vec<u64> = o.dead_page(None, 2).unwrap().iter().map(|d| d.record.id).collect();
+        assert_eq!(first, ids[..2]);
+        let rest: Vec<u64> = o.dead_page(Some(ids[1]), 2).unwrap().iter().map(|d| d.record.id).collect();
+        assert_eq!(rest, ids[2..3]);
+        drop(o);
+        let o = Outbox::open(dir.path(), limits).unwrap();
+        assert_eq!(o.dead_len(), 3, "counted at open");
+        assert_eq!(o.requeue(None).await.unwrap(), 3);
+        assert_eq!((o.dead_len(), o.len()), (0, 5));
+        o.bury(ids[3], "bad", "t").await.unwrap();
+        assert_eq!(o.dead_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_refuses_everything_until_it_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        o.sync().await.unwrap();
+        let g = o.generation();
+        o.shared.fault.fail(dir.path(), "No space left on device (os error 28)");
+        assert!(o.is_failed());
+        assert!(matches!(o.next_batch(10), Err(OutboxError::Failed { .. })));
+        assert!(matches!(o.ack(&[a]).await, Err(OutboxError::Failed { .. })));
+        assert!(matches!(o.commit("M1", &state(0), vec![]), Err(OutboxError::Failed { .. })));
+        let f = o.fault().unwrap();
+        assert!(f.error.contains("os error 28"), "{f:?}");
+        assert!(!o.heal_blocking(), "not before its backoff");
+        let start = std::time::Instant::now();
+        while !o.heal_blocking() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(30), "healed");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(o.generation(), g + 1);
+        assert!(o.fault().is_none());
+        assert_eq!(o.state("M1").unwrap(), Some(state(1)));
+        assert_eq!(o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), vec![a]);
+        o.ack(&[a]).await.unwrap();
+        assert!(o.is_empty());
+        assert_eq!(o.fault_totals(), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn below_the_reserve_nothing_is_committed_but_acks_still_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        o.sync().await.unwrap();
+        drop(o);
+        let o = Outbox::open(dir.path(), Limits { min_free: u64::MAX, ..BIG }).unwrap();
+        let r = o.commit_batch(vec![("M1", state(0), vec![draft("关")]), ("M2", state(1), vec![])]).unwrap();
+        assert!(r.iter().all(|r| matches!(r, Err(OutboxError::NoSpace(_)))), "{r:?}");
+        assert!(o.is_refusing() && o.refused_space() == 1);
+        assert_eq!(o.state("M1").unwrap(), Some(state(1)), "the old state stays");
+        assert_eq!(o.state("M2").unwrap(), None);
+        o.ack(&[a]).await.unwrap();
+        assert!(o.is_empty());
+        let (free, reserve, low) = o.space();
+        assert!(free.is_some() && reserve == u64::MAX && low);
+    }
+
+    #[test]
+    fn the_open_makes_what_it_found_durable_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), BIG).unwrap();
+        assert!(o.handle().unwrap().synced.fsyncs() >= 2, "the log and the folder were fsynced at open");
     }
 
     #[test]

@@ -1,0 +1,121 @@
+//! Free space of the state directory's file system, and the reserve below which no new state or
+//! record is committed (`[outbox] min_free`). Looked up with `statvfs` at most once per
+//! [`LOOK_EVERY`] (monotonic clock), never once per record. The reserve is kept for what empties the
+//! queue (acknowledgements, failure notes, dead letters): those still write while space is low.
+//!
+//! Logged once per change: space fell below the reserve, space came back.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How often the free space is looked up at most.
+pub const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Free space below the reserve: the reason a commit was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LowSpace {
+    /// Bytes free for an unprivileged writer.
+    pub free: u64,
+    /// The reserve (`[outbox] min_free`).
+    pub reserve: u64,
+}
+
+/// The free-space watch of one state directory.
+#[derive(Debug)]
+pub(crate) struct Space {
+    reserve: u64,
+    /// Free bytes at the last look (`u64::MAX` before the first, or when the look failed).
+    free: AtomicU64,
+    low: AtomicBool,
+    looked: Mutex<Option<Instant>>,
+    /// Looks that failed (statvfs error): the reserve is not enforced then.
+    failed_looks: AtomicU64,
+}
+
+impl Space {
+    pub(crate) fn new(reserve: u64) -> Space {
+        Space {
+            reserve,
+            free: AtomicU64::new(u64::MAX),
+            low: AtomicBool::new(false),
+            looked: Mutex::new(None),
+            failed_looks: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some` when the free space of `dir`'s file system is below the reserve; looks again when the
+    /// last look is older than [`LOOK_EVERY`].
+    pub(crate) fn low(&self, dir: &Path) -> Option<LowSpace> {
+        let due = {
+            let mut looked = self.looked.lock().unwrap_or_else(PoisonError::into_inner);
+            let due = looked.is_none_or(|t| t.elapsed() >= LOOK_EVERY);
+            if due {
+                *looked = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            self.look(dir);
+        }
+        self.low.load(Ordering::Relaxed).then(|| LowSpace {
+            free: self.free.load(Ordering::Relaxed),
+            reserve: self.reserve,
+        })
+    }
+
+    fn look(&self, dir: &Path) {
+        let free = match rustix::fs::statvfs(dir) {
+            Ok(s) => s.f_bavail.saturating_mul(s.f_frsize),
+            Err(e) => {
+                if self.failed_looks.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(message = "Cannot read the free space of the state directory; the min_free reserve is not enforced while this lasts.", dir = %dir.display(), error = %e);
+                }
+                u64::MAX
+            }
+        };
+        self.free.store(free, Ordering::Relaxed);
+        let low = free < self.reserve;
+        if self.low.swap(low, Ordering::Relaxed) != low {
+            if low {
+                tracing::error!(message = "Disk almost full: new states and records are not committed until space returns (they are detected again then). Free space on the state directory's file system is below outbox.min_free.", dir = %dir.display(), free_bytes = free, min_free = self.reserve);
+            } else {
+                tracing::info!(message = "Disk space is back above outbox.min_free; commits resume.", dir = %dir.display(), free_bytes = free, min_free = self.reserve);
+            }
+        }
+    }
+
+    /// Free bytes at the last look; `None` before the first or when it failed.
+    pub(crate) fn free(&self) -> Option<u64> {
+        Some(self.free.load(Ordering::Relaxed)).filter(|f| *f != u64::MAX)
+    }
+
+    /// The reserve.
+    pub(crate) fn reserve(&self) -> u64 {
+        self.reserve
+    }
+
+    /// Whether the last look found less than the reserve.
+    pub(crate) fn is_low(&self) -> bool {
+        self.low.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reserve_larger_than_any_disk_is_low_and_names_both_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Space::new(u64::MAX - 1);
+        let low = s.low(dir.path()).expect("low");
+        assert_eq!(low.reserve, u64::MAX - 1);
+        assert!(low.free > 0 && low.free < u64::MAX - 1);
+        assert_eq!(s.free(), Some(low.free));
+        let ok = Space::new(0);
+        assert_eq!(ok.low(dir.path()), None);
+        assert!(!ok.is_low());
+    }
+}
