@@ -6,9 +6,20 @@
 //! - `GET /metrics`: Prometheus text format ([`crate::metrics`]).
 //! - `GET /buses`: each bus: up, requests, errors by kind, reconnects, last round time.
 //! - `GET /meters`: each meter: bus, unit, current state, readings, last change, online, last sample age.
-//! - `GET /outbox[?limit=N]`: counts, bounds, refused commits, oldest age and the oldest queued records.
-//! - `GET /outbox/dead`: every dead letter (id, meter, event, msg, attempts, …).
+//! - `GET /outbox[?limit=N]`: counts, bounds, refused commits, free disk space, the state of the store,
+//!   oldest age and the oldest queued records.
+//! - `GET /outbox/dead[?limit=N&after=ID]`: one page of dead letters (id, meter, event, msg, attempts, …),
+//!   oldest first: at most `limit` (default [`PAGE_DEFAULT`] = 100, at most [`PAGE_MAX`] = 1000) with ids
+//!   after `after`; the next page starts after the last id of this one, an answer shorter than `limit`
+//!   is the last page.
+//! - `GET /outbox/corrupt[?limit=N]`: entries of the state database that could not be read and were set
+//!   aside ([`CorruptEntry`]: what it was, size, why, first bytes); same `limit` default and bound.
 //! - `POST /outbox/requeue` with `{"id": N}` or `{"all": true}`: dead letters back into the outbox.
+//!
+//! No request loads an unbounded list: every listing has a bound, and health and `/metrics` take their
+//! numbers from the store's counts (dead letters, set-aside entries) without reading the entries. A
+//! failed store (waiting to be opened again, see [`crate::outbox::fault`]) answers the routes that read
+//! it with HTTP 503 and the error in words; `/healthz` and `/metrics` still answer (`store_failed`).
 //!
 //! It listens on loopback unless `[admin] allow_remote = true` ([`check_listen`]): there is no
 //! authentication, and requeue changes what is delivered. It never opens the database itself: it works on
@@ -34,7 +45,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::BusStats;
 use crate::config::{AdminConfig, Config, Transport};
-use crate::outbox::{DeadLetter, Outbox};
+use crate::outbox::fault::StoreFault;
+use crate::outbox::{CorruptEntry, DeadLetter, Outbox, OutboxError};
 use crate::record::Record;
 use crate::sender::{SenderSnapshot, SenderStats};
 use crate::station::Live;
@@ -47,6 +59,12 @@ pub const FILL_WARN_PERCENT: u64 = 80;
 
 /// Most records `GET /outbox?limit=N` lists.
 pub const LIST_MAX: usize = 10_000;
+
+/// Entries `GET /outbox/dead` and `GET /outbox/corrupt` list when no `limit` is given.
+pub const PAGE_DEFAULT: usize = 100;
+
+/// Most entries one `GET /outbox/dead` or `GET /outbox/corrupt` lists, whatever `limit` asks.
+pub const PAGE_MAX: usize = 1000;
 
 /// A queued record older than this makes health `degraded` (`oldest_record_age`): deliveries are stuck.
 pub const OLDEST_WARN: Duration = Duration::from_secs(3600);
@@ -88,7 +106,7 @@ pub enum Status {
     Ok,
     /// Working, but something needs a look (failing deliveries, dead letters, outbox filling).
     Degraded,
-    /// Losing the ability to do the job (login refused, outbox full).
+    /// Losing the ability to do the job (login refused, outbox full, disk full, store failed).
     Critical,
 }
 
@@ -202,7 +220,8 @@ pub struct Health {
     pub sender: SenderSnapshot,
 }
 
-/// Outbox counts and bounds.
+/// Outbox counts and bounds, free disk space and the state of the store. Fields added after the first
+/// release default when absent, so a command line of this release reads an older daemon's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxCounts {
     /// Records queued.
@@ -213,15 +232,48 @@ pub struct OutboxCounts {
     pub max_records: u64,
     /// Bound.
     pub max_bytes: u64,
-    /// Commits refused for lack of room since start.
+    /// Commits refused because the outbox was full, since start.
     pub refused: u64,
-    /// The last commit was refused and nothing was removed since: new states are not recorded.
+    /// The last commit was refused (outbox full or disk below `min_free`) and nothing was removed
+    /// since: new states are not recorded.
     pub refusing: bool,
     /// Dead letters.
     pub dead: u64,
-    /// Age of the oldest queued record (from its `detected_at`), in seconds; `None` when nothing is queued.
+    /// Age of the oldest queued record (from its `detected_at`), in seconds; `None` when nothing is
+    /// queued or the store cannot be read (failed).
     #[serde(default)]
     pub oldest_age_seconds: Option<u64>,
+    /// Free bytes on the state directory's file system (for an unprivileged writer) at the last look;
+    /// `None` when unknown.
+    #[serde(default)]
+    pub free_bytes: Option<u64>,
+    /// `[outbox] min_free`: below this many free bytes no new state or record is committed.
+    #[serde(default)]
+    pub min_free: u64,
+    /// Free space is below `min_free` now: new valve states are not recorded.
+    #[serde(default)]
+    pub disk_low: bool,
+    /// Commits refused because free space was below `min_free`, since start.
+    #[serde(default)]
+    pub refused_space: u64,
+    /// `[outbox] max_dead`: at it, records the server refuses stay queued (0: not known).
+    #[serde(default)]
+    pub max_dead: u64,
+    /// Records not moved to the dead letters because `max_dead` were kept, since start.
+    #[serde(default)]
+    pub dead_refused: u64,
+    /// Entries of the state database set aside because they could not be read.
+    #[serde(default)]
+    pub corrupt: u64,
+    /// Why the state database is failed and how its reopening goes; `None` while it works.
+    #[serde(default)]
+    pub store: Option<StoreFault>,
+    /// Times the state database failed, since start.
+    #[serde(default)]
+    pub store_failures: u64,
+    /// Times it was opened again after a failure, since start.
+    #[serde(default)]
+    pub store_reopens: u64,
 }
 
 /// `GET /outbox`.
@@ -328,6 +380,22 @@ pub struct ListQuery {
     pub limit: Option<usize>,
 }
 
+/// `GET /outbox/dead?limit=N&after=ID` and `GET /outbox/corrupt?limit=N`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PageQuery {
+    /// Entries to list (default [`PAGE_DEFAULT`], at most [`PAGE_MAX`]).
+    pub limit: Option<usize>,
+    /// Dead letters only: list those with ids after this one (the last id of the page before).
+    pub after: Option<u64>,
+}
+
+impl PageQuery {
+    /// The page size asked for, within [`PAGE_MAX`].
+    pub fn limit(&self) -> usize {
+        self.limit.unwrap_or(PAGE_DEFAULT).min(PAGE_MAX)
+    }
+}
+
 /// One bus in `GET /buses`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BusView {
@@ -417,6 +485,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/meters", get(get_meters))
         .route("/outbox", get(get_outbox))
         .route("/outbox/dead", get(get_dead))
+        .route("/outbox/corrupt", get(get_corrupt))
         .route("/outbox/requeue", post(post_requeue))
         .with_state(state)
 }
@@ -440,6 +509,26 @@ pub async fn serve_router(listener: TcpListener, router: Router, shutdown: Cance
 pub fn health(state: &AdminState) -> Health {
     let counts = outbox_counts(&state.outbox);
     let sender = state.sender.snapshot();
+    let mut reasons = delivery_findings(&counts, &sender);
+    if let Some(field) = state.field_view() {
+        reasons.extend(field_findings(&field));
+    }
+    for check in &state.checks {
+        reasons.extend(check.findings());
+    }
+    reasons.sort_by_key(|f| std::cmp::Reverse(f.status));
+    Health {
+        status: reasons.first().map_or(Status::Ok, |f| f.status),
+        site: state.site.clone(),
+        reasons,
+        outbox: counts,
+        sender,
+    }
+}
+
+/// The findings of the store, the outbox and the sender, from their numbers alone (pure: tested with
+/// made-up numbers, e.g. a failed store).
+pub fn delivery_findings(counts: &OutboxCounts, sender: &SenderSnapshot) -> Vec<Finding> {
     let mut reasons = Vec::new();
     let mut add = |status: Status, code: &str, message: String| {
         reasons.push(Finding {
@@ -458,7 +547,25 @@ pub fn health(state: &AdminState) -> Health {
             ),
         );
     }
-    if counts.refusing {
+    if let Some(f) = &counts.store {
+        add(Status::Critical, "store_failed", store_failed_message(f));
+    }
+    if counts.disk_low {
+        add(
+            Status::Critical,
+            "disk_low",
+            format!(
+                "disk almost full: {} free on the state directory's file system, below the reserve outbox.min_free ({}): new valve states are not recorded ({} commits refused); they are detected again once space returns. Deliveries go on. Free space on that disk.",
+                free_text(counts.free_bytes),
+                crate::status::size(counts.min_free),
+                counts.refused_space
+            ),
+        );
+    }
+    // `refusing` is also set by a commit refused for disk space: only a refusal by the bounds (counted
+    // in `refused`) while the disk has room is `outbox_full`. Once space is back the next cycle
+    // commits and clears it.
+    if counts.refusing && !counts.disk_low && counts.refused > 0 {
         add(
             Status::Critical,
             "outbox_full",
@@ -510,6 +617,26 @@ pub fn health(state: &AdminState) -> Health {
             ),
         );
     }
+    if counts.max_dead > 0 && counts.dead >= counts.max_dead {
+        add(
+            Status::Degraded,
+            "dead_letters_full",
+            format!(
+                "{} dead letters, the bound outbox.max_dead: records the server refuses are not moved there any more; they stay queued, held and retried at the longest backoff ({} refused). See `fieldgate outbox dead`, fix the cause, then `fieldgate outbox requeue --all`",
+                counts.dead, counts.dead_refused
+            ),
+        );
+    }
+    if counts.corrupt > 0 {
+        add(
+            Status::Degraded,
+            "corrupt_entries",
+            format!(
+                "{} entries of the state database could not be read and were set aside: see `fieldgate outbox corrupt` (a record set aside is not delivered; a meter whose state was set aside started again from a baseline)",
+                counts.corrupt
+            ),
+        );
+    }
     if let Some(age) = counts.oldest_age_seconds.filter(|a| *a > OLDEST_WARN.as_secs()) {
         add(
             Status::Degraded,
@@ -520,20 +647,7 @@ pub fn health(state: &AdminState) -> Health {
             ),
         );
     }
-    if let Some(field) = state.field_view() {
-        reasons.extend(field_findings(&field));
-    }
-    for check in &state.checks {
-        reasons.extend(check.findings());
-    }
-    reasons.sort_by_key(|f| std::cmp::Reverse(f.status));
-    Health {
-        status: reasons.first().map_or(Status::Ok, |f| f.status),
-        site: state.site.clone(),
-        reasons,
-        outbox: counts,
-        sender,
-    }
+    reasons
 }
 
 /// Bus down (`critical`: nothing on that line is watched) and meters offline on buses that are up
@@ -594,15 +708,42 @@ pub fn age_seconds(rfc3339: &str, now: chrono::DateTime<chrono::Utc>) -> Option<
     Some(u64::try_from((now - t.with_timezone(&chrono::Utc)).num_seconds()).unwrap_or(0))
 }
 
-/// Age of the oldest queued record, in seconds.
+/// The `store_failed` finding in words: since when, why, and that it heals by itself.
+fn store_failed_message(f: &StoreFault) -> String {
+    let last = f
+        .reopen_error
+        .as_ref()
+        .map_or_else(String::new, |e| format!(", last: {e}"));
+    format!(
+        "the state database failed {} ago ({}): nothing is delivered or committed; it is reopened by itself ({} attempts{last}). Polling goes on.",
+        humantime::format_duration(Duration::from_secs(f.for_seconds)),
+        f.error,
+        f.reopen_attempts
+    )
+}
+
+/// Free bytes in words (`unknown` when the look failed).
+fn free_text(free: Option<u64>) -> String {
+    free.map_or_else(|| "unknown".to_string(), crate::status::size)
+}
+
+/// Age of the oldest queued record, in seconds; `None` when nothing is queued or the store cannot be
+/// read (a failed store is reported by its own finding, not as an error here).
 fn oldest_age(outbox: &Outbox) -> Option<u64> {
     let oldest = outbox.list(1).ok()?;
     age_seconds(&oldest.first()?.detected_at, chrono::Utc::now())
 }
 
-/// Counts and bounds of the outbox, and the age of its oldest record.
+/// Counts and bounds of the outbox, free space, the state of the store, and the age of its oldest
+/// record. Reads no dead letter and no set-aside entry (their counts are kept in memory); looks up the
+/// free space at most once a second.
 pub fn outbox_counts(outbox: &Outbox) -> OutboxCounts {
     let limits = outbox.limits();
+    // Looks again when the last look is older than a second: a quiet station (no commits) still shows
+    // the disk as it is.
+    outbox.low_space();
+    let (free_bytes, min_free, disk_low) = outbox.space();
+    let (store_failures, store_reopens) = outbox.fault_totals();
     OutboxCounts {
         records: outbox.len(),
         bytes: outbox.bytes(),
@@ -610,8 +751,18 @@ pub fn outbox_counts(outbox: &Outbox) -> OutboxCounts {
         max_bytes: limits.max_bytes,
         refused: outbox.refused(),
         refusing: outbox.is_refusing(),
-        dead: outbox.dead_len() as u64,
+        dead: outbox.dead_len(),
         oldest_age_seconds: oldest_age(outbox),
+        free_bytes,
+        min_free,
+        disk_low,
+        refused_space: outbox.refused_space(),
+        max_dead: limits.max_dead,
+        dead_refused: outbox.dead_refused(),
+        corrupt: outbox.corrupt_len(),
+        store: outbox.fault(),
+        store_failures,
+        store_reopens,
     }
 }
 
@@ -736,14 +887,21 @@ async fn get_outbox(State(state): State<AdminState>, Query(q): Query<ListQuery>)
             oldest: records.iter().map(RecordView::from).collect(),
         })
         .into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => store_error(&e),
     }
 }
 
-async fn get_dead(State(state): State<AdminState>) -> Response {
-    match state.outbox.dead() {
+async fn get_dead(State(state): State<AdminState>, Query(q): Query<PageQuery>) -> Response {
+    match state.outbox.dead_page(q.after, q.limit()) {
         Ok(letters) => Json(letters.iter().map(DeadView::from).collect::<Vec<_>>()).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => store_error(&e),
+    }
+}
+
+async fn get_corrupt(State(state): State<AdminState>, Query(q): Query<PageQuery>) -> Response {
+    match state.outbox.corrupt(q.limit()) {
+        Ok(entries) => Json::<Vec<CorruptEntry>>(entries).into_response(),
+        Err(e) => store_error(&e),
     }
 }
 
@@ -785,7 +943,19 @@ async fn post_requeue(State(state): State<AdminState>, body: Result<Json<Requeue
             }
             Json(RequeueAnswer { requeued: n }).into_response()
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => store_error(&e),
+    }
+}
+
+/// A store error as an answer: 503 while the store is failed (it is opened again by itself: ask
+/// again later), 500 otherwise; the error in words either way.
+fn store_error(e: &OutboxError) -> Response {
+    match e {
+        OutboxError::Failed { .. } | OutboxError::Db { .. } | OutboxError::Sync { .. } => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{e}; it is opened again by itself, ask again later (see /healthz, store_failed)"),
+        ),
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -842,6 +1012,296 @@ mod tests {
         assert_eq!(h.status, Status::Degraded);
         assert_eq!(h.reasons.first().map(|f| f.code.as_str()), Some("oldest_record_age"));
         assert!(crate::metrics::render(&state).contains("\nfieldgate_outbox_oldest_age_seconds 72"));
+    }
+
+    fn limits(max_dead: u64, min_free: u64) -> crate::outbox::Limits {
+        crate::outbox::Limits {
+            max_records: 100,
+            max_bytes: 1 << 20,
+            min_free,
+            max_dead,
+        }
+    }
+
+    fn change(meter: &str) -> (String, crate::outbox::StoredState, Vec<crate::outbox::Draft>) {
+        let state = crate::outbox::StoredState {
+            raw: 1,
+            label: "开启".into(),
+            since: "2026-01-01T08:00:00+08:00".into(),
+            ..crate::outbox::StoredState::default()
+        };
+        let draft = crate::outbox::Draft {
+            event_name: "用水户开阀".into(),
+            detected_at: chrono::Utc::now().to_rfc3339(),
+            from: "关闭".into(),
+            to: "开启".into(),
+            biz_data: "{}".into(),
+        };
+        (meter.to_string(), state, vec![draft])
+    }
+
+    fn codes(h: &Health) -> Vec<&str> {
+        h.reasons.iter().map(|f| f.code.as_str()).collect()
+    }
+
+    fn series(text: &str, name: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ').map(str::to_string))
+    }
+
+    /// Store reads of one `/metrics` and one `/healthz` answer, with `dead` dead letters kept.
+    async fn reads_per_request(dead: usize) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let big = crate::outbox::Limits {
+            max_records: 10_000,
+            ..limits(10_000, 0)
+        };
+        let outbox = Outbox::open(dir.path(), big).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..=dead {
+            let records = outbox.commit_batch(vec![change(&format!("M{i}"))]).unwrap();
+            ids.extend(records.into_iter().flatten().flatten().map(|r| r.id));
+        }
+        outbox.sync().await.unwrap();
+        for id in &ids[..dead] {
+            outbox.bury(*id, "refused", "2026-01-01T08:00:00+08:00").await.unwrap();
+        }
+        assert_eq!(outbox.dead_len(), dead as u64);
+        let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
+        let before = outbox.entries_read();
+        let text = crate::metrics::render(&state);
+        let h = health(&state);
+        assert!(
+            text.lines().any(|l| l == format!("fieldgate_records_dead {dead}")),
+            "{text}"
+        );
+        assert_eq!(h.outbox.dead, dead as u64);
+        outbox.entries_read() - before
+    }
+
+    #[tokio::test]
+    async fn metrics_and_health_cost_the_same_store_reads_with_one_or_500_dead_letters() {
+        let (few, many) = (reads_per_request(1).await, reads_per_request(500).await);
+        assert_eq!(
+            few, many,
+            "store reads per /metrics + /healthz: {few} with 1 dead letter, {many} with 500"
+        );
+        assert!(few <= 2, "only the oldest queued record is read: {few}");
+    }
+
+    #[test]
+    fn a_disk_below_the_reserve_is_critical_disk_low_and_not_outbox_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), limits(10, u64::MAX)).unwrap();
+        let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
+        // Health looks at the disk itself: a quiet station with no commit is reported too.
+        let h = health(&state);
+        assert_eq!((h.status, codes(&h)), (Status::Critical, vec!["disk_low"]));
+        assert!(h.outbox.disk_low && h.outbox.free_bytes.is_some(), "{:?}", h.outbox);
+        assert_eq!((h.outbox.min_free, h.outbox.refused_space), (u64::MAX, 0));
+
+        let refused = outbox.commit_batch(vec![change("M1"), change("M2")]).unwrap();
+        assert!(refused
+            .iter()
+            .all(|r| r.as_ref().is_err_and(|e| e.error_code() == "no_space")));
+        assert!(outbox.is_refusing(), "the store says commits are refused");
+        let h = health(&state);
+        assert_eq!(
+            (h.status, codes(&h)),
+            (Status::Critical, vec!["disk_low"]),
+            "low space is not reported as a full outbox too: {:?}",
+            h.reasons
+        );
+        let free = crate::status::size(h.outbox.free_bytes.unwrap());
+        assert_eq!(
+            h.reasons[0].message,
+            format!(
+                "disk almost full: {free} free on the state directory's file system, below the reserve outbox.min_free (16384 PiB): new valve states are not recorded (1 commits refused); they are detected again once space returns. Deliveries go on. Free space on that disk."
+            )
+        );
+        assert_eq!((h.outbox.refused_space, h.outbox.refused), (1, 0));
+
+        let text = crate::metrics::render(&state);
+        assert_eq!(series(&text, "fieldgate_health_status").as_deref(), Some("2"));
+        assert_eq!(
+            series(&text, "fieldgate_outbox_refused_space_total").as_deref(),
+            Some("1")
+        );
+        assert_eq!(series(&text, "fieldgate_outbox_refused_total").as_deref(), Some("0"));
+        assert_eq!(series(&text, "fieldgate_store_failed").as_deref(), Some("0"));
+        // The free space of the render's own look (nothing else looks meanwhile).
+        let free_bytes: u64 = series(&text, "fieldgate_store_free_bytes").unwrap().parse().unwrap();
+        assert_eq!(Some(free_bytes), outbox.space().0);
+    }
+
+    #[tokio::test]
+    async fn an_entry_that_cannot_be_read_is_reported_as_set_aside() {
+        use crate::outbox::DamageTarget;
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), limits(10, 0)).unwrap();
+        let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
+        let (meter, st, drafts) = change("M1");
+        outbox.commit(&meter, &st, drafts).unwrap();
+        outbox.sync().await.unwrap();
+        outbox.damage(DamageTarget::State("M1"), b"{\"raw\":").unwrap();
+        assert_eq!(outbox.state("M1").unwrap(), None, "read once: set aside");
+
+        let h = health(&state);
+        assert_eq!((h.status, codes(&h)), (Status::Degraded, vec!["corrupt_entries"]));
+        assert_eq!(
+            h.reasons[0].message,
+            "1 entries of the state database could not be read and were set aside: see `fieldgate outbox corrupt` (a record set aside is not delivered; a meter whose state was set aside started again from a baseline)"
+        );
+        assert_eq!(h.outbox.corrupt, 1);
+        let text = crate::metrics::render(&state);
+        assert_eq!(series(&text, "fieldgate_outbox_corrupt_entries").as_deref(), Some("1"));
+        assert_eq!(series(&text, "fieldgate_health_status").as_deref(), Some("1"));
+    }
+
+    #[tokio::test]
+    async fn dead_letters_at_their_bound_degrade_health_with_the_refusals_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), limits(1, 0)).unwrap();
+        let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
+        let results = outbox.commit_batch(vec![change("M1"), change("M2")]).unwrap();
+        let ids: Vec<u64> = results.into_iter().map(|r| r.unwrap()[0].id).collect();
+        outbox.sync().await.unwrap();
+        outbox.bury(ids[0], "事件不存在", "t").await.unwrap();
+        let e = outbox.bury(ids[1], "事件不存在", "t").await.unwrap_err();
+        assert_eq!(e.error_code(), "dead_full");
+
+        let h = health(&state);
+        assert_eq!(
+            (h.status, codes(&h)),
+            (Status::Degraded, vec!["dead_letters", "dead_letters_full"])
+        );
+        assert_eq!(
+            h.reasons[1].message,
+            "1 dead letters, the bound outbox.max_dead: records the server refuses are not moved there any more; they stay queued, held and retried at the longest backoff (1 refused). See `fieldgate outbox dead`, fix the cause, then `fieldgate outbox requeue --all`"
+        );
+        assert_eq!(
+            (
+                h.outbox.dead,
+                h.outbox.max_dead,
+                h.outbox.dead_refused,
+                h.outbox.records
+            ),
+            (1, 1, 1, 1)
+        );
+        let text = crate::metrics::render(&state);
+        assert_eq!(series(&text, "fieldgate_records_dead").as_deref(), Some("1"));
+        assert_eq!(series(&text, "fieldgate_dead_letters_max").as_deref(), Some("1"));
+        assert_eq!(
+            series(&text, "fieldgate_dead_letters_refused_total").as_deref(),
+            Some("1")
+        );
+    }
+
+    fn quiet_counts() -> OutboxCounts {
+        OutboxCounts {
+            records: 0,
+            bytes: 0,
+            max_records: 100,
+            max_bytes: 1 << 20,
+            refused: 0,
+            refusing: false,
+            dead: 0,
+            oldest_age_seconds: None,
+            free_bytes: Some(3 << 30),
+            min_free: 64 << 20,
+            disk_low: false,
+            refused_space: 0,
+            max_dead: 10_000,
+            dead_refused: 0,
+            corrupt: 0,
+            store: None,
+            store_failures: 0,
+            store_reopens: 0,
+        }
+    }
+
+    #[test]
+    fn a_failed_store_is_critical_in_plain_words() {
+        let counts = OutboxCounts {
+            store: Some(StoreFault {
+                error: "No space left on device (os error 28)".into(),
+                for_seconds: 125,
+                reopen_attempts: 5,
+                reopen_error: Some("IO error: Input/output error (os error 5)".into()),
+            }),
+            store_failures: 1,
+            ..quiet_counts()
+        };
+        let found = delivery_findings(&counts, &SenderSnapshot::default());
+        assert_eq!(
+            found,
+            [Finding {
+                status: Status::Critical,
+                code: "store_failed".into(),
+                message: "the state database failed 2m 5s ago (No space left on device (os error 28)): nothing is delivered or committed; it is reopened by itself (5 attempts, last: IO error: Input/output error (os error 5)). Polling goes on.".into(),
+            }]
+        );
+        assert!(delivery_findings(&quiet_counts(), &SenderSnapshot::default()).is_empty());
+    }
+
+    #[test]
+    fn commits_refused_while_space_is_back_are_not_a_full_outbox() {
+        // The disk refused the last commit; space is back and the next cycle commits: no finding.
+        let counts = OutboxCounts {
+            refusing: true,
+            refused_space: 3,
+            ..quiet_counts()
+        };
+        assert!(delivery_findings(&counts, &SenderSnapshot::default()).is_empty());
+        // The bounds refused it: outbox_full, as before.
+        let full = OutboxCounts {
+            refusing: true,
+            refused: 1,
+            records: 100,
+            ..quiet_counts()
+        };
+        let codes: Vec<String> = delivery_findings(&full, &SenderSnapshot::default())
+            .into_iter()
+            .map(|f| f.code)
+            .collect();
+        assert_eq!(codes, ["outbox_full"]);
+    }
+
+    #[tokio::test]
+    async fn store_errors_answer_503_in_words_while_the_store_is_failed() {
+        let failed = store_error(&OutboxError::Failed {
+            error: "No space left on device (os error 28)".into(),
+        });
+        assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(failed.into_body(), 1 << 16).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v["error"],
+            "the state database failed (No space left on device (os error 28)) and is not open again yet; nothing was written; it is opened again by itself, ask again later (see /healthz, store_failed)"
+        );
+        let other = store_error(&OutboxError::Corrupt {
+            tree: "dead",
+            detail: "x".into(),
+        });
+        assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn an_older_daemons_counts_still_read() {
+        let old = r#"{"records":1,"bytes":2,"max_records":3,"max_bytes":4,"refused":0,"refusing":false,"dead":0}"#;
+        let c: OutboxCounts = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (c.records, c.free_bytes, c.min_free, c.store, c.corrupt),
+            (1, None, 0, None, 0)
+        );
+    }
+
+    #[test]
+    fn pages_are_bounded() {
+        let q = |limit| PageQuery { limit, after: None };
+        assert_eq!(q(None).limit(), PAGE_DEFAULT);
+        assert_eq!(q(Some(5)).limit(), 5);
+        assert_eq!(q(Some(1_000_000)).limit(), PAGE_MAX);
     }
 
     #[test]

@@ -132,7 +132,7 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
     let cfg = Arc::new(cfg);
     let limits = cfg.outbox.limits();
     let dir = cfg.site.state_dir.clone();
-    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&dir, limits))
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open_or_failed(&dir, limits))
         .await
         .map_err(|e| OutboxError::Sync {
             path: cfg.site.state_dir.clone(),

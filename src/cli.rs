@@ -52,7 +52,8 @@ enum Command {
     Simulate(crate::simulator::SimulateArgs),
     /// A strict Panda WorkFlow server for tests and commissioning.
     MockPanda(crate::mock_panda::MockPandaArgs),
-    /// The outbox: `stats`, `list` (queued records), `dead` (dead letters), `requeue ID|--all`.
+    /// The outbox: `stats`, `list` (queued records), `dead` (dead letters), `corrupt` (unreadable entries
+    /// set aside), `requeue ID|--all`.
     Outbox(crate::outbox_cli::OutboxArgs),
     /// Buses, meters, outbox and health of the running daemon, from its admin API.
     Status(crate::status::StatusArgs),

@@ -952,7 +952,12 @@ impl<'a> Validator<'a> {
             max_records: self.ranged(line, "outbox.max_records", r.max_records, records, 1, i64::MAX) as u64,
             max_bytes: self.ranged(line, "outbox.max_bytes", r.max_bytes, bytes, 1024, i64::MAX) as u64,
             dead_after: self.ranged(line, "outbox.dead_after", r.dead_after, dead_after, 1, 1000) as u32,
-            min_free: self.byte_size(line, "outbox.min_free", r.min_free.as_ref(), crate::outbox::DEFAULT_MIN_FREE),
+            min_free: self.byte_size(
+                line,
+                "outbox.min_free",
+                r.min_free.as_ref(),
+                crate::outbox::DEFAULT_MIN_FREE,
+            ),
             max_dead: self.ranged(line, "outbox.max_dead", r.max_dead, max_dead, 1, 10_000_000) as u64,
         }
     }

@@ -12,7 +12,8 @@
 //! - [`detect`]: the pure rules: valve transitions (baseline, debounce) and the `[[event]]` rules
 //!   (link `for`, thresholds with hysteresis, `rises_by`), each with its persisted memory.
 //! - [`record`]: a queued work order and its BizData.
-//! - [`outbox`]: the sled store: states, outbox, dead letters; commit + fsync.
+//! - [`outbox`]: the sled store: states, outbox, dead letters, entries set aside; commit + fsync; the
+//!   disk's faults (free-space reserve, a failed store reopened by itself).
 //! - [`backoff`]: exponential backoff with full jitter, for every retry loop.
 //! - [`app`]: wiring of the daemon and its shutdown order.
 //! - [`cli`]: the command line (`run`, `check`, `status`, `probe`, `outbox`, `demo`, `simulate`, `mock-panda`).
@@ -24,7 +25,7 @@
 //!   with fault injection.
 //! - [`admin`]: the admin HTTP API: health, metrics, buses, meters, outbox, dead letters, requeue.
 //! - [`metrics`]: `GET /metrics`, the Prometheus text format, written by hand.
-//! - [`outbox_cli`]: `fieldgate outbox stats|list|dead|requeue`, on a stopped state dir or through the admin API.
+//! - [`outbox_cli`]: `fieldgate outbox stats|list|dead|corrupt|requeue`, on a stopped state dir or through the admin API.
 //! - [`admin_client`]: the CLI's client of the admin API, and `[admin] listen` from a config file.
 //! - [`probe`]: `fieldgate probe`, one read printed in every word and byte order, with advice on failure.
 //! - [`status`]: `fieldgate status`, tables of the running daemon from its admin API.

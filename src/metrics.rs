@@ -4,7 +4,12 @@
 //! Names follow `fieldgate_<name>_<unit>` for gauges and `fieldgate_<name>_total` for counters; every
 //! family has `# HELP` and `# TYPE` lines. Label sets are bounded: `bus` and `meter` come from the
 //! configuration, `kind` and `outcome` from fixed lists ([`ERROR_KINDS`], [`HTTP_OUTCOMES`]). Counters
-//! start at zero with the process.
+//! start at zero with the process. A value that is not known is left out, its family still declared (a
+//! meter's age before its first answer, the free space when it cannot be read).
+//!
+//! Gathering reads the store's counts only (queued, dead letters, set-aside entries are counted in
+//! memory) and at most one queued record (the oldest): a scrape costs the same with 10 dead letters or
+//! 10,000, and answers while the store is failed (`fieldgate_store_failed 1`).
 //!
 //! Split in two: [`gather`] copies the numbers out of the running daemon ([`Metrics`], plain data), and
 //! [`encode`] turns them into text; `encode` is pure and tested on its own.
@@ -276,6 +281,56 @@ pub fn encode(m: &Metrics) -> String {
         "Commits refused because the outbox was full.",
         o.refused,
     );
+    w.counter(
+        "fieldgate_outbox_refused_space_total",
+        "Commits refused because free disk space was below outbox.min_free (new valve states not recorded).",
+        o.refused_space,
+    );
+    w.gauge(
+        "fieldgate_outbox_corrupt_entries",
+        "Entries of the state database that could not be read and were set aside (see fieldgate outbox corrupt).",
+        o.corrupt as f64,
+    );
+    w.gauge(
+        "fieldgate_dead_letters_max",
+        "Bound on dead letters (outbox.max_dead); at it refused records stay queued.",
+        o.max_dead as f64,
+    );
+    w.counter(
+        "fieldgate_dead_letters_refused_total",
+        "Records not moved to the dead letters because outbox.max_dead were kept (they stay queued, held).",
+        o.dead_refused,
+    );
+
+    // === store ===
+    w.family(
+        "fieldgate_store_free_bytes",
+        Kind::Gauge,
+        "Free bytes on the state directory's file system (absent when unknown).",
+    );
+    if let Some(free) = o.free_bytes {
+        w.sample("fieldgate_store_free_bytes", &[], free as f64);
+    }
+    w.gauge(
+        "fieldgate_store_min_free_bytes",
+        "Reserve outbox.min_free: below it no new state or record is committed.",
+        o.min_free as f64,
+    );
+    w.gauge(
+        "fieldgate_store_failed",
+        "1 while the state database is failed (nothing delivered or committed; it is reopened by itself).",
+        bool_value(o.store.is_some()),
+    );
+    w.counter(
+        "fieldgate_store_failures_total",
+        "Times the state database failed (sled I/O error or failed fsync).",
+        o.store_failures,
+    );
+    w.counter(
+        "fieldgate_store_reopens_total",
+        "Times the state database was opened again after a failure.",
+        o.store_reopens,
+    );
 
     // === delivery ===
     w.family(
@@ -287,6 +342,11 @@ pub fn encode(m: &Metrics) -> String {
     for (outcome, n) in HTTP_OUTCOMES.iter().zip(by_outcome) {
         w.sample("fieldgate_http_requests_total", &[("outcome", outcome)], n as f64);
     }
+    w.counter(
+        "fieldgate_sender_store_retries_total",
+        "Store writes about a server answer that failed and were retried (nothing more was sent meanwhile).",
+        s.store_retries,
+    );
     w.counter(
         "fieldgate_token_refreshes_total",
         "Tokens fetched from GenerateToken.",
@@ -385,6 +445,7 @@ fn number(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::fault::StoreFault;
 
     fn sample_metrics() -> Metrics {
         Metrics {
@@ -427,12 +488,28 @@ mod tests {
                 refusing: false,
                 dead: 1,
                 oldest_age_seconds: Some(42),
+                free_bytes: Some(3_000_000_000),
+                min_free: 64 << 20,
+                disk_low: false,
+                refused_space: 4,
+                max_dead: 10_000,
+                dead_refused: 6,
+                corrupt: 2,
+                store: Some(StoreFault {
+                    error: "No space left on device (os error 28)".into(),
+                    for_seconds: 120,
+                    reopen_attempts: 5,
+                    reopen_error: None,
+                }),
+                store_failures: 3,
+                store_reopens: 2,
             },
             sender: SenderSnapshot {
                 delivered: 2,
                 ok: 2,
                 transient: 5,
                 token_refreshes: 1,
+                store_retries: 7,
                 ..SenderSnapshot::default()
             },
         }
@@ -467,6 +544,16 @@ mod tests {
             "fieldgate_http_requests_total{outcome=\"ok\"} 2",
             "fieldgate_http_requests_total{outcome=\"transient\"} 5",
             "fieldgate_token_refreshes_total 1",
+            "fieldgate_store_free_bytes 3000000000",
+            "fieldgate_store_min_free_bytes 67108864",
+            "fieldgate_store_failed 1",
+            "fieldgate_store_failures_total 3",
+            "fieldgate_store_reopens_total 2",
+            "fieldgate_outbox_refused_space_total 4",
+            "fieldgate_outbox_corrupt_entries 2",
+            "fieldgate_dead_letters_max 10000",
+            "fieldgate_dead_letters_refused_total 6",
+            "fieldgate_sender_store_retries_total 7",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }
@@ -496,6 +583,20 @@ mod tests {
                 assert!(value.parse::<f64>().is_ok(), "{line}");
             }
         }
+    }
+
+    #[test]
+    fn unknown_free_space_leaves_its_sample_out_and_a_working_store_is_not_failed() {
+        let mut m = sample_metrics();
+        m.outbox.free_bytes = None;
+        m.outbox.store = None;
+        let text = encode(&m);
+        assert!(text.contains("# TYPE fieldgate_store_free_bytes gauge\n"), "{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("fieldgate_store_free_bytes ")),
+            "no sample when unknown:\n{text}"
+        );
+        assert!(text.lines().any(|l| l == "fieldgate_store_failed 0"), "{text}");
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! `fieldgate outbox stats|list|dead|requeue`: what is queued, and seeing and recovering dead letters.
+//! `fieldgate outbox stats|list|dead|corrupt|requeue`: what is queued, seeing and recovering dead
+//! letters, and the entries of the state database that could not be read and were set aside.
 //!
 //! Two ways in, because sled lets one process open the database:
 //! - the daemon is stopped: open the state directory directly (`--state-dir D`, or `state_dir` of
 //!   `--config F`);
-//! - the daemon is running (the database is locked): its admin API, `GET {admin}/outbox[?limit=N]`,
-//!   `GET {admin}/outbox/dead` and `POST {admin}/outbox/requeue`. Used with `--admin URL`, or found through
-//!   `[admin] listen` of `--config` when the database turns out to be locked. Without either, the error
-//!   says so plainly.
+//! - the daemon is running (the database is locked): its admin API, `GET {admin}/healthz` (stats),
+//!   `GET {admin}/outbox[?limit=N]`, `GET {admin}/outbox/dead?limit=N&after=ID` (page by page: `dead`
+//!   asks for pages of [`admin::PAGE_MAX`] until a short one), `GET {admin}/outbox/corrupt?limit=N` and
+//!   `POST {admin}/outbox/requeue`. Used with `--admin URL`, or found through `[admin] listen` of
+//!   `--config` when the database turns out to be locked. Without either, the error says so plainly.
 //!
 //! It never creates a state directory: a path without a database is an error, not an empty answer.
 
@@ -14,10 +16,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::admin::{self, DeadView, OutboxCounts, OutboxView, RecordView, RequeueAnswer, RequeueRequest};
+use crate::admin::{self, DeadView, Health, OutboxCounts, OutboxView, RecordView, RequeueAnswer, RequeueRequest};
 use crate::admin_client::{AdminClient, AdminClientError};
 use crate::config::{self, ConfigError};
-use crate::outbox::{Limits, Outbox, OutboxError};
+use crate::outbox::{CorruptEntry, Limits, Outbox, OutboxError};
 
 /// Where `--config` points by default (as for `fieldgate run`).
 pub const DEFAULT_CONFIG: &str = "/etc/fieldgate/fieldgate.toml";
@@ -56,6 +58,13 @@ pub enum OutboxCommand {
     },
     /// List the dead letters: records the server refused too often (id, meter, event, msg, attempts).
     Dead,
+    /// Entries of the state database that could not be read and were set aside (kept as they were):
+    /// what each was, its size, why it does not read, and its first bytes.
+    Corrupt {
+        /// How many at most.
+        #[arg(long, default_value_t = admin::PAGE_DEFAULT)]
+        limit: usize,
+    },
     /// Put dead letters back into the outbox (e.g. after the event was created on the server).
     Requeue {
         /// The record id (from `fieldgate outbox dead`).
@@ -193,6 +202,10 @@ async fn offline(outbox: &Outbox, dir: &Path, args: &OutboxArgs) -> Result<Strin
             let letters: Vec<DeadView> = outbox.dead()?.iter().map(DeadView::from).collect();
             Ok(render_dead(&letters, &place, args.json))
         }
+        OutboxCommand::Corrupt { limit } => {
+            let entries = outbox.corrupt(*limit)?;
+            Ok(render_corrupt(&entries, *limit, &place, args.json))
+        }
         OutboxCommand::Requeue { id, all } => {
             let which = if *all { None } else { *id };
             let n = outbox.requeue(which).await?;
@@ -222,8 +235,9 @@ async fn via_admin(base: &str, args: &OutboxArgs) -> Result<String, OutboxCliErr
     let place = format!("the running daemon ({base})");
     match &args.command {
         OutboxCommand::Stats => {
-            let view: OutboxView = AdminClient::new(base)?.get("/outbox?limit=1").await?;
-            Ok(render_stats(&view.counts, &place, args.json))
+            // From the health answer: it has every count, and it answers (503) while the store is failed.
+            let health: Health = AdminClient::new(base)?.get_accepting("/healthz", &[200, 503]).await?;
+            Ok(render_stats(&health.outbox, &place, args.json))
         }
         OutboxCommand::List { limit } => {
             let limit = (*limit).min(admin::LIST_MAX);
@@ -231,19 +245,33 @@ async fn via_admin(base: &str, args: &OutboxArgs) -> Result<String, OutboxCliErr
             Ok(render_list(&view.oldest, view.counts.records, &place, args.json))
         }
         OutboxCommand::Dead => {
-            let url = format!("{base}/outbox/dead");
-            let resp = http.get(&url).send().await.map_err(|e| fail(&url, unreachable(&e)))?;
-            let status = resp.status();
-            let body = resp.bytes().await.map_err(|e| fail(&url, e.to_string()))?;
-            if !status.is_success() {
-                return Err(fail(
-                    &url,
-                    format!("HTTP {}: {}", status.as_u16(), String::from_utf8_lossy(&body)),
-                ));
+            let client = AdminClient::new(base)?;
+            let mut letters: Vec<DeadView> = Vec::new();
+            let mut after: Option<u64> = None;
+            loop {
+                let path = match after {
+                    Some(id) => format!("/outbox/dead?limit={}&after={id}", admin::PAGE_MAX),
+                    None => format!("/outbox/dead?limit={}", admin::PAGE_MAX),
+                };
+                let mut page: Vec<DeadView> = client.get(&path).await?;
+                let full = page.len() >= admin::PAGE_MAX;
+                // A daemon that does not page answers everything every time: keep only what is new.
+                page.retain(|d| after.is_none_or(|a| d.id > a));
+                let Some(last) = page.last().map(|d| d.id) else { break };
+                after = Some(last);
+                letters.extend(page);
+                if !full {
+                    break;
+                }
             }
-            let letters: Vec<DeadView> =
-                serde_json::from_slice(&body).map_err(|e| fail(&url, format!("unexpected answer: {e}")))?;
             Ok(render_dead(&letters, &place, args.json))
+        }
+        OutboxCommand::Corrupt { limit } => {
+            let limit = (*limit).min(admin::PAGE_MAX);
+            let entries: Vec<CorruptEntry> = AdminClient::new(base)?
+                .get(&format!("/outbox/corrupt?limit={limit}"))
+                .await?;
+            Ok(render_corrupt(&entries, limit, &place, args.json))
         }
         OutboxCommand::Requeue { id, all } => {
             let url = format!("{base}/outbox/requeue");
@@ -309,6 +337,54 @@ pub fn render_dead(letters: &[DeadView], place: &str, json: bool) -> String {
     out
 }
 
+/// Entries set aside as a table (or JSON). `limit` is how many were asked for: a full answer says
+/// there may be more.
+pub fn render_corrupt(entries: &[CorruptEntry], limit: usize, place: &str, json: bool) -> String {
+    if json {
+        return serde_json::to_string_pretty(entries).unwrap_or_default() + "\n";
+    }
+    if entries.is_empty() {
+        return format!("No entries set aside in {place}: every entry of the state database reads.\n");
+    }
+    let (noun, verb) = if entries.len() == 1 {
+        ("entry", "was")
+    } else {
+        ("entries", "were")
+    };
+    let mut out = format!(
+        "{} {noun} of the state database in {place} could not be read and {verb} set aside (kept unchanged):\n",
+        entries.len()
+    );
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.entry.clone(),
+                e.bytes.to_string(),
+                one_line(&e.error),
+                one_line(&e.preview),
+            ]
+        })
+        .collect();
+    out.push_str(&crate::status::table(
+        &["ENTRY", "BYTES", "ERROR", "FIRST BYTES"],
+        &rows,
+    ));
+    if entries.len() >= limit {
+        out.push_str(&format!("Showing the first {limit}; --limit N shows more.\n"));
+    }
+    out.push_str(
+        "A record set aside was not delivered: if its first bytes show what it was, raise that work order by hand. \
+         A meter whose state was set aside started again from a new baseline. Nothing here is deleted.\n",
+    );
+    out
+}
+
+/// Text on one line: control characters (newlines, tabs, NULs of a damaged entry) become spaces.
+fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
 /// Counts of the outbox as lines (or JSON). Bounds are shown when known (a stopped state directory
 /// opened without a configuration has none).
 pub fn render_stats(c: &OutboxCounts, place: &str, json: bool) -> String {
@@ -335,9 +411,10 @@ pub fn render_stats(c: &OutboxCounts, place: &str, json: bool) -> String {
         c.oldest_age_seconds
             .map_or_else(|| "-".to_string(), |s| crate::status::age(s as f64))
     ));
-    if c.refusing {
+    if c.refusing && !c.disk_low && c.refused > 0 {
         out.push_str("  FULL: new valve states are not recorded until deliveries make room.\n");
     }
+    out.push_str(&crate::status::store_lines(c));
     out
 }
 
@@ -425,9 +502,50 @@ mod tests {
             .unwrap()
             .args;
         assert!(matches!(a.command, OutboxCommand::Stats) && a.json);
+        let a = Cli::try_parse_from(["x", "corrupt", "--state-dir", "/s"]).unwrap().args;
+        assert!(matches!(a.command, OutboxCommand::Corrupt { limit: 100 }));
+        let a = Cli::try_parse_from([
+            "x",
+            "corrupt",
+            "--limit",
+            "7",
+            "--json",
+            "--admin",
+            "http://127.0.0.1:9898",
+        ])
+        .unwrap()
+        .args;
+        assert!(matches!(a.command, OutboxCommand::Corrupt { limit: 7 }) && a.json);
         assert!(Cli::try_parse_from(["x", "requeue"]).is_err(), "an id or --all");
         assert!(Cli::try_parse_from(["x", "requeue", "1", "--all"]).is_err());
         assert!(Cli::try_parse_from(["x", "dead", "--state-dir", "/s", "--config", "/c"]).is_err());
+    }
+
+    #[test]
+    fn entries_set_aside_are_listed_on_one_line_each() {
+        let e = CorruptEntry {
+            entry: "record 42".into(),
+            bytes: 8,
+            error: "bad\nrecord".into(),
+            preview: "\u{1}garbage".into(),
+        };
+        assert_eq!(
+            render_corrupt(std::slice::from_ref(&e), 100, "/s", false),
+            "1 entry of the state database in /s could not be read and was set aside (kept unchanged):\n\
+             \x20 ENTRY      BYTES  ERROR       FIRST BYTES\n\
+             \x20 record 42  8      bad record   garbage\n\
+             A record set aside was not delivered: if its first bytes show what it was, raise that work order by hand. \
+             A meter whose state was set aside started again from a new baseline. Nothing here is deleted.\n"
+        );
+        assert!(render_corrupt(std::slice::from_ref(&e), 1, "/s", false)
+            .contains("Showing the first 1; --limit N shows more.\n"));
+        assert_eq!(
+            render_corrupt(&[], 100, "/s", false),
+            "No entries set aside in /s: every entry of the state database reads.\n"
+        );
+        let json: Vec<CorruptEntry> =
+            serde_json::from_str(&render_corrupt(std::slice::from_ref(&e), 100, "/s", true)).unwrap();
+        assert_eq!(json, [e]);
     }
 
     #[test]

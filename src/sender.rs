@@ -461,7 +461,11 @@ impl Sender {
             match op(self.outbox.clone()).await {
                 Ok(v) => {
                     if failures > 0 {
-                        tracing::info!(message = "Stored after the store recovered; sending resumes.", what, tries = failures + 1);
+                        tracing::info!(
+                            message = "Stored after the store recovered; sending resumes.",
+                            what,
+                            tries = failures + 1
+                        );
                     }
                     return Some(v);
                 }

@@ -292,6 +292,8 @@ impl Station {
                 // sender until a reopen has made them durable (or lost them with their states).
                 Err(e) => tracing::debug!(message = "Cannot sync the state database to disk.", error = %e),
             }
+        } else {
+            self.outbox.check_blocking();
         }
         queued
     }
@@ -667,6 +669,13 @@ impl Station {
     /// Commit every staged change of this cycle in one atomic batch. Returns (wrote, records queued).
     fn flush_cycle(&mut self) -> (bool, usize) {
         if self.staged.is_empty() {
+            return (false, 0);
+        }
+        if self.outbox.generation() != self.generation {
+            // The sender reopened the store during this cycle: what it was evaluated against may be
+            // gone. Drop it; the next cycle reads the states back and sees the changes again.
+            self.staged.clear();
+            self.stored.iter_mut().for_each(|s| *s = None);
             return (false, 0);
         }
         // Taken and given back empty: the list keeps its capacity for the next cycle.

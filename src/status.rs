@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::admin::{BusView, Health, MeterInfo, OutboxView, Status};
+use crate::admin::{BusView, Health, MeterInfo, OutboxCounts, OutboxView, Status};
 use crate::admin_client::{admin_url_of, AdminClient, AdminClientError};
 use crate::outbox_cli::DEFAULT_CONFIG;
 
@@ -67,11 +67,22 @@ pub async fn fetch(url: &str) -> Result<StatusReport, AdminClientError> {
     let client = AdminClient::new(url)?;
     // Health first: if the daemon is not there, this is the one error to show.
     let health: Health = client.get_accepting("/healthz", &[200, 503]).await?;
-    let (buses, meters, outbox) = tokio::try_join!(
+    let (buses, meters, outbox) = tokio::join!(
         client.get::<Vec<BusView>>("/buses"),
         client.get::<Vec<MeterInfo>>("/meters"),
         client.get::<OutboxView>("/outbox?limit=1"),
-    )?;
+    );
+    let (buses, meters) = (buses?, meters?);
+    let outbox = match outbox {
+        Ok(view) => view,
+        // A failed store cannot list records (503); its counts are in the health answer, and the
+        // failure is what the report shows.
+        Err(AdminClientError::Http { status: 503, .. }) => OutboxView {
+            counts: health.outbox.clone(),
+            oldest: Vec::new(),
+        },
+        Err(e) => return Err(e),
+    };
     Ok(StatusReport {
         admin: client.base().to_string(),
         health,
@@ -185,7 +196,7 @@ pub fn render_status(r: &StatusReport) -> String {
         c.bytes,
         c.max_records,
         c.max_bytes,
-        if c.refusing {
+        if c.refusing && !c.disk_low && c.refused > 0 {
             ", FULL: new states are not recorded"
         } else {
             ""
@@ -193,6 +204,7 @@ pub fn render_status(r: &StatusReport) -> String {
         c.dead,
         c.oldest_age_seconds.map_or_else(|| "-".into(), |s| age(s as f64)),
     ));
+    out.push_str(&store_lines(c));
     let s = &h.sender;
     out.push_str(&format!(
         "  delivered {} since start; failures in a row {}{}\n",
@@ -202,6 +214,58 @@ pub fn render_status(r: &StatusReport) -> String {
             .as_ref()
             .map_or_else(String::new, |e| format!("; last error: {e}"))
     ));
+    out
+}
+
+/// The state database, the disk under it, set-aside entries and the dead-letter bound, in words a
+/// technician acts on. Shared with `fieldgate outbox stats`.
+pub fn store_lines(c: &OutboxCounts) -> String {
+    let mut out = String::new();
+    match &c.store {
+        Some(f) => {
+            out.push_str(&format!(
+                "  State database: FAILED for {} ({}) — reopening by itself ({} attempts{}); nothing is delivered meanwhile, polling goes on.\n",
+                age(f.for_seconds as f64),
+                f.error,
+                f.reopen_attempts,
+                f.reopen_error
+                    .as_ref()
+                    .map_or_else(String::new, |e| format!(", last: {e}"))
+            ));
+        }
+        None if c.store_failures > 0 => out.push_str(&format!(
+            "  State database: ok (failed {} time(s) since start, opened again {} time(s))\n",
+            c.store_failures, c.store_reopens
+        )),
+        None => out.push_str("  State database: ok\n"),
+    }
+    // No reserve is known for a stopped state directory opened without its configuration (nor from
+    // a daemon of an older release).
+    let reserve = (c.min_free > 0).then(|| size(c.min_free));
+    match (c.free_bytes, reserve) {
+        (Some(free), Some(reserve)) if c.disk_low => out.push_str(&format!(
+            "  Disk: {} free, reserve {reserve} — new valve changes are NOT recorded until space is freed ({} refused)\n",
+            size(free),
+            c.refused_space
+        )),
+        (Some(free), Some(reserve)) => out.push_str(&format!("  Disk: {} free (reserve {reserve})\n", size(free))),
+        (Some(free), None) => out.push_str(&format!("  Disk: {} free\n", size(free))),
+        (None, Some(reserve)) => out.push_str(&format!("  Disk: free space unknown (reserve {reserve})\n")),
+        (None, None) => {}
+    }
+    if c.corrupt > 0 {
+        out.push_str(&format!(
+            "  Set aside: {} unreadable entr{} of the state database — see `fieldgate outbox corrupt`\n",
+            c.corrupt,
+            if c.corrupt == 1 { "y" } else { "ies" }
+        ));
+    }
+    if c.max_dead > 0 && c.dead >= c.max_dead {
+        out.push_str(&format!(
+            "  Dead letters FULL ({} of {}): records the server refuses stay queued and held ({} refused) — see `fieldgate outbox dead`\n",
+            c.dead, c.max_dead, c.dead_refused
+        ));
+    }
     out
 }
 
@@ -229,6 +293,25 @@ pub fn age(secs: f64) -> String {
     } else {
         format!("{:.0} d", secs / 86400.0)
     }
+}
+
+/// A byte count, short and readable in binary units: `512 B`, `12.3 MiB`, `64 MiB`, `3.1 GiB`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for next in &UNITS[1..] {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    let text = format!("{value:.1}");
+    format!("{} {unit}", text.strip_suffix(".0").unwrap_or(&text))
 }
 
 /// Columns padded to the widest cell, two spaces apart, each line indented by two; the last column is
@@ -298,6 +381,88 @@ mod tests {
         assert_eq!(lines[0], "  METER  STATE   X");
         assert_eq!(lines[1], "  M1     开启    a");
         assert_eq!(lines[2], "  M22    closed  b");
+    }
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(64 << 20), "64 MiB");
+        assert_eq!(size(12_897_485), "12.3 MiB");
+        assert_eq!(size(3_328_599_655), "3.1 GiB");
+        assert_eq!(size(u64::MAX), "16384 PiB");
+    }
+
+    fn counts() -> OutboxCounts {
+        OutboxCounts {
+            records: 0,
+            bytes: 0,
+            max_records: 100,
+            max_bytes: 1000,
+            refused: 0,
+            refusing: false,
+            dead: 0,
+            oldest_age_seconds: None,
+            free_bytes: Some(3_328_599_655),
+            min_free: 64 << 20,
+            disk_low: false,
+            refused_space: 0,
+            max_dead: 10_000,
+            dead_refused: 0,
+            corrupt: 0,
+            store: None,
+            store_failures: 0,
+            store_reopens: 0,
+        }
+    }
+
+    #[test]
+    fn the_store_lines_say_what_a_technician_must_know() {
+        assert_eq!(
+            store_lines(&counts()),
+            "  State database: ok\n  Disk: 3.1 GiB free (reserve 64 MiB)\n"
+        );
+        let low = OutboxCounts {
+            free_bytes: Some(12_897_485),
+            disk_low: true,
+            refusing: true,
+            refused_space: 7,
+            ..counts()
+        };
+        assert_eq!(
+            store_lines(&low),
+            "  State database: ok\n  Disk: 12.3 MiB free, reserve 64 MiB — new valve changes are NOT recorded until space is freed (7 refused)\n"
+        );
+        let failed = OutboxCounts {
+            store: Some(crate::outbox::fault::StoreFault {
+                error: "No space left on device (os error 28)".into(),
+                for_seconds: 120,
+                reopen_attempts: 5,
+                reopen_error: None,
+            }),
+            store_failures: 1,
+            corrupt: 2,
+            dead: 10_000,
+            dead_refused: 3,
+            ..counts()
+        };
+        assert_eq!(
+            store_lines(&failed),
+            "  State database: FAILED for 2 min (No space left on device (os error 28)) — reopening by itself (5 attempts); nothing is delivered meanwhile, polling goes on.\n\
+             \x20 Disk: 3.1 GiB free (reserve 64 MiB)\n\
+             \x20 Set aside: 2 unreadable entries of the state database — see `fieldgate outbox corrupt`\n\
+             \x20 Dead letters FULL (10000 of 10000): records the server refuses stay queued and held (3 refused) — see `fieldgate outbox dead`\n"
+        );
+        let healed = OutboxCounts {
+            store_failures: 1,
+            store_reopens: 1,
+            free_bytes: None,
+            min_free: 0,
+            ..counts()
+        };
+        assert_eq!(
+            store_lines(&healed),
+            "  State database: ok (failed 1 time(s) since start, opened again 1 time(s))\n"
+        );
     }
 
     #[test]

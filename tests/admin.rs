@@ -1,5 +1,6 @@
-//! The admin API of a running gateway (`/metrics`, `/meters`, `/buses`, `/healthz`), the commands that read
-//! it (`fieldgate status`, `fieldgate outbox stats|list`), and `fieldgate probe` against the simulator.
+//! The admin API of a running gateway (`/metrics`, `/meters`, `/buses`, `/healthz`, `/outbox/dead`,
+//! `/outbox/corrupt`), the commands that read it (`fieldgate status`, `fieldgate outbox
+//! stats|list|dead|corrupt`), and `fieldgate probe` against the simulator.
 //!
 //! Everything runs in-process over real sockets: simulator (Modbus TCP) → gateway (`app::start`, real sled
 //! on disk) → mock Panda (loopback HTTP). No sleep is an assertion: each check waits for its condition
@@ -12,6 +13,7 @@ use std::time::Duration;
 use fieldgate::admin::MeterInfo;
 use fieldgate::app::Gateway;
 use fieldgate::mock_panda::{MockOptions, MockPanda};
+use fieldgate::outbox::DamageTarget;
 use fieldgate::outbox_cli::{outbox_run, OutboxArgs, OutboxCommand};
 use fieldgate::probe::{probe_run, ParityArg, ProbeArgs, ProbeCliError, TableArg};
 use fieldgate::simulator::{serve_rtu_over_tcp, serve_tcp, Plant};
@@ -351,8 +353,20 @@ async fn outbox_stats_and_list_read_a_stopped_state_dir_and_status_says_when_the
         "no bounds offline: {stats}"
     );
     assert!(stats.contains(&state_dir.display().to_string()), "{stats}");
+    assert!(
+        stats.contains("\n  Disk: ") && !stats.contains("reserve"),
+        "free space, but no reserve without the configuration: {stats}"
+    );
     let list = outbox_run(args(OutboxCommand::List { limit: 10 })).await.unwrap();
     assert!(list.contains("M2") && list.contains("用水户开阀"), "{list}");
+    let corrupt = outbox_run(args(OutboxCommand::Corrupt { limit: 10 })).await.unwrap();
+    assert_eq!(
+        corrupt,
+        format!(
+            "No entries set aside in {}: every entry of the state database reads.\n",
+            state_dir.display()
+        )
+    );
     let json = outbox_run(OutboxArgs {
         json: true,
         ..args(OutboxCommand::List { limit: 10 })
@@ -371,6 +385,136 @@ async fn outbox_stats_and_list_read_a_stopped_state_dir_and_status_says_when_the
     .unwrap_err();
     assert_eq!(err.error_code(), "unreachable");
     assert!(err.to_string().contains("systemctl status fieldgate"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_page_set_aside_entries_list_and_metrics_show_the_store() {
+    let rig = rig(
+        3,
+        "token",
+        MockOptions {
+            unknown_events: vec!["用水户开阀".into()],
+            ..MockOptions::default()
+        },
+    )
+    .await;
+    // A record the server refuses alone is a dead letter at once.
+    let config = std::fs::read_to_string(rig.site.config_path()).unwrap() + "\n[outbox]\ndead_after = 1\n";
+    std::fs::write(rig.site.config_path(), config).unwrap();
+    let gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    for unit in 1..=3 {
+        rig.plant.flip_valve(unit);
+    }
+    wait_metric(&gw, "fieldgate_records_dead", |v| v == 3.0).await;
+
+    // Dead letters, a page at a time, oldest first.
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not a list: {v}"))
+            .iter()
+            .map(|d| d["id"].as_u64().unwrap())
+            .collect()
+    };
+    let (code, all) = get_json(&gw, "/outbox/dead").await;
+    assert_eq!(code, 200);
+    let all_ids = ids(&all);
+    assert_eq!(all_ids.len(), 3, "{all}");
+    assert!(all_ids.windows(2).all(|w| w[0] < w[1]), "oldest first: {all_ids:?}");
+    let mut dead_meters: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["meter_no"].as_str().unwrap())
+        .collect();
+    dead_meters.sort_unstable();
+    assert_eq!(dead_meters, ["M1", "M2", "M3"]);
+    assert!(all[0]["msg"].as_str().unwrap().contains("不存在"), "{all}");
+    let (code, first) = get_json(&gw, "/outbox/dead?limit=2").await;
+    assert_eq!((code, ids(&first)), (200, all_ids[..2].to_vec()));
+    let (code, rest) = get_json(&gw, &format!("/outbox/dead?limit=2&after={}", all_ids[1])).await;
+    assert_eq!((code, ids(&rest)), (200, all_ids[2..].to_vec()));
+    let (code, none) = get_json(&gw, &format!("/outbox/dead?limit=2&after={}", all_ids[2])).await;
+    assert_eq!((code, ids(&none)), (200, vec![]));
+
+    // Nothing is set aside yet; then a meter's stored state stops decoding, as a failing disk would
+    // leave it, and is set aside when it is read (`/meters` reads every stored state).
+    let (code, corrupt) = get_json(&gw, "/outbox/corrupt").await;
+    assert_eq!((code, corrupt), (200, serde_json::json!([])));
+    gw.outbox.damage(DamageTarget::State("M1"), b"{\"raw\":").unwrap();
+    let m = meters(&gw).await;
+    assert_eq!((m[0].meter_no.as_str(), m[0].stored_state.as_deref()), ("M1", None));
+    let (code, corrupt) = get_json(&gw, "/outbox/corrupt?limit=5").await;
+    assert_eq!(code, 200);
+    let list = corrupt.as_array().unwrap_or_else(|| panic!("not a list: {corrupt}"));
+    assert_eq!(list.len(), 1, "{corrupt}");
+    assert_eq!(
+        (&list[0]["entry"], &list[0]["bytes"], &list[0]["preview"]),
+        (
+            &serde_json::json!("state M1"),
+            &serde_json::json!(7),
+            &serde_json::json!("{\"raw\":")
+        )
+    );
+    assert!(!list[0]["error"].as_str().unwrap().is_empty(), "{corrupt}");
+    let (_, corrupt) = get_json(&gw, "/outbox/corrupt?limit=0").await;
+    assert_eq!(corrupt, serde_json::json!([]));
+
+    wait_until("health names the dead letters and the set-aside entry", || async {
+        health_codes(&gw).await.2 == ["dead_letters", "corrupt_entries"]
+    })
+    .await;
+    let (code, status, _) = health_codes(&gw).await;
+    assert_eq!((code, status.as_str()), (200, "degraded"));
+
+    let m = metrics(&gw).await;
+    assert_eq!(metric(&m, "fieldgate_records_dead"), 3.0);
+    assert_eq!(metric(&m, "fieldgate_outbox_corrupt_entries"), 1.0);
+    assert_eq!(metric(&m, "fieldgate_dead_letters_max"), 10_000.0);
+    assert_eq!(metric(&m, "fieldgate_dead_letters_refused_total"), 0.0);
+    assert_eq!(metric(&m, "fieldgate_store_failed"), 0.0);
+    assert_eq!(metric(&m, "fieldgate_store_failures_total"), 0.0);
+    assert_eq!(metric(&m, "fieldgate_store_reopens_total"), 0.0);
+    assert_eq!(metric(&m, "fieldgate_store_min_free_bytes"), (64u64 << 20) as f64);
+    assert!(metric(&m, "fieldgate_store_free_bytes") > (64u64 << 20) as f64);
+    assert_eq!(metric(&m, "fieldgate_outbox_refused_space_total"), 0.0);
+    assert_eq!(metric(&m, "fieldgate_sender_store_retries_total"), 0.0);
+
+    // The commands that read these.
+    let admin = Some(url(&gw));
+    let args = |command| OutboxArgs {
+        command,
+        config: None,
+        state_dir: None,
+        admin: admin.clone(),
+        json: false,
+    };
+    let dead = outbox_run(args(OutboxCommand::Dead)).await.unwrap();
+    assert!(dead.starts_with("3 dead letter(s) in the running daemon"), "{dead}");
+    let text = outbox_run(args(OutboxCommand::Corrupt { limit: 10 })).await.unwrap();
+    assert!(
+        text.starts_with("1 entry of the state database in the running daemon") && text.contains("  state M1  7 "),
+        "{text}"
+    );
+    let stats = outbox_run(args(OutboxCommand::Stats)).await.unwrap();
+    assert!(stats.contains("  dead letters  3\n"), "{stats}");
+    assert!(stats.contains("(reserve 64 MiB)\n"), "{stats}");
+    let text = status_run(StatusArgs {
+        config: None,
+        admin: admin.clone(),
+        json: false,
+    })
+    .await
+    .unwrap();
+    for want in [
+        "corrupt_entries",
+        "  Set aside: 1 unreadable entry of the state database — see `fieldgate outbox corrupt`\n",
+        "(reserve 64 MiB)\n",
+        "  State database: ok\n",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from status:\n{text}");
+    }
+    gw.stop(GRACE).await;
 }
 
 fn probe_args(line: (&str, String), unit: u8, table: TableArg, address: u16, count: u16) -> ProbeArgs {

@@ -78,7 +78,7 @@ fn s(o: &WorkOrder, key: &str) -> String {
 }
 
 /// The flow reading the simulator holds for `unit`, rendered as the gateway renders it (scale 0.01).
-fn flow(plant: &Plant, unit: u8) -> String {
+pub fn flow(plant: &Plant, unit: u8) -> String {
     let raw = plant.flow(unit).unwrap();
     format!("{}.{:02}", raw / 100, raw % 100)
 }

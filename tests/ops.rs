@@ -2,12 +2,11 @@
 //! SIGTERM, and a second instance on the same state directory. In-process through `app::start_with`
 //! / `Gateway::reload`, and with the real `fieldgate run` binary and real signals (`kill`).
 
-use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use fieldgate::app::{self, Supervision};
 use fieldgate::mock_panda::{MockOptions, MockPanda, WorkOrder};
@@ -16,6 +15,7 @@ use fieldgate::outbox::{Limits, Outbox};
 use tokio::net::{TcpListener, UnixDatagram};
 
 use crate::e2e::{rig, wait_for_baselines, wait_orders, wait_rounds, Rig};
+use crate::util::daemon::Daemon;
 use crate::util::{mapping_csv, wait_until, wait_until_sync, Site, DEADLINE};
 
 const GRACE: Duration = Duration::from_secs(10);
@@ -95,81 +95,6 @@ fn write_invalid_mapping(site: &Site, n: usize) {
     let mut csv = mapping_csv(n);
     csv.push_str("U9999,重复,正常,13800009999,西路1号,M1,井内,DN20,城东营业所\n");
     std::fs::write(site.path().join("mapping.csv"), csv).unwrap();
-}
-
-/// The real `fieldgate run` with JSON logs collected line by line.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn spawn(config: &Path, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fieldgate"));
-        cmd.args(["run", "--log-format", "json", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn fieldgate run");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Daemon { child, log }
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
-    }
-
-    async fn wait_log(&self, needle: &str, n: usize) {
-        wait_until(&format!("{n} log line(s) with {needle:?}"), || async {
-            self.count(needle) >= n
-        })
-        .await;
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(start.elapsed() < DEADLINE, "fieldgate did not exit:\n{}", self.dump());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn dump(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn open_outbox(site: &Site) -> Outbox {

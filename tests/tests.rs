@@ -10,6 +10,8 @@ mod bus;
 mod config;
 /// `fieldgate run` killed with SIGKILL at random moments.
 mod crash;
+/// Disk faults under the real binary: a full disk, a disk that fails with EIO.
+mod disk;
 /// Simulator → gateway → mock Panda, in-process, over TCP and loopback HTTP.
 mod e2e;
 /// Event rules end to end: valve fault, link offline/online with `for`, thresholds, `rises_by`.
@@ -20,3 +22,5 @@ mod ops;
 mod outbox_model;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
 mod sender;
+/// The small file systems the disk-fault tests mount.
+mod smallfs_selftest;

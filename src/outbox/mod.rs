@@ -279,6 +279,8 @@ struct Counts {
     dead_refused: AtomicU64,
     /// Entries set aside as undecodable.
     corrupt: AtomicU64,
+    /// Entries read by scans since open.
+    entries_read: AtomicU64,
 }
 
 /// Handle to the store; cheap to clone, all clones share one database.
@@ -299,6 +301,8 @@ struct Shared {
     space: Space,
     /// Reopens of the database since start.
     generation: AtomicU64,
+    /// When [`Outbox::check_blocking`] last looked.
+    checked: Mutex<Option<std::time::Instant>>,
 }
 
 /// One opened database.
@@ -342,20 +346,54 @@ impl Outbox {
             source: e,
         })?;
         let opened = open_store(dir)?;
-        let outbox = Outbox {
+        let outbox = Outbox::unopened(dir, limits, opened.stored);
+        outbox.install(opened);
+        Ok(outbox)
+    }
+
+    /// [`Outbox::open`] for the daemon: a store that cannot be opened for a reason of the disk (full,
+    /// I/O error, read-only, sled refusing or panicking on what it found) is returned failed, and
+    /// [`Outbox::heal`] opens it once the cause is gone, so the gateway starts and polls anyway (a
+    /// power cut while the disk is full must not leave it in a restart loop). Only
+    /// [`OutboxError::Locked`] (another instance) is an error.
+    pub fn open_or_failed(dir: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
+        let opened = std::panic::catch_unwind(|| {
+            std::fs::create_dir_all(dir).map_err(|e| OutboxError::Sync {
+                path: dir.to_path_buf(),
+                source: e,
+            })?;
+            open_store(dir)
+        });
+        let error = match opened {
+            Ok(Err(e @ OutboxError::Locked(_))) => return Err(e),
+            Ok(Ok(opened)) => {
+                let outbox = Outbox::unopened(dir, limits, opened.stored);
+                outbox.install(opened);
+                return Ok(outbox);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "sled panicked while opening the database".to_string(),
+        };
+        let outbox = Outbox::unopened(dir, limits, Stored::default());
+        outbox.shared.fault.fail(dir, &error);
+        Ok(outbox)
+    }
+
+    /// The handle before a database is installed.
+    fn unopened(dir: &Path, limits: Limits, stored: Stored) -> Outbox {
+        Outbox {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 limits,
                 counts: Counts::default(),
                 open: RwLock::new(None),
-                writer: Mutex::new(opened.stored),
+                writer: Mutex::new(stored),
                 fault: Fault::default(),
                 space: Space::new(limits.min_free),
                 generation: AtomicU64::new(0),
+                checked: Mutex::new(None),
             }),
-        };
-        outbox.install(opened);
-        Ok(outbox)
+        }
     }
 
     /// Put a freshly opened database in place and take its counts.
@@ -401,7 +439,8 @@ impl Outbox {
                 false
             }
             Err(_) => {
-                sh.fault.reopen_failed(&sh.dir, "sled panicked while opening the database");
+                sh.fault
+                    .reopen_failed(&sh.dir, "sled panicked while opening the database");
                 false
             }
         }
@@ -507,6 +546,18 @@ impl Outbox {
         self.shared.counts.records.store(next.records, Ordering::Relaxed);
         self.shared.counts.bytes.store(next.bytes, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// One entry of a scan, counted ([`Outbox::entries_read`]).
+    fn read(&self, item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(sled::IVec, sled::IVec), OutboxError> {
+        self.shared.counts.entries_read.fetch_add(1, Ordering::Relaxed);
+        item.map_err(|e| self.db_error(e))
+    }
+
+    /// Entries read by scans (queue, dead letters, set-aside entries) since open: what a request
+    /// costs in store reads, independent of timing (tests compare it).
+    pub fn entries_read(&self) -> u64 {
+        self.shared.counts.entries_read.load(Ordering::Relaxed)
     }
 
     /// A stored value, read under the writer's lock.
@@ -647,6 +698,24 @@ impl Outbox {
         Ok(())
     }
 
+    /// On a quiet store, at most once per [`CHECK_EVERY`]: flush what sled holds (no fsync; usually
+    /// nothing) so that a disk that failed meanwhile is noticed, and healed, without waiting for the
+    /// next transition. sled's own flusher writes every 500 ms, but its error reaches us only through
+    /// a call that looks at it; writes to its memory do not. Blocking.
+    pub fn check_blocking(&self) {
+        {
+            let mut checked = self.shared.checked.lock().unwrap_or_else(PoisonError::into_inner);
+            if checked.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
+                return;
+            }
+            *checked = Some(std::time::Instant::now());
+        }
+        if let Ok(open) = self.handle() {
+            // A failure is recorded by `db_error`; the caller heals on its next cycle.
+            let _ = open.db.flush().map_err(|e| self.db_error(e));
+        }
+    }
+
     /// [`Outbox::sync_blocking`] off the async threads.
     pub async fn sync(&self) -> Result<(), OutboxError> {
         let me = self.clone();
@@ -725,7 +794,7 @@ impl Outbox {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = item.map_err(|e| self.db_error(e))?;
+            let (k, v) = self.read(item)?;
             match decode_record(id_of(&k), &v) {
                 Ok(r) => out.push(r),
                 Err(e) => self.set_aside(&k, &v, &e)?,
@@ -752,7 +821,7 @@ impl Outbox {
         // Bound the scan: a backlog of other events must not make each batch read the whole queue.
         let durable = self.shared.counts.durable.load(Ordering::SeqCst);
         for item in open.store.scan_prefix([QUEUE]).take(max.saturating_mul(20).max(100)) {
-            let (k, v) = item.map_err(|e| self.db_error(e))?;
+            let (k, v) = self.read(item)?;
             // Read the few fields the choice needs first; only a record that joins the batch (or must
             // be shown to `skip`) is decoded in full. A record of another event blocks its meter
             // whether or not `skip` would hold it, so `skip` is not needed for it.
@@ -932,7 +1001,7 @@ impl Outbox {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = item.map_err(|e| self.db_error(e))?;
+            let (k, v) = self.read(item)?;
             match decode::<DeadLetter>("dead", id_of(&k), &v) {
                 Ok(d) => out.push(d),
                 Err(e) => self.set_aside(&k, &v, &e)?,
@@ -1000,7 +1069,10 @@ impl Outbox {
             self.shared.counts.dead.fetch_sub(1, Ordering::Relaxed);
             // The sender sees ids below the durable mark only; the sync after this brings the mark past
             // this id even if the queue held nothing newer since the store was opened.
-            self.shared.counts.committed.fetch_max(id.saturating_add(1), Ordering::SeqCst);
+            self.shared
+                .counts
+                .committed
+                .fetch_max(id.saturating_add(1), Ordering::SeqCst);
         }
         Ok(requeued)
     }
@@ -1044,7 +1116,7 @@ impl Outbox {
         let open = self.handle()?;
         let mut out = Vec::new();
         for item in open.store.scan_prefix([ASIDE]).take(limit) {
-            let (k, v) = item.map_err(|e| self.db_error(e))?;
+            let (k, v) = self.read(item)?;
             let key = k.get(1..).unwrap_or_default();
             let error = match key.first() {
                 Some(&QUEUE) => decode_record(id_of(key), &v).err(),
@@ -1078,7 +1150,12 @@ impl Outbox {
 
     /// A sled error: the store is failed from now on (module docs).
     fn db_error(&self, e: sled::Error) -> OutboxError {
-        self.shared.fault.fail(&self.shared.dir, &e.to_string());
+        // sled shows an I/O error in Debug form; the OS's own words read better in health and logs.
+        let text = match &e {
+            sled::Error::Io(io) => io.to_string(),
+            other => other.to_string(),
+        };
+        self.shared.fault.fail(&self.shared.dir, &text);
         OutboxError::Db {
             path: self.shared.dir.clone(),
             source: e,
@@ -1191,6 +1268,9 @@ fn open_store(dir: &Path) -> Result<Opened, OutboxError> {
         corrupt,
     })
 }
+
+/// How often [`Outbox::check_blocking`] looks at most.
+pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The one tree of the store (module docs).
 const STORE: &str = "store";
@@ -1720,7 +1800,12 @@ mod tests {
     }
 
     fn stored(o: &Outbox) -> Option<Stored> {
-        o.handle().unwrap().store.get(COUNTS_KEY).unwrap().and_then(|v| Stored::parse(&v))
+        o.handle()
+            .unwrap()
+            .store
+            .get(COUNTS_KEY)
+            .unwrap()
+            .and_then(|v| Stored::parse(&v))
     }
 
     #[tokio::test]
@@ -1854,11 +1939,14 @@ mod tests {
         o.sync().await.unwrap();
         drop(o);
         let o = Outbox::open(dir.path(), BIG).unwrap();
-        let names: Vec<String> =
-            o.handle().unwrap().db.tree_names()
-                .iter()
-                .map(|n| String::from_utf8_lossy(n).into_owned())
-                .collect();
+        let names: Vec<String> = o
+            .handle()
+            .unwrap()
+            .db
+            .tree_names()
+            .iter()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
         for old in ["state", "outbox", "dead", "meta"] {
             assert!(!names.iter().any(|n| n == old), "tree {old} left: {names:?}");
         }
@@ -1976,7 +2064,11 @@ mod tests {
         o.ack(&[a, c]).await.unwrap();
         drop(o);
         let o = Outbox::open(dir.path(), BIG).unwrap();
-        assert_eq!((o.len(), o.corrupt_len()), (0, 1), "kept across a reopen, out of the queue");
+        assert_eq!(
+            (o.len(), o.corrupt_len()),
+            (0, 1),
+            "kept across a reopen, out of the queue"
+        );
         assert_eq!(o.corrupt(10).unwrap()[0].entry, format!("record {b}"));
     }
 
@@ -2015,7 +2107,12 @@ mod tests {
         assert_eq!((o.len(), o.dead_refused()), (2, 1), "the refused record stays queued");
         let first: Vec<u64> = o.dead_page(None, 2).unwrap().iter().map(|d| d.record.id).collect();
         assert_eq!(first, ids[..2]);
-        let rest: Vec<u64> = o.dead_page(Some(ids[1]), 2).unwrap().iter().map(|d| d.record.id).collect();
+        let rest: Vec<u64> = o
+            .dead_page(Some(ids[1]), 2)
+            .unwrap()
+            .iter()
+            .map(|d| d.record.id)
+            .collect();
         assert_eq!(rest, ids[2..3]);
         drop(o);
         let o = Outbox::open(dir.path(), limits).unwrap();
@@ -2037,7 +2134,10 @@ mod tests {
         assert!(o.is_failed());
         assert!(matches!(o.next_batch(10), Err(OutboxError::Failed { .. })));
         assert!(matches!(o.ack(&[a]).await, Err(OutboxError::Failed { .. })));
-        assert!(matches!(o.commit("M1", &state(0), vec![]), Err(OutboxError::Failed { .. })));
+        assert!(matches!(
+            o.commit("M1", &state(0), vec![]),
+            Err(OutboxError::Failed { .. })
+        ));
         let f = o.fault().unwrap();
         assert!(f.error.contains("os error 28"), "{f:?}");
         assert!(!o.heal_blocking(), "not before its backoff");
@@ -2049,7 +2149,10 @@ mod tests {
         assert_eq!(o.generation(), g + 1);
         assert!(o.fault().is_none());
         assert_eq!(o.state("M1").unwrap(), Some(state(1)));
-        assert_eq!(o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), vec![a]);
+        assert_eq!(
+            o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![a]
+        );
         o.ack(&[a]).await.unwrap();
         assert!(o.is_empty());
         assert_eq!(o.fault_totals(), (1, 1));
@@ -2062,8 +2165,17 @@ mod tests {
         let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
         o.sync().await.unwrap();
         drop(o);
-        let o = Outbox::open(dir.path(), Limits { min_free: u64::MAX, ..BIG }).unwrap();
-        let r = o.commit_batch(vec![("M1", state(0), vec![draft("关")]), ("M2", state(1), vec![])]).unwrap();
+        let o = Outbox::open(
+            dir.path(),
+            Limits {
+                min_free: u64::MAX,
+                ..BIG
+            },
+        )
+        .unwrap();
+        let r = o
+            .commit_batch(vec![("M1", state(0), vec![draft("关")]), ("M2", state(1), vec![])])
+            .unwrap();
         assert!(r.iter().all(|r| matches!(r, Err(OutboxError::NoSpace(_)))), "{r:?}");
         assert!(o.is_refusing() && o.refused_space() == 1);
         assert_eq!(o.state("M1").unwrap(), Some(state(1)), "the old state stays");
@@ -2078,7 +2190,10 @@ mod tests {
     fn the_open_makes_what_it_found_durable_first() {
         let dir = tempfile::tempdir().unwrap();
         let o = Outbox::open(dir.path(), BIG).unwrap();
-        assert!(o.handle().unwrap().synced.fsyncs() >= 2, "the log and the folder were fsynced at open");
+        assert!(
+            o.handle().unwrap().synced.fsyncs() >= 2,
+            "the log and the folder were fsynced at open"
+        );
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Shared test helpers: temp sites (config + mapping on disk) and condition waits with deadlines.
 #![allow(dead_code)]
 
+pub mod daemon;
+/// Real small file systems (tmpfs, loop-mounted ext4) to fill or shut down under a state directory.
+pub mod smallfs;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
