@@ -222,7 +222,7 @@ pub struct Health {
 
 /// Outbox counts and bounds, free disk space and the state of the store. Fields added after the first
 /// release default when absent, so a command line of this release reads an older daemon's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxCounts {
     /// Records queued.
     pub records: u64,
@@ -1199,24 +1199,12 @@ mod tests {
 
     fn quiet_counts() -> OutboxCounts {
         OutboxCounts {
-            records: 0,
-            bytes: 0,
             max_records: 100,
             max_bytes: 1 << 20,
-            refused: 0,
-            refusing: false,
-            dead: 0,
-            oldest_age_seconds: None,
             free_bytes: Some(3 << 30),
             min_free: 64 << 20,
-            disk_low: false,
-            refused_space: 0,
             max_dead: 10_000,
-            dead_refused: 0,
-            corrupt: 0,
-            store: None,
-            store_failures: 0,
-            store_reopens: 0,
+            ..OutboxCounts::default()
         }
     }
 

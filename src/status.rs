@@ -394,24 +394,12 @@ mod tests {
 
     fn counts() -> OutboxCounts {
         OutboxCounts {
-            records: 0,
-            bytes: 0,
             max_records: 100,
             max_bytes: 1000,
-            refused: 0,
-            refusing: false,
-            dead: 0,
-            oldest_age_seconds: None,
             free_bytes: Some(3_328_599_655),
             min_free: 64 << 20,
-            disk_low: false,
-            refused_space: 0,
             max_dead: 10_000,
-            dead_refused: 0,
-            corrupt: 0,
-            store: None,
-            store_failures: 0,
-            store_reopens: 0,
+            ..OutboxCounts::default()
         }
     }
 

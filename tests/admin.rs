@@ -296,13 +296,7 @@ async fn a_stopped_panda_server_degrades_health_and_queued_records_show() {
         assert!(text.contains(want), "`{want}` missing from status:\n{text}");
     }
     let record = gw.outbox.list(1).unwrap().remove(0);
-    let args = |command| OutboxArgs {
-        command,
-        config: None,
-        state_dir: None,
-        admin: admin.clone(),
-        json: false,
-    };
+    let args = |command| through(&admin, command);
     let stats = outbox_run(args(OutboxCommand::Stats)).await.unwrap();
     assert!(stats.contains("queued        1 record(s) (bound 200000)"), "{stats}");
     assert!(stats.contains("dead letters  0"), "{stats}");
@@ -482,13 +476,7 @@ async fn dead_letters_page_set_aside_entries_list_and_metrics_show_the_store() {
 
     // The commands that read these.
     let admin = Some(url(&gw));
-    let args = |command| OutboxArgs {
-        command,
-        config: None,
-        state_dir: None,
-        admin: admin.clone(),
-        json: false,
-    };
+    let args = |command| through(&admin, command);
     let dead = outbox_run(args(OutboxCommand::Dead)).await.unwrap();
     assert!(dead.starts_with("3 dead letter(s) in the running daemon"), "{dead}");
     let text = outbox_run(args(OutboxCommand::Corrupt { limit: 10 })).await.unwrap();
@@ -642,4 +630,15 @@ async fn probe_prints_known_registers_in_every_order_and_explains_failures() {
     .unwrap_err();
     assert_eq!(err.error_code(), "open");
     assert!(err.to_string().contains("Nothing listens"), "{err}");
+}
+
+/// `fieldgate outbox` arguments that go through the admin API at `admin`.
+fn through(admin: &Option<String>, command: OutboxCommand) -> OutboxArgs {
+    OutboxArgs {
+        command,
+        config: None,
+        state_dir: None,
+        admin: admin.clone(),
+        json: false,
+    }
 }
