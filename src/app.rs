@@ -395,7 +395,7 @@ impl Gateway {
         let live = if same_meters {
             self.live.clone()
         } else {
-            let fresh = Live::new(new.meters.len());
+            let fresh = Live::with_clock(new.meters.len(), self.live.clock.clone());
             // `fieldgate_transitions_total` stays monotonic across a reload.
             fresh
                 .transitions

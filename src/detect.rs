@@ -181,22 +181,20 @@ pub fn rises_by(by: f64, mem: &mut RuleMemory, in_state: bool, value: Option<f64
 
 /// Evaluate a link rule with a `for` (`after`; zero = at once) against the stretch the meter is in.
 ///
-/// `since`: when the current stretch of the rule's link state began (the outage for `离线`, the return
-/// for `在线`), `None` when the meter is not in that state (or the stretch does not qualify).
-/// Fires once per stretch, when it has lasted `after`; the stretch's start is remembered, so a
-/// stretch already reported (before a restart, too) never fires again, and a stretch shorter than
-/// `after` never fires at all.
-pub fn link(after: Duration, mem: &mut RuleMemory, since: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
-    let Some(start) = since else {
+/// `since`: the start of the current stretch of the rule's link state (the outage for `离线`, the
+/// return for `在线`) as a wall-clock label that identifies it, and how long it has lasted, measured
+/// on a monotonic clock; `None` when the meter is not in that state (or the stretch does not
+/// qualify). Fires once per stretch, when it has lasted `after`; the stretch's start is remembered,
+/// so a stretch already reported (before a restart, too) never fires again, and a stretch shorter
+/// than `after` never fires at all, whatever the wall clock does meanwhile.
+pub fn link(after: Duration, mem: &mut RuleMemory, since: Option<(DateTime<Utc>, Duration)>) -> bool {
+    let Some((start, lasted)) = since else {
         return false;
     };
     if mem.fired_for == Some(start) {
         return false;
     }
-    let Ok(after) = chrono::Duration::from_std(after) else {
-        return false;
-    };
-    if now.signed_duration_since(start) >= after {
+    if lasted >= after {
         mem.fired_for = Some(start);
         true
     } else {
@@ -324,22 +322,33 @@ mod tests {
         DateTime::<Utc>::from_timestamp_millis(1_700_000_000_000 + ms).unwrap_or_default()
     }
 
+    /// How long a stretch from `start` to `now` (ms) lasted, on the monotonic clock.
+    fn lasted(start: i64, now: i64) -> Duration {
+        Duration::from_millis(u64::try_from(now - start).unwrap_or(0))
+    }
+
     #[test]
     fn a_link_rule_fires_once_per_stretch_after_its_for() {
         let after = Duration::from_millis(600);
         let mut m = RuleMemory::default();
-        assert!(!link(after, &mut m, None, t(0)));
-        assert!(!link(after, &mut m, Some(t(0)), t(599)));
-        assert!(link(after, &mut m, Some(t(0)), t(600)));
-        assert!(!link(after, &mut m, Some(t(0)), t(5000)), "one work order per outage");
-        assert!(!link(after, &mut m, None, t(6000)), "back online");
+        assert!(!link(after, &mut m, None));
+        assert!(!link(after, &mut m, Some((t(0), lasted(0, 599)))));
+        assert!(link(after, &mut m, Some((t(0), lasted(0, 600)))));
         assert!(
-            !link(after, &mut m, Some(t(7000)), t(7100)),
+            !link(after, &mut m, Some((t(0), lasted(0, 5000)))),
+            "one work order per outage"
+        );
+        assert!(!link(after, &mut m, None), "back online");
+        assert!(
+            !link(after, &mut m, Some((t(7000), lasted(7000, 7100)))),
             "a new outage, still short"
         );
-        assert!(link(after, &mut m, Some(t(7000)), t(7700)));
+        assert!(link(after, &mut m, Some((t(7000), lasted(7000, 7700)))));
         let mut m = RuleMemory::default();
-        assert!(link(Duration::ZERO, &mut m, Some(t(0)), t(0)), "no `for`: at once");
+        assert!(
+            link(Duration::ZERO, &mut m, Some((t(0), lasted(0, 0)))),
+            "no `for`: at once"
+        );
     }
 
     #[test]
@@ -360,7 +369,7 @@ mod tests {
 
     mod properties {
         use super::super::*;
-        use super::t;
+        use super::{lasted, t};
         use proptest::prelude::*;
 
         fn side() -> impl Strategy<Value = Threshold> {
@@ -435,7 +444,7 @@ mod tests {
                     let start = now;
                     let mut fired = 0;
                     while now <= start + len {
-                        if link(after, &mut m, Some(t(start)), t(now)) {
+                        if link(after, &mut m, Some((t(start), lasted(start, now)))) {
                             fired += 1;
                             prop_assert!(now - start >= after_ms as i64, "fired {} ms into the outage", now - start);
                         }
@@ -450,7 +459,7 @@ mod tests {
                     }
                     let end = now + gap;
                     while now < end {
-                        prop_assert!(!link(after, &mut m, None, t(now)));
+                        prop_assert!(!link(after, &mut m, None));
                         now += step;
                     }
                 }

@@ -31,6 +31,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{BootStamp, WallClock};
 use crate::config::{Config, EventKind, EventRule, OFFLINE, ONLINE};
 use crate::detect::{self, decide, Decision, Pending};
 use crate::outbox::{Draft, Outbox, OutboxError, StoredState};
@@ -79,11 +80,19 @@ pub struct Live {
     meters: Mutex<Vec<MeterView>>,
     /// Valve transitions committed since start (for `/metrics`).
     pub transitions: AtomicU64,
+    /// The wall clock the station labels what it detects with: shared here with whoever watches the
+    /// station, so that tests can step it (a board's clock stepped by NTP) without the system's.
+    pub clock: WallClock,
 }
 
 impl Live {
     /// A view of `n` meters, all online until told otherwise.
     pub fn new(n: usize) -> Arc<Live> {
+        Live::with_clock(n, WallClock::default())
+    }
+
+    /// [`Live::new`], labelling with `clock` (a reload keeps the gateway's clock).
+    pub fn with_clock(n: usize, clock: WallClock) -> Arc<Live> {
         Arc::new(Live {
             meters: Mutex::new(vec![
                 MeterView {
@@ -93,6 +102,7 @@ impl Live {
                 n
             ]),
             transitions: AtomicU64::new(0),
+            clock,
         })
     }
 
@@ -130,6 +140,9 @@ pub struct Station {
     /// This cycle's changes, one per meter, in the order first touched; committed together by
     /// [`Station::flush_cycle`] in ONE transaction (one commit per cycle instead of one per meter).
     staged: Vec<Staged>,
+    /// Where each meter's current outage began as the bus reported it in this run (label, boot clock):
+    /// the start of an outage whose first commit was refused.
+    offline_at: Vec<Option<(DateTime<Utc>, BootStamp)>>,
     /// Each meter's state as last committed, by meter index, once read (`None`: not read yet). The
     /// station is the only writer of states, so after the first read of a meter its state comes from
     /// here instead of a store read and JSON decode per sample (BENCHMARKS.md row 2).
@@ -147,7 +160,13 @@ pub struct Station {
     spare_biz: RefCell<Vec<String>>,
     /// The last second [`Station::stamp`] formatted, and its text.
     last_stamp: RefCell<(Option<i64>, String)>,
+    /// Whether the kernel said the system clock was not synchronized when that second was formatted.
+    unsynced: std::cell::Cell<bool>,
 }
+
+/// Appended to a detection time labelled while the kernel said the system clock was not synchronized:
+/// such a time may be decades off (a board without a battery-backed clock) and is shown as such.
+pub const UNSYNCED_MARK: &str = " (clock not synchronized)";
 
 /// Most BizData buffers kept for reuse: one commit chunk's worth.
 const SPARE_BIZ: usize = 256;
@@ -197,10 +216,12 @@ impl Station {
             full_logged: false,
             staged: Vec::new(),
             stored: vec![None; n],
+            offline_at: vec![None; n],
             generation,
             templates: RefCell::default(),
             spare_biz: RefCell::default(),
             last_stamp: RefCell::default(),
+            unsynced: std::cell::Cell::new(false),
         }
     }
 
@@ -232,7 +253,7 @@ impl Station {
     /// are not evaluated, so what it would have detected is detected again from the stored states
     /// once the store works. Each cycle tries to heal the store (at most as often as its backoff lets).
     pub fn apply(&mut self, cycle: Cycle) -> usize {
-        let now = Utc::now();
+        let now = self.live.clock.now();
         let mut wrote = false;
         let mut queued = 0;
         for &(meter, online) in &cycle.links {
@@ -244,6 +265,9 @@ impl Station {
             if let Some(c) = self.confirmed_offline.get_mut(meter) {
                 *c = !online;
             }
+            if let Some(at) = self.offline_at.get_mut(meter) {
+                *at = (!online).then(|| (now, BootStamp::now()));
+            }
         }
         for sample in &cycle.samples {
             self.observe(sample);
@@ -253,12 +277,12 @@ impl Station {
         }
         for &(meter, online) in &cycle.links {
             if !online {
-                let r = self.went_offline(meter, now);
+                let r = self.offline_cycle(meter, now);
                 self.settle(meter, r, &mut wrote, &mut queued);
             }
         }
         for sample in &cycle.samples {
-            let r = self.apply_sample(sample);
+            let r = self.apply_sample(sample, now);
             self.settle(sample.meter, r, &mut wrote, &mut queued);
         }
         // The clock of `for`: every cycle of a bus re-evaluates its meters that are still offline.
@@ -274,7 +298,7 @@ impl Station {
                 })
                 .unwrap_or_default();
             for meter in offline {
-                let r = self.still_offline(meter, now);
+                let r = self.offline_cycle(meter, now);
                 self.settle(meter, r, &mut wrote, &mut queued);
             }
         }
@@ -345,14 +369,20 @@ impl Station {
             let text = t
                 .with_timezone(&self.cfg.site.timezone)
                 .to_rfc3339_opts(SecondsFormat::Secs, false);
+            // Asked once a second at most: a board that boots in 1970 labels with 1970 until NTP.
+            self.unsynced
+                .set(crate::clock::sync_state() == crate::clock::ClockSync::Unsynchronized);
             *last = (Some(t.timestamp()), text);
         }
         last.1.clone()
     }
 
-    /// The bus reported `meter` offline (after `offline_after` failures): start the outage unless one
-    /// is already stored (a restart mid-outage keeps its start), then evaluate the link rules.
-    fn went_offline(&mut self, meter: usize, now: DateTime<Utc>) -> Applied {
+    /// A cycle with `meter` offline (the bus reported it after `offline_after` failures, in this cycle
+    /// or before): start the outage unless one is stored (a restart mid-outage keeps its start), then
+    /// evaluate the link rules (a pending `for` may have run out). The outage starts when the bus
+    /// reported it, also when that cycle's commit was refused (outbox full, no room on disk, store
+    /// failed): the next cycle starts it again, with the same start, and its work order fires then.
+    fn offline_cycle(&mut self, meter: usize, now: DateTime<Utc>) -> Applied {
         if !self.link_rules {
             return Ok((false, 0));
         }
@@ -365,21 +395,17 @@ impl Station {
             ..StoredState::default()
         });
         if st.offline_since.is_none() {
-            st.offline_since = Some(now);
+            let (since, boot) = self
+                .offline_at
+                .get(meter)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| (now, BootStamp::now()));
+            st.offline_since = Some(since);
+            st.offline_boot = Some(boot);
             st.back_since = None;
+            st.back_boot = None;
             tracing::info!(message = "Meter counted offline for the link rules.", meter = %m.meter_no);
-        }
-        let drafts = self.link_drafts(meter, &mut st, now, None);
-        self.commit(meter, st, drafts)
-    }
-
-    /// A cycle of the bus of a meter it reports offline: a pending `for` may have run out.
-    fn still_offline(&mut self, meter: usize, now: DateTime<Utc>) -> Applied {
-        let Some(mut st) = self.state_of(meter)? else {
-            return Ok((false, 0));
-        };
-        if st.offline_since.is_none() {
-            return Ok((false, 0));
         }
         let drafts = self.link_drafts(meter, &mut st, now, None);
         self.commit(meter, st, drafts)
@@ -415,7 +441,7 @@ impl Station {
 
     /// One sample (already [`Station::observe`]d): link (back online?), valve (baseline /
     /// transition), then the reading rules.
-    fn apply_sample(&mut self, s: &Sample) -> Applied {
+    fn apply_sample(&mut self, s: &Sample, now: DateTime<Utc>) -> Applied {
         let cfg = Arc::clone(&self.cfg);
         let Some(meter) = cfg.meters.get(s.meter) else {
             return Ok((false, 0));
@@ -424,7 +450,7 @@ impl Station {
         // One copy, changed below; `commit` compares it with the state it came from.
         let before = self.state_of(s.meter)?;
         let stored_valve = before.as_ref().filter(|st| !st.valve_unknown).map(|st| st.raw);
-        let at = self.stamp(s.at);
+        let at = self.stamp(now);
         let Some(pending) = self.pending.get_mut(s.meter) else {
             return Ok((false, 0));
         };
@@ -433,12 +459,15 @@ impl Station {
 
         // The outage, if one is stored, is over; an `在线` rule reports it if it counts.
         let outage = st.offline_since.take();
+        st.offline_boot = None;
         if let Some(start) = outage {
             let reported = self.cfg.events.iter().any(|e| {
                 matches!(e.kind, EventKind::Link { online: false, .. })
                     && st.rules.get(&e.key).is_some_and(|m| m.fired_for == Some(start))
             });
-            st.back_since = (reported || !self.offline_rules).then_some(s.at);
+            let counts = reported || !self.offline_rules;
+            st.back_since = counts.then_some(now);
+            st.back_boot = counts.then(BootStamp::now);
             tracing::info!(message = "Meter answers again after an outage.", meter = %meter.meter_no, reported);
         }
 
@@ -474,7 +503,7 @@ impl Station {
             }
         }
 
-        let mut drafts = self.link_drafts(s.meter, &mut st, s.at, Some(&s.readings));
+        let mut drafts = self.link_drafts(s.meter, &mut st, now, Some(&s.readings));
         // Usually there are no link records: take the valve's list rather than copy it into a new one.
         if drafts.is_empty() {
             drafts = valve_drafts;
@@ -519,12 +548,14 @@ impl Station {
                 continue;
             };
             let since = if online {
-                st.back_since
+                st.back_since.map(|t| (t, lasted(&mut st.back_boot)))
             } else {
-                st.offline_since.filter(|_| confirmed)
+                st.offline_since
+                    .filter(|_| confirmed)
+                    .map(|t| (t, lasted(&mut st.offline_boot)))
             };
             let mem = st.rules.entry(e.key.clone()).or_default();
-            if detect::link(after, mem, since, now) {
+            if detect::link(after, mem, since) {
                 let (from, to) = if online { (OFFLINE, ONLINE) } else { (ONLINE, OFFLINE) };
                 out.push(self.draft(meter, (r, e), &self.stamp(now), from, to, &label, readings));
             }
@@ -609,7 +640,11 @@ impl Station {
         }
         Draft {
             event_name: rule.name.clone(),
-            detected_at: at.to_string(),
+            detected_at: if self.unsynced.get() {
+                format!("{at}{UNSYNCED_MARK}")
+            } else {
+                at.to_string()
+            },
             from: from.to_string(),
             to: to.to_string(),
             biz_data,
@@ -750,6 +785,19 @@ impl Station {
             } else {
                 tracing::info!(message = "Work order queued.", id = r.id, meter = %r.meter_no, event = %r.event_name, from = %r.from, to = %r.to);
             }
+        }
+    }
+}
+
+/// How long a stretch timed by `stamp` has lasted, on the boot clock. A stretch without a stamp of this
+/// boot (a state written before stamps existed, or before a power cut: the boot clock restarted, and
+/// the wall clock cannot say how long the gateway was down) counts from now, and gets a stamp.
+fn lasted(stamp: &mut Option<BootStamp>) -> std::time::Duration {
+    match stamp.as_ref().and_then(BootStamp::elapsed) {
+        Some(d) => d,
+        None => {
+            *stamp = Some(BootStamp::now());
+            std::time::Duration::ZERO
         }
     }
 }

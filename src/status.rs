@@ -104,6 +104,13 @@ pub fn render_status(r: &StatusReport) -> String {
     for f in &h.reasons {
         out.push_str(&format!("  {:<8}  {}: {}\n", status_word(f.status), f.code, f.message));
     }
+    if h.clock.sync == crate::clock::ClockSync::Unsynchronized {
+        out.push_str(&format!(
+            "  System clock NOT synchronized (no NTP yet, or none configured): it shows {}; detection times may be wrong and are marked `{}`. Durations and rules do not depend on it.\n",
+            h.clock.now,
+            crate::station::UNSYNCED_MARK.trim()
+        ));
+    }
 
     out.push_str("\nBuses\n");
     if r.buses.is_empty() {

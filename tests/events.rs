@@ -425,3 +425,85 @@ async fn the_flow_of_a_valve_being_opened_is_no_leak_while_confirm_is_pending() 
     assert_eq!(orders.len(), 1, "{orders:#?}");
     gw.stop(GRACE).await;
 }
+
+/// M2's stored outage start, if it is counted offline.
+fn outage_start(gw: &Gateway, meter: &str) -> Option<DateTime<Utc>> {
+    gw.outbox.state(meter).ok().flatten().and_then(|st| st.offline_since)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_step_forward_and_back_during_a_short_outage_makes_no_work_order() {
+    // A board without a battery-backed clock: NTP steps it by decades while a meter is silent for a
+    // moment. `for` is far longer than the outages.
+    let rig = rig_with(3, &LINK_EVENTS.replace("FOR", "10m")).await;
+    let gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    let fifty_six_years = chrono::Duration::days(56 * 365);
+    for (unit, meter, step) in [(2, "M2", fifty_six_years), (3, "M3", -fifty_six_years)] {
+        rig.plant.silence(unit, true);
+        wait_until("counted offline", || async { outage_start(&gw, meter).is_some() }).await;
+        gw.live.clock.step(step);
+        wait_rounds(&gw, 5).await;
+        rig.plant.silence(unit, false);
+        wait_until("back online", || async { outage_start(&gw, meter).is_none() }).await;
+    }
+    // Neither 离线 (each outage was far shorter than `for`) nor 在线 (none was reported).
+    let orders = settle(&gw, &rig.panda, 20).await;
+    assert!(orders.is_empty(), "{orders:#?}");
+    gw.stop(GRACE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_orders_refused_while_the_outbox_is_full_fire_once_there_is_room() {
+    // No `for`: 离线 fires on the cycle the bus reports the outage, which finds the outbox full.
+    let events = LINK_EVENTS.replace("for = \"FOR\"\n", "") + BATTERY_EVENTS;
+    let rig = rig_with(4, &events).await;
+    let text = std::fs::read_to_string(rig.site.config_path()).unwrap() + "\n[outbox]\nmax_records = 2\n";
+    std::fs::write(rig.site.config_path(), text).unwrap();
+    rig.panda.set_unavailable(true);
+    let gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    rig.plant.flip_valve(1);
+    rig.plant.flip_valve(4);
+    wait_until("the outbox full", || async { gw.outbox.len() == 2 }).await;
+    // While full: M2 goes silent (离线), M3's battery falls (电池电压低).
+    rig.plant.silence(2, true);
+    assert!(rig.plant.set_battery(3, 320));
+    wait_until("a commit refused", || async { gw.outbox.is_refusing() }).await;
+    wait_rounds(&gw, 10).await;
+    assert!(!gw.live.snapshot()[1].online, "M2 is offline");
+    assert_eq!(gw.outbox.len(), 2, "nothing more fits");
+
+    // The server comes back; M2 is still silent and M3's battery still low: both fire now, once.
+    rig.panda.set_unavailable(false);
+    let orders = wait_orders(&rig.panda, 4).await;
+    let orders = {
+        let more = settle(&gw, &rig.panda, 20).await;
+        assert_eq!(more.len(), orders.len(), "{more:#?}");
+        more
+    };
+    let got: Vec<(String, String)> = orders
+        .iter()
+        .map(|o| (o.event_name.clone(), s(o, "水表表号")))
+        .collect();
+    for want in [
+        ("水表离线", "M2"),
+        ("电池电压低", "M3"),
+        ("用水户开阀", "M1"),
+        ("用水户开阀", "M4"),
+    ] {
+        let n = got.iter().filter(|(e, m)| e == want.0 && m == want.1).count();
+        assert_eq!(n, 1, "{want:?} once: {got:?}");
+    }
+    assert_eq!(got.len(), 4, "{got:?}");
+    // It comes back: the return of the reported outage, once.
+    rig.plant.silence(2, false);
+    let orders = wait_orders(&rig.panda, 5).await;
+    assert_eq!(
+        (orders[4].event_name.as_str(), s(&orders[4], "水表表号").as_str()),
+        ("水表恢复在线", "M2")
+    );
+    let orders = settle(&gw, &rig.panda, 10).await;
+    assert_eq!(orders.len(), 5, "{orders:#?}");
+    gw.stop(GRACE).await;
+}

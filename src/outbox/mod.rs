@@ -65,6 +65,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::BootStamp;
 use crate::detect::RuleMemory;
 use crate::durable::{SyncFailed, Synced};
 use crate::record::{json_str, Record};
@@ -97,6 +98,13 @@ pub struct StoredState {
     /// When the meter answered again after an outage that `在线` rules report; `None` otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub back_since: Option<DateTime<Utc>>,
+    /// `offline_since` on the boot clock: what a `for` is measured with (the wall-clock time above is
+    /// a label and the stretch's identity only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_boot: Option<BootStamp>,
+    /// `back_since` on the boot clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub back_boot: Option<BootStamp>,
     /// Memory of each event rule, by [`crate::config::EventRule::key`]. Rules no longer configured
     /// are dropped on the next write.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -303,6 +311,9 @@ struct Shared {
     generation: AtomicU64,
     /// When [`Outbox::check_blocking`] last looked.
     checked: Mutex<Option<std::time::Instant>>,
+    /// The record at the head of the queue and since when this process has seen it there (tokio's
+    /// monotonic clock: tests may pause it).
+    head: Mutex<Option<(u64, tokio::time::Instant)>>,
 }
 
 /// One opened database.
@@ -392,6 +403,7 @@ impl Outbox {
                 space: Space::new(limits.min_free),
                 generation: AtomicU64::new(0),
                 checked: Mutex::new(None),
+                head: Mutex::new(None),
             }),
         }
     }
@@ -803,6 +815,29 @@ impl Outbox {
         Ok(out)
     }
 
+    /// How long the record now at the head of the queue has waited there, as this process saw it (a
+    /// monotonic clock: a record's wall-clock detection time can be decades off on a board whose clock
+    /// was stepped). Counted from when this process first saw it at the head (by this call or by
+    /// [`Outbox::next_batch_where`]), so after a restart a backlog's wait counts from the start.
+    /// `None` when nothing is queued or the store cannot be read.
+    pub fn oldest_waiting(&self) -> Option<std::time::Duration> {
+        let head = self.list(1).ok()?.first()?.id;
+        Some(self.seen_at_head(head).elapsed())
+    }
+
+    /// Since when `id` has been at the head of the queue (now, if it was not before).
+    fn seen_at_head(&self, id: u64) -> tokio::time::Instant {
+        let mut head = self.shared.head.lock().unwrap_or_else(PoisonError::into_inner);
+        match *head {
+            Some((seen, since)) if seen == id => since,
+            _ => {
+                let now = tokio::time::Instant::now();
+                *head = Some((id, now));
+                now
+            }
+        }
+    }
+
     /// The next batch to send: the oldest record, plus later records with the same `eventName`, up
     /// to `max`, among records already synced to disk. A meter whose older record has another event is skipped from then on, so records of
     /// one meter are always sent in detection order.
@@ -827,6 +862,9 @@ impl Outbox {
             // whether or not `skip` would hold it, so `skip` is not needed for it.
             if id_of(&k) >= durable {
                 break;
+            }
+            if batch.is_empty() && blocked.is_empty() {
+                self.seen_at_head(id_of(&k));
             }
             let head = match stored_record::head(&v) {
                 Ok(head) => head,
@@ -1430,7 +1468,12 @@ fn decode<'de, T: Deserialize<'de>>(
 /// escaper, byte by byte, was a fifth of a commit's own work (BENCHMARKS.md row 2).
 fn encode_state_into(out: &mut String, st: &StoredState) {
     out.clear();
-    if st.offline_since.is_some() || st.back_since.is_some() || !st.rules.is_empty() {
+    if st.offline_since.is_some()
+        || st.back_since.is_some()
+        || st.offline_boot.is_some()
+        || st.back_boot.is_some()
+        || !st.rules.is_empty()
+    {
         // Serialising our own plain struct to JSON cannot fail (no maps with non-string keys).
         out.push_str(&serde_json::to_string(st).unwrap_or_default());
         return;
