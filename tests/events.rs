@@ -507,3 +507,40 @@ async fn work_orders_refused_while_the_outbox_is_full_fire_once_there_is_room() 
     assert_eq!(orders.len(), 5, "{orders:#?}");
     gw.stop(GRACE).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_and_a_leak_refused_while_the_outbox_is_full_fire_once_there_is_room() {
+    let events = LINK_EVENTS.replace("for = \"FOR\"\n", "") + LEAK_EVENTS;
+    let rig = rig_with(4, &events).await;
+    let text = std::fs::read_to_string(rig.site.config_path()).unwrap() + "\n[outbox]\nmax_records = 2\n";
+    std::fs::write(rig.site.config_path(), text).unwrap();
+    let gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    // M2's outage is reported while there is room.
+    rig.plant.silence(2, true);
+    wait_orders(&rig.panda, 1).await;
+    // Server down, the outbox filled; then M2 answers again and M3 leaks through its shut valve.
+    rig.panda.set_unavailable(true);
+    rig.plant.flip_valve(1);
+    rig.plant.flip_valve(4);
+    wait_until("the outbox full", || async { gw.outbox.len() == 2 }).await;
+    rig.plant.silence(2, false);
+    rig.plant.add_flow(3, 5);
+    wait_until("a commit refused", || async { gw.outbox.is_refusing() }).await;
+    wait_rounds(&gw, 10).await;
+    assert_eq!(gw.outbox.len(), 2, "nothing more fits");
+
+    rig.panda.set_unavailable(false);
+    wait_orders(&rig.panda, 5).await;
+    let orders = settle(&gw, &rig.panda, 20).await;
+    let got: Vec<(String, String)> = orders
+        .iter()
+        .map(|o| (o.event_name.clone(), s(o, "水表表号")))
+        .collect();
+    for want in [("水表恢复在线", "M2"), ("关阀后仍有流量", "M3")] {
+        let n = got.iter().filter(|(e, m)| e == want.0 && m == want.1).count();
+        assert_eq!(n, 1, "{want:?} once: {got:?}");
+    }
+    assert_eq!(got.len(), 5, "离线, two flips, the return and the leak: {got:?}");
+    gw.stop(GRACE).await;
+}
