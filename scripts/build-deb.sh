@@ -7,7 +7,8 @@
 #
 # Installs cargo-deb if missing (`cargo install cargo-deb --locked`), builds the release binary and the
 # package from [package.metadata.deb] in Cargo.toml, and lists its contents. Install on a gateway with
-# `apt install ./fieldgate_*.deb`. Not run by .ci/run.
+# `apt install ./fieldgate_*.deb`. Not run by .ci/run. `scripts/verify-minimal.sh PACKAGE.deb` installs
+# it on a minimal Debian 12 (debootstrap minbase) and runs `systemd-analyze verify` on its unit there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

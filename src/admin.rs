@@ -478,6 +478,32 @@ pub struct MeterInfo {
     pub readings: serde_json::Map<String, serde_json::Value>,
     /// Seconds since the latest answer; `None` before the first.
     pub last_sample_age_seconds: Option<f64>,
+    /// Answer time of the meter's last answered request, ms: from handing the request to the line to
+    /// its decoded answer (`crate::bus` module doc); `None` before the first answer.
+    #[serde(default)]
+    pub answer_ms: Option<f64>,
+    /// The slowest of its last `crate::bus::ANSWER_WINDOW` answer times, ms.
+    #[serde(default)]
+    pub answer_max_ms: Option<f64>,
+    /// The bus `timeout`, ms.
+    #[serde(default)]
+    pub timeout_ms: Option<f64>,
+    /// Its requests not answered within the timeout (since the bus task started: start or reload).
+    #[serde(default)]
+    pub timeouts: u64,
+    /// Answers that came after the timeout; seen on RTU only, while the link waits out its guard.
+    #[serde(default)]
+    pub late_answers: u64,
+    /// When the last late answer came, ms after its request.
+    #[serde(default)]
+    pub late_answer_ms: Option<f64>,
+    /// While offline: its current retry period, seconds (one poll round at first, growing to
+    /// `offline_retry`).
+    #[serde(default)]
+    pub retry_every_seconds: Option<f64>,
+    /// Advice when answers come near or after the timeout (raise the bus `timeout`).
+    #[serde(default)]
+    pub hint: Option<String>,
 }
 
 /// Refuse a non-loopback address unless `allow_remote`.
@@ -750,8 +776,10 @@ fn free_text(free: Option<u64>) -> String {
     free.map_or_else(|| "unknown".to_string(), crate::status::size)
 }
 
-/// Age of the oldest queued record, in seconds; `None` when nothing is queued or the store cannot be
-/// read (a failed store is reported by its own finding, not as an error here).
+/// How long the oldest queued record has waited at the head of the queue, in seconds, on the
+/// monotonic clock ([`Outbox::oldest_waiting`]; not its wall-clock detection time, which a clock step
+/// can put decades away); `None` when nothing is queued or the store cannot be read (a failed store
+/// is reported by its own finding, not as an error here).
 fn oldest_age(outbox: &Outbox) -> Option<u64> {
     outbox.oldest_waiting().map(|d| d.as_secs())
 }
@@ -851,6 +879,8 @@ pub fn meters(state: &AdminState) -> Vec<MeterInfo> {
                 .zip(&view.readings)
                 .map(|(r, v)| (r.field.clone(), serde_json::Value::String(v.clone())))
                 .collect();
+            let link = field.buses.get(m.bus).and_then(|b| b.meter_link(&m.meter_no));
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
             MeterInfo {
                 meter_no: m.meter_no.clone(),
                 bus: field.cfg.buses.get(m.bus).map(|b| b.name.clone()).unwrap_or_default(),
@@ -861,6 +891,14 @@ pub fn meters(state: &AdminState) -> Vec<MeterInfo> {
                 last_change: stored.map(|s| s.since),
                 readings,
                 last_sample_age_seconds: view.last_sample.map(|t| t.elapsed().as_secs_f64()),
+                answer_ms: link.and_then(|l| l.answer_last).map(ms),
+                answer_max_ms: link.and_then(|l| l.answer_max).map(ms),
+                timeout_ms: link.map(|l| ms(l.timeout)),
+                timeouts: link.map_or(0, |l| l.timeouts),
+                late_answers: link.map_or(0, |l| l.late_answers),
+                late_answer_ms: link.and_then(|l| l.late_last).map(ms),
+                retry_every_seconds: link.and_then(|l| l.retry_every).map(|d| d.as_secs_f64()),
+                hint: link.and_then(|l| l.hint()),
             }
         })
         .collect()
@@ -1045,6 +1083,7 @@ mod tests {
         };
         outbox.commit("M1", &stored, vec![draft]).unwrap();
         outbox.sync().await.unwrap();
+        // Its detection time, two hours back on the wall clock, says nothing: its wait is timed here.
         assert_eq!(health(&state).status, Status::Ok);
         tokio::time::advance(Duration::from_secs(7200)).await;
         let h = health(&state);

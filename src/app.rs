@@ -16,10 +16,31 @@
 //! and the admin API keep running, and queued records keep the BizData rendered when they were
 //! detected. What cannot change live (`[site] state_dir` and `timezone`, `[admin]`, `[panda]`,
 //! `[outbox]`) keeps its running value, and the log says a restart is needed.
+//!
+//! One station at a time: each start of the field side is a *generation* with its own channel and
+//! its own gate. A station applies a cycle only while holding its gate, and the next generation is
+//! started only once the previous gate is closed, which waits for a cycle being applied. A station
+//! that does not finish within the grace period (a slow disk) therefore applies no further cycle, and
+//! the one it is applying completes before its successor starts: no cycle is applied by two stations
+//! and no state is written by an old station after a new one (checked on every cycle:
+//! [`Stations::violations`]). A cycle left in an abandoned channel is not lost: it was not
+//! committed, so the next polls see the same values and the new station detects them.
+//!
+//! The station thread ([`Station`] on a blocking thread): a panic in it (a bug) is caught; whatever
+//! the failed cycle had committed is synced, the station is dropped and, after a pause, a new one is
+//! started on the **same channel**, so the buses never see the station gone (they would stop polling).
+//! What the old one kept in memory is gone: its states are read back from the store (the only copy
+//! that counts), a pending `confirm` count starts again, and the meters the bus had reported offline
+//! are told to the new one again from the live view (the bus reports a link only when it changes), so a
+//! `离线` rule's `for` runs on. The cycle that panicked is dropped (applying it again could panic again);
+//! what it would have committed is detected again by the next polls. `/healthz` shows
+//! `station_restarted` (degraded), or `station_failing` (critical) after a burst of panics, when the
+//! watchdog also stops pinging ([`crate::watchdog::StationHealth`]).
 
+use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
@@ -33,8 +54,8 @@ use crate::notify::Notifier;
 use crate::outbox::{Outbox, OutboxError};
 use crate::panda::{PandaClient, PandaError};
 use crate::sender::{run_sender, SenderConfig, SenderStats};
-use crate::station::{Live, Station};
-use crate::watchdog::{run_watchdog, stall_bound, Liveness, DEFAULT_STALL_SLACK};
+use crate::station::{Cycle, Live, Station};
+use crate::watchdog::{run_watchdog, stall_bound, Liveness, StationHealth, DEFAULT_STALL_SLACK};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +100,8 @@ pub struct Gateway {
     watchdog: JoinHandle<()>,
     /// `None` only while a reload swaps it.
     field: Option<Field>,
+    /// The station threads of every generation of the field side.
+    stations: Arc<Stations>,
     stop_sender: CancellationToken,
     sender: JoinHandle<()>,
 }
@@ -87,9 +110,10 @@ pub struct Gateway {
 struct Field {
     stop_buses: CancellationToken,
     buses: Vec<JoinHandle<()>>,
-    /// The station's thread ([`Station::run_blocking`]) and what tells it to give up.
+    /// The station's thread ([`StationThread::run`]) and the gate it applies cycles through.
     station: JoinHandle<()>,
-    abandon_station: CancellationToken,
+    gate: Arc<Gate>,
+    stations: Arc<Stations>,
 }
 
 /// How the gateway reports to its supervisor (systemd).
@@ -149,7 +173,8 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
     let bus_stats: Vec<Arc<BusStats>> = cfg.buses.iter().map(|_| Arc::new(BusStats::default())).collect();
     let liveness = Liveness::new();
     liveness.watch(watch_list(&cfg, &bus_stats, sup.stall_slack));
-    let field = spawn_field(&cfg, &outbox, &wake, &live, &bus_stats);
+    let stations = Arc::new(Stations::default());
+    let field = spawn_field(&cfg, &outbox, &wake, &live, &bus_stats, &stations, liveness.station());
 
     let sender_stats = Arc::new(SenderStats::default());
     let stop_admin = CancellationToken::new();
@@ -160,7 +185,8 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
     }));
     let admin_state = AdminState::new(outbox.clone(), sender_stats.clone(), cfg.site.name.clone())
         .with_wake(wake.clone())
-        .with_shared_field(admin_field.clone());
+        .with_shared_field(admin_field.clone())
+        .with_check(liveness.station().clone());
     let admin = tokio::spawn({
         let stop = stop_admin.clone();
         async move {
@@ -212,6 +238,7 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
         stop_watchdog,
         watchdog,
         field: Some(field),
+        stations,
         stop_sender,
         sender,
     })
@@ -237,23 +264,32 @@ fn watch_list(cfg: &Config, stats: &[Arc<BusStats>], slack: Duration) -> Vec<(St
         .collect()
 }
 
-/// Start the station and one (supervised) task per bus; `stats` is indexed like `cfg.buses`.
+/// Start the station (the next generation) and one (supervised) task per bus; `stats` is indexed like
+/// `cfg.buses`. The previous generation must have been stopped ([`Field::stop`]).
 fn spawn_field(
     cfg: &Arc<Config>,
     outbox: &Outbox,
     wake: &Arc<Notify>,
     live: &Arc<Live>,
     stats: &[Arc<BusStats>],
+    stations: &Arc<Stations>,
+    health: &Arc<StationHealth>,
 ) -> Field {
     let stop_buses = CancellationToken::new();
     // Bounded: a slow disk makes bus tasks wait instead of piling up samples.
     let (tx, rx) = mpsc::channel(4 * cfg.buses.len().max(1));
-    let station = Station::new(cfg.clone(), outbox.clone(), wake.clone(), live.clone());
-    let abandon_station = CancellationToken::new();
-    let station = tokio::task::spawn_blocking({
-        let abandon = abandon_station.clone();
-        move || station.run_blocking(rx, abandon)
-    });
+    let gate = Arc::new(Gate::default());
+    let thread = StationThread {
+        generation: stations.next_generation(),
+        cfg: cfg.clone(),
+        outbox: outbox.clone(),
+        wake: wake.clone(),
+        live: live.clone(),
+        gate: gate.clone(),
+        stations: stations.clone(),
+        health: health.clone(),
+    };
+    let station = tokio::task::spawn_blocking(move || thread.run(rx));
     let buses = stats
         .iter()
         .enumerate()
@@ -263,16 +299,19 @@ fn spawn_field(
         stop_buses,
         buses,
         station,
-        abandon_station,
+        gate,
+        stations: stations.clone(),
     }
 }
 
 impl Field {
     /// Buses first, then the station (which applies every cycle left in the channel and syncs).
-    /// A task that overruns `grace` is aborted (the station, a thread, is told to stop before its next
-    /// cycle), so it can never run beside its successor; that loses nothing committed (a commit is one
-    /// atomic batch; the sync is repeated by the next cycle).
-    async fn stop(self, grace: Duration) {
+    /// A bus task that overruns `grace` is aborted. A station that overruns it is shut out: its gate
+    /// is closed, which waits for the cycle it may be applying (however long a slow disk takes), so
+    /// when this returns no cycle of this generation is being applied or ever will be, and the next
+    /// generation can start. That loses nothing committed (a commit is one atomic batch; the sync is
+    /// repeated by the next cycle); cycles left in the channel are seen again by the next polls.
+    async fn stop(mut self, grace: Duration) {
         self.stop_buses.cancel();
         for b in self.buses {
             let abort = b.abort_handle();
@@ -281,11 +320,338 @@ impl Field {
                 abort.abort();
             }
         }
-        if tokio::time::timeout(grace, self.station).await.is_err() {
-            tracing::warn!(message = "The station did not finish in time; abandoned.");
-            self.abandon_station.cancel();
+        if tokio::time::timeout(grace, &mut self.station).await.is_ok() {
+            return;
+        }
+        tracing::warn!(message = "The station did not finish in time; it applies no further cycle.");
+        self.stations.waiting.store(true, Ordering::SeqCst);
+        let gate = self.gate.clone();
+        let mut closing = tokio::task::spawn_blocking(move || gate.close());
+        if tokio::time::timeout(grace, &mut closing).await.is_err() {
+            tracing::warn!(
+                message =
+                    "The station is still applying a cycle (a slow disk?); its successor starts once it has finished."
+            );
+            let _ = closing.await;
+        }
+        self.stations.waiting.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Lets one station generation apply cycles until it is closed. A cycle is applied while the gate is
+/// held, so [`Gate::close`] returns only once no cycle of this generation is being applied, and none
+/// will be after it.
+#[derive(Debug, Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Gate {
+    /// Hold the gate to apply a cycle; `None` once it is closed.
+    fn enter(&self) -> Option<MutexGuard<'_, bool>> {
+        let held = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        (!*held).then_some(held)
+    }
+
+    /// Close it: waits for a cycle being applied. Blocking.
+    fn close(&self) {
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.changed.notify_all();
+    }
+
+    /// Wait up to `d` for the gate to be closed; whether it is. Blocking.
+    fn wait_closed(&self, d: Duration) -> bool {
+        let held = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        let (held, _) = self
+            .changed
+            .wait_timeout_while(held, d, |closed| !*closed)
+            .unwrap_or_else(|e| e.into_inner());
+        *held
+    }
+}
+
+/// How many generations [`Stations::applied`] remembers.
+const GENERATIONS_KEPT: usize = 64;
+
+/// Pause before a station that panicked is started again (as for a bus task).
+pub const STATION_RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// The station threads of a gateway, generation after generation (the start and every reload of the
+/// field side make one): how many cycles each applied, a check on every cycle that no two ever apply
+/// at once or an old one after a newer one, and test hooks. Shared by the gateway and its station
+/// threads.
+#[derive(Debug, Default)]
+pub struct Stations {
+    /// The last generation started.
+    generation: AtomicU64,
+    /// The generation applying a cycle now (0: none).
+    applying: AtomicU64,
+    /// The newest generation that has begun applying a cycle.
+    newest: AtomicU64,
+    /// Cycles applied beside another generation's, or after a newer one's.
+    violations: AtomicU64,
+    /// (generation, cycles applied), oldest first, the last [`GENERATIONS_KEPT`].
+    applied: Mutex<VecDeque<(u64, u64)>>,
+    /// A stop or reload waits for a station that overran its grace period to finish its cycle.
+    waiting: AtomicBool,
+    hooks: StationHooks,
+}
+
+impl Stations {
+    fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The generation of the running station (1 at start, one more for each reload).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Cycles applied by each recent generation: (generation, cycles), oldest first.
+    pub fn applied(&self) -> Vec<(u64, u64)> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Times a station began a cycle while another generation was applying one, or after a newer
+    /// generation had begun. Zero, or states were written backwards (each is logged at error level).
+    pub fn violations(&self) -> u64 {
+        self.violations.load(Ordering::SeqCst)
+    }
+
+    /// Whether a stop or reload is waiting, past its grace period, for the old station to finish the
+    /// cycle it is applying (the next station starts only then).
+    pub fn waiting_for_old(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// The test hooks.
+    pub fn hooks(&self) -> &StationHooks {
+        &self.hooks
+    }
+
+    fn begin(&self, generation: u64) {
+        let other = self.applying.swap(generation, Ordering::SeqCst);
+        let newest = self.newest.fetch_max(generation, Ordering::SeqCst);
+        if other != 0 || newest > generation {
+            self.violations.fetch_add(1, Ordering::SeqCst);
+            tracing::error!(
+                message = "A station applies a cycle beside another one or after its successor; states may be written backwards. This is a bug.",
+                generation,
+                other,
+                newest,
+            );
         }
     }
+
+    fn end(&self, generation: u64, cycles: u64) {
+        let _ = self
+            .applying
+            .compare_exchange(generation, 0, Ordering::SeqCst, Ordering::SeqCst);
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        match applied.iter_mut().rev().find(|(g, _)| *g == generation) {
+            Some((_, n)) => *n += cycles,
+            None => {
+                applied.push_back((generation, cycles));
+                if applied.len() > GENERATIONS_KEPT {
+                    applied.pop_front();
+                }
+            }
+        }
+    }
+}
+
+/// **Test hooks** into the station threads, inert unless a test arms them (like
+/// [`Liveness::freeze`]): a station cannot be made to panic or to stall from outside otherwise.
+#[derive(Debug, Default)]
+pub struct StationHooks {
+    panic_next: AtomicBool,
+    hold: Mutex<Hold>,
+    hold_changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Hold {
+    armed: bool,
+    holding: bool,
+}
+
+impl StationHooks {
+    /// The station panics on its next cycle, before applying it (as a bug in a rule would).
+    pub fn panic_next(&self) {
+        self.panic_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether an armed [`StationHooks::panic_next`] has not fired yet.
+    pub fn panic_pending(&self) -> bool {
+        self.panic_next.load(Ordering::SeqCst)
+    }
+
+    /// The station stops in its next cycle, holding its gate (as in a commit or fsync on a very slow
+    /// disk), until [`StationHooks::release`].
+    pub fn hold(&self) {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner()).armed = true;
+    }
+
+    /// Whether a station is stopped by [`StationHooks::hold`] now.
+    pub fn holding(&self) -> bool {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner()).holding
+    }
+
+    /// Let a held station go on.
+    pub fn release(&self) {
+        self.hold.lock().unwrap_or_else(|e| e.into_inner()).armed = false;
+        self.hold_changed.notify_all();
+    }
+
+    /// Run by the station thread before each cycle (inside the gate).
+    fn on_cycle(&self) {
+        if self.panic_next.swap(false, Ordering::SeqCst) {
+            panic!("test hook: the station panics on this cycle");
+        }
+        let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        if hold.armed {
+            hold.holding = true;
+            while hold.armed {
+                hold = self.hold_changed.wait(hold).unwrap_or_else(|e| e.into_inner());
+            }
+            hold.holding = false;
+        }
+    }
+}
+
+/// One generation's station thread: what it needs besides its channel.
+struct StationThread {
+    generation: u64,
+    cfg: Arc<Config>,
+    outbox: Outbox,
+    wake: Arc<Notify>,
+    live: Arc<Live>,
+    gate: Arc<Gate>,
+    stations: Arc<Stations>,
+    health: Arc<StationHealth>,
+}
+
+impl StationThread {
+    fn station(&self) -> Station {
+        Station::new(
+            self.cfg.clone(),
+            self.outbox.clone(),
+            self.wake.clone(),
+            self.live.clone(),
+        )
+    }
+
+    /// Apply cycles until every bus has dropped its sender (so no cycle is left behind at shutdown),
+    /// then sync; or until the gate is closed. Blocking, on a thread of its own (`spawn_blocking`):
+    /// the station's work is the disk's, one commit and one fsync per cycle.
+    fn run(self, mut cycles: mpsc::Receiver<Cycle>) {
+        let mut station = self.station();
+        while let Some(cycle) = cycles.blocking_recv() {
+            let Some(open) = self.gate.enter() else {
+                tracing::warn!(
+                    message = "Station stopped by a reload or shutdown; the states of cycles not applied are read again by the next polls."
+                );
+                return;
+            };
+            let panicked = self.apply(&mut station, vec![cycle]).err();
+            drop(open);
+            if let Some(message) = panicked {
+                if !self.restart(&mut station, message) {
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.outbox.sync_blocking() {
+            tracing::error!(message = "Final sync of the state database failed.", error = %e);
+        }
+    }
+
+    /// Apply `cycles` in order (the gate held); the message of a panic, if one happened (the cycles
+    /// after it are dropped).
+    fn apply(&self, station: &mut Station, cycles: Vec<Cycle>) -> Result<(), String> {
+        let n = cycles.len() as u64;
+        self.stations.begin(self.generation);
+        // The station is dropped after a panic, so no broken invariant of it survives the unwind.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for cycle in cycles {
+                self.stations.hooks.on_cycle();
+                station.apply(cycle);
+            }
+        }));
+        self.stations.end(self.generation, n);
+        result.map_err(|p| panic_message(p.as_ref()))
+    }
+
+    /// After a panic: sync what the failed cycle committed, pause, start a new station on the same
+    /// channel and tell it the meters that are offline. Returns false if the gate was closed meanwhile.
+    fn restart(&self, station: &mut Station, mut message: String) -> bool {
+        loop {
+            let restarts = self.health.panicked(&message);
+            tracing::error!(
+                message = "The station panicked; it is started again with its states read back from the store.",
+                panic = %message,
+                restarts,
+            );
+            // Whatever the failed cycle committed before the panic becomes durable and visible.
+            if let Err(e) = self.outbox.sync_blocking() {
+                tracing::debug!(message = "Cannot sync the state database to disk.", error = %e);
+            }
+            self.wake.notify_one();
+            if self.gate.wait_closed(STATION_RESTART_PAUSE) {
+                return false;
+            }
+            *station = self.station();
+            let replay = offline_links(&self.cfg, &self.live);
+            if replay.is_empty() {
+                return true;
+            }
+            let Some(open) = self.gate.enter() else {
+                return false;
+            };
+            let result = self.apply(station, replay);
+            drop(open);
+            match result {
+                Ok(()) => return true,
+                Err(m) => message = m,
+            }
+        }
+    }
+}
+
+/// One cycle per bus reporting its meters that the live view shows offline (nothing for a bus whose
+/// meters all answer): what a new station must be told, since a bus reports a link only when it changes.
+fn offline_links(cfg: &Config, live: &Live) -> Vec<Cycle> {
+    let mut links: Vec<Vec<(usize, bool)>> = vec![Vec::new(); cfg.buses.len()];
+    for (i, (meter, view)) in cfg.meters.iter().zip(live.snapshot()).enumerate() {
+        if let (false, Some(l)) = (view.online, links.get_mut(meter.bus)) {
+            l.push((i, false));
+        }
+    }
+    links
+        .into_iter()
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(bus, links)| Cycle {
+            bus,
+            samples: Vec::new(),
+            links,
+        })
+        .collect()
+}
+
+/// The message a panic was raised with.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 impl Gateway {
@@ -321,6 +687,12 @@ impl Gateway {
     /// The registry the watchdog reads; tests use its [`Liveness::freeze`] hook.
     pub fn liveness(&self) -> &Arc<Liveness> {
         &self.liveness
+    }
+
+    /// The station threads: cycles applied per generation, the one-station-at-a-time check, and the
+    /// test hooks ([`StationHooks`]).
+    pub fn stations(&self) -> &Arc<Stations> {
+        &self.stations
     }
 
     /// Reload the config file at `path` (and the mapping it names), as on SIGHUP. An invalid file is
@@ -407,7 +779,15 @@ impl Gateway {
             field.stop(self.grace).await;
         }
         self.liveness.watch(watch_list(&new, &bus_stats, self.stall_slack));
-        self.field = Some(spawn_field(&new, &self.outbox, &self.wake, &live, &bus_stats));
+        self.field = Some(spawn_field(
+            &new,
+            &self.outbox,
+            &self.wake,
+            &live,
+            &bus_stats,
+            &self.stations,
+            self.liveness.station(),
+        ));
         *self.admin_field.write().unwrap_or_else(|e| e.into_inner()) = crate::admin::FieldView {
             cfg: new.clone(),
             live: live.clone(),
@@ -488,6 +868,9 @@ async fn supervise_bus(
             shutdown.clone(),
             stats.clone(),
         ));
+        // Aborting this supervisor (a stop that gave up waiting) aborts the bus task too: otherwise
+        // it would poll on, holding a sender of a channel no station reads any more.
+        let _abort = AbortOnDrop(task.abort_handle());
         match task.await {
             Ok(()) => return,
             Err(e) => {
@@ -499,6 +882,15 @@ async fn supervise_bus(
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
             () = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

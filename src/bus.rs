@@ -16,13 +16,51 @@
 //!   (serial: and discards the kernel input buffer). An exception answer keeps the context.
 //! - RTU waits `frame_gap` after every answer (tokio-modbus does not keep the 3.5-character gap).
 //! - A meter's sample is sent only when every block of it was read in the same pass.
+//! - Opening, clearing and closing a serial port are blocking system calls (open, ioctl, termios; a USB
+//!   adapter's driver talks to the adapter in them, and a tty close may wait for output to drain): they
+//!   run in `spawn_blocking`, never on an async worker. TCP connects are asynchronous already.
+//!
+//! # Offline meters: retries with backoff
+//!
+//! A meter that fails `offline_after` reads in a row is reported offline (one link change to the
+//! station). It is not given up on: a meter that fails a quarter of its reads at random fails three in a
+//! row now and then, and a transition it shows meanwhile must not be missed. Its retry period (see
+//! [`retry_period`]) is one poll round for its first `offline_after` retries, then doubles with every
+//! failed retry (2, 4, 8 … rounds) up to `offline_retry`; any answer resets it. Retries are due by
+//! round: a period of one round means "in the next round". So a dead meter costs one failed request
+//! (timeout, plus `guard` on RTU) per round for a few rounds, then at most one per `offline_retry`.
+//! Every duration here is measured on the monotonic clock (`tokio::time::Instant`); the wall clock only
+//! labels samples.
+//!
+//! # Answer times and late answers
+//!
+//! The *answer time* of a request is the time from handing it to the connection (tokio-modbus writes it
+//! at once) to having its whole answer decoded, on the monotonic clock. It includes the device's own
+//! processing, both frames on the wire, a device server's or USB adapter's latency, and the gateway's
+//! scheduling (a few ms on a busy gateway); it excludes opening the port and the frame gap. Every
+//! answer counts, data or exception. A meter read of several blocks gives one answer time per block.
+//!
+//! A *late answer* is an answer that arrives after the timeout. On RTU (serial and over TCP) the link
+//! keeps listening during the `guard` it stays silent anyway, so a late answer that comes within the
+//! guard is seen, counted and timed, then discarded with the port. On Modbus TCP the connection is closed
+//! at the timeout (that is what keeps a late answer from being taken for the next one), so a late TCP
+//! answer is not seen: it is a timeout; `fieldgate probe` with a long `--timeout` measures such a meter.
+//!
+//! Per meter ([`MeterLink`], shown by `/meters` and `fieldgate status`): the last answer time, the
+//! slowest of the last [`ANSWER_WINDOW`] answers, the counts of timeouts and late answers, the last late
+//! answer's time, and a hint ([`MeterLink::hint`]) to raise the bus `timeout` when answers come near
+//! it (the slowest recent one at [`NEAR_TIMEOUT_PERCENT`] % of it or more) or past it (a late answer
+//! within the last [`LATE_WINDOW`] requests). The figures start afresh with every start of the bus task
+//! (daemon start and each reload), so a raised timeout clears the hint.
 //!
 //! Never: panics on anything a device sends, exits before shutdown, logs once per poll (state changes
-//! only), or slows the online meters down for an offline one more than one try per `offline_retry`.
+//! only), or slows the online meters down for an offline one more than one try per `offline_retry`
+//! once its backoff has grown.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -155,6 +193,9 @@ pub struct BusStats {
     pub last_round_micros: AtomicU64,
     /// Whether the port or connection could be opened the last time it was tried (a gauge).
     pub up: AtomicBool,
+    /// Answer times, late answers and retry period of each meter of the bus, by `meter_no`; replaced
+    /// when the bus task starts (daemon start, reload).
+    pub meters: Mutex<BTreeMap<String, MeterLink>>,
 }
 
 /// A plain copy of [`BusStats`].
@@ -176,6 +217,25 @@ pub struct BusStatsSnapshot {
 }
 
 impl BusStats {
+    /// The figures of one meter of this bus; `None` before the bus task has started with it.
+    pub fn meter_link(&self, meter_no: &str) -> Option<MeterLink> {
+        self.meters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(meter_no)
+            .copied()
+    }
+
+    fn publish(&self, meter_no: &str, link: MeterLink) {
+        let mut meters = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+        match meters.get_mut(meter_no) {
+            Some(m) => *m = link,
+            None => {
+                meters.insert(meter_no.to_string(), link);
+            }
+        }
+    }
+
     /// A consistent-enough copy for display and tests.
     pub fn snapshot(&self) -> BusStatsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -198,6 +258,152 @@ impl BusStats {
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+// === per meter: answer times, late answers, retry period ===
+
+/// Answers over which [`MeterLink::answer_max`] is taken.
+pub const ANSWER_WINDOW: usize = 20;
+
+/// Requests to a meter after a late answer during which [`MeterLink::late_recent`] stays set.
+pub const LATE_WINDOW: u32 = 100;
+
+/// An answer this close to the timeout (in percent of it) or slower makes [`MeterLink::hint`] ask for a
+/// longer timeout: a little more delay on the line and it would be a timeout.
+pub const NEAR_TIMEOUT_PERCENT: u32 = 80;
+
+/// What the bus task observed of one meter (see the module doc for what each time means). All times
+/// come from the monotonic clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeterLink {
+    /// The answer time of the meter's last answered request.
+    pub answer_last: Option<Duration>,
+    /// The slowest answer time of its last [`ANSWER_WINDOW`] answered requests.
+    pub answer_max: Option<Duration>,
+    /// Requests answered within the timeout (data or exception).
+    pub answers: u64,
+    /// Requests not answered within the timeout.
+    pub timeouts: u64,
+    /// Of those, answers seen after the timeout (RTU only, during the guard).
+    pub late_answers: u64,
+    /// When the last late answer came, counted from its request.
+    pub late_last: Option<Duration>,
+    /// A late answer came within the last [`LATE_WINDOW`] requests to the meter.
+    pub late_recent: bool,
+    /// The bus `timeout`.
+    pub timeout: Duration,
+    /// The bus `guard` (RTU; zero on TCP).
+    pub guard: Duration,
+    /// Whether this bus can see late answers at all (RTU: during the guard; TCP: no).
+    pub sees_late: bool,
+    /// While the meter is offline: its current retry period. `None` while online.
+    pub retry_every: Option<Duration>,
+}
+
+impl MeterLink {
+    /// Advice when answers come near or after the timeout: raise it, to a value with room above the
+    /// slowest answer seen (1.5 × it, rounded up to 50 ms). `None` when answers are comfortably fast.
+    pub fn hint(&self) -> Option<String> {
+        let ms = |d: Duration| d.as_millis();
+        let suggest = |slowest: Duration| {
+            let want = slowest.as_millis() * 3 / 2;
+            want.div_ceil(50).max(1) * 50
+        };
+        let guard_too = if self.sees_late {
+            " (on RTU also `guard`, if it is set: a late answer must end within it)"
+        } else {
+            ""
+        };
+        if let (true, Some(late)) = (self.late_recent, self.late_last) {
+            return Some(format!(
+                "answers arrive after the {} ms timeout (the last late one after {} ms): raise the bus `timeout` to {} ms or more{guard_too}",
+                ms(self.timeout),
+                ms(late),
+                suggest(late.max(self.answer_max.unwrap_or_default())),
+            ));
+        }
+        let slowest = self.answer_max?;
+        let near = self.timeout.as_micros() * u128::from(NEAR_TIMEOUT_PERCENT) / 100;
+        (slowest.as_micros() >= near && !self.timeout.is_zero()).then(|| {
+            format!(
+                "answers take up to {} ms of the {} ms timeout: raise the bus `timeout` to {} ms or more{guard_too}",
+                ms(slowest),
+                ms(self.timeout),
+                suggest(slowest),
+            )
+        })
+    }
+}
+
+/// The retry period of an offline meter after `failed` failed retries (0: it has just gone offline):
+/// one round (`poll`) for the first `one_round` retries, then doubling (2, 4, 8 … rounds) up to
+/// `longest` (`offline_retry`). Never zero (a zero `poll` counts as 1 ms), never above `longest`
+/// unless `longest` is shorter than a round (then every round).
+pub fn retry_period(poll: Duration, longest: Duration, one_round: u32, failed: u32) -> Duration {
+    let round = poll.max(Duration::from_millis(1));
+    // Failed retries 0..one_round: one round; then one doubling per failed retry.
+    let doublings = failed.saturating_add(1).saturating_sub(one_round).min(31);
+    round.saturating_mul(1 << doublings).min(longest).max(round)
+}
+
+/// What one meter read observed of the line, collected by the link for the bus task.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Answer time of each request answered within the timeout, in order.
+    answers: Vec<Duration>,
+    timeouts: u32,
+    /// The time of a late answer seen during the guard.
+    late: Option<Duration>,
+}
+
+/// A meter's figures and the window they are computed over.
+#[derive(Debug, Default)]
+struct Observed {
+    /// The last [`ANSWER_WINDOW`] answer times, oldest first.
+    recent: VecDeque<Duration>,
+    /// Requests since the last late answer (`None`: none seen).
+    since_late: Option<u32>,
+    link: MeterLink,
+}
+
+impl Observed {
+    fn new(bus: &BusConfig) -> Observed {
+        let sees_late = bus.transport.is_rtu() && !bus.guard.is_zero();
+        Observed {
+            link: MeterLink {
+                timeout: bus.timeout,
+                guard: if bus.transport.is_rtu() {
+                    bus.guard
+                } else {
+                    Duration::ZERO
+                },
+                sees_late,
+                ..MeterLink::default()
+            },
+            ..Observed::default()
+        }
+    }
+
+    fn add(&mut self, seen: &Seen) {
+        let requests = seen.answers.len() as u32 + seen.timeouts;
+        for &t in &seen.answers {
+            if self.recent.len() == ANSWER_WINDOW {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(t);
+            self.link.answer_last = Some(t);
+        }
+        self.link.answers += seen.answers.len() as u64;
+        self.link.timeouts += u64::from(seen.timeouts);
+        self.link.answer_max = self.recent.iter().max().copied();
+        self.since_late = self.since_late.map(|n| n.saturating_add(requests));
+        if let Some(late) = seen.late {
+            self.link.late_answers += 1;
+            self.link.late_last = Some(late);
+            self.since_late = Some(0);
+        }
+        self.link.late_recent = self.since_late.is_some_and(|n| n < LATE_WINDOW);
+    }
 }
 
 // === failures ===
@@ -283,6 +489,20 @@ struct Link {
     /// Set when an open succeeds after failed ones; the bus task then retries offline meters at once.
     came_up: bool,
     stats: Arc<BusStats>,
+    /// What the requests of the current meter read observed; the bus task takes it after each read.
+    seen: Seen,
+    /// After a timeout on RTU: the end of the guard, counted from the timeout (the link listened for a
+    /// late answer until then, or until one came).
+    quiet_until: Option<Instant>,
+}
+
+/// How a call ended.
+enum Called {
+    /// Something came back within the timeout, after this long.
+    Done(CallResult, Duration),
+    /// Nothing within the timeout; `late`: an answer that came during the guard, after this long
+    /// (counted from the request).
+    TimedOut { late: Option<Duration> },
 }
 
 impl Link {
@@ -314,6 +534,8 @@ impl Link {
             down_kind: None,
             came_up: false,
             stats,
+            seen: Seen::default(),
+            quiet_until: None,
         }
     }
 
@@ -378,35 +600,58 @@ impl Link {
         }
     }
 
-    /// Drop a poisoned context; on RTU stay silent for `guard` first, so a late frame has arrived (and
-    /// is discarded on reopen) before the next request goes out.
+    /// Drop a poisoned context; on RTU stay silent for `guard` first (counted from the timeout when
+    /// [`Link::call`] already listened through part of it), so a late frame has arrived (and is
+    /// discarded on reopen) before the next request goes out.
     async fn poison(&mut self, ctx: Context) {
-        drop(ctx);
         self.ctx = None;
+        let quiet_until = self.quiet_until.take();
         if !self.guard.is_zero() {
-            sleep(self.guard).await;
+            sleep_until(quiet_until.unwrap_or_else(|| Instant::now() + self.guard)).await;
         }
+        close(ctx, &self.transport).await;
     }
 
-    /// `ctx.call(request)`, given up after the link's `timeout` (`Err(())`).
+    /// `ctx.call(request)`, given up after the link's `timeout`.
     ///
     /// Same result as `tokio::time::timeout`, but one timer serves every request of the link and is
     /// moved only when it fires: a request's deadline is always later than the timer's (deadlines
     /// only grow), so the timer firing early is the only case, and it is then moved to this request's
     /// deadline. A timer registered per request cost ~3 % of the poll rate (BENCHMARKS.md row 1).
-    async fn call(&mut self, ctx: &mut Context, request: Request<'static>) -> Result<CallResult, ()> {
-        let deadline = Instant::now() + self.timeout;
+    ///
+    /// On RTU the call is not dropped at the timeout: the link stays silent for `guard` anyway, and
+    /// listens meanwhile, so a late answer is seen and timed ([`Called::TimedOut`]); the guard still
+    /// ends `guard` after the timeout ([`Link::poison`] waits for the rest of it).
+    async fn call(&mut self, ctx: &mut Context, request: Request<'static>) -> Called {
+        let sent = Instant::now();
+        let deadline = sent + self.timeout;
+        let listen_until = deadline + self.guard;
         let timer = self.timer.get_or_insert_with(|| Box::pin(sleep_until(deadline)));
         let mut call = ctx.call(request);
+        let mut timed_out = false;
         loop {
             tokio::select! {
                 biased;
-                r = &mut call => return Ok(r),
-                () = timer.as_mut() => {
-                    if Instant::now() >= deadline {
-                        return Err(());
+                r = &mut call => {
+                    let took = sent.elapsed();
+                    if !timed_out {
+                        return Called::Done(r, took);
                     }
-                    timer.as_mut().reset(deadline);
+                    // An exception is an answer too; an undecodable or mismatched frame is not.
+                    return Called::TimedOut { late: r.is_ok().then_some(took) };
+                }
+                () = timer.as_mut() => {
+                    let now = Instant::now();
+                    if now < deadline {
+                        timer.as_mut().reset(deadline);
+                    } else if now < listen_until {
+                        // Timed out; on RTU listen through the guard.
+                        timed_out = true;
+                        self.quiet_until = Some(listen_until);
+                        timer.as_mut().reset(listen_until);
+                    } else {
+                        return Called::TimedOut { late: None };
+                    }
                 }
             }
         }
@@ -424,7 +669,23 @@ impl Link {
             Table::Input => Request::ReadInputRegisters(a, n),
         };
         bump(&self.stats.requests);
-        let failure = match self.call(&mut ctx, request).await {
+        self.quiet_until = None;
+        let result = match self.call(&mut ctx, request).await {
+            Called::Done(result, took) => {
+                if result.is_ok() {
+                    self.seen.answers.push(took);
+                }
+                Ok(result)
+            }
+            Called::TimedOut { late } => {
+                self.seen.timeouts += 1;
+                if late.is_some() {
+                    self.seen.late = late;
+                }
+                Err(())
+            }
+        };
+        let failure = match result {
             Ok(Ok(Ok(response))) => match check(block, response) {
                 Ok(data) => {
                     bump(&self.stats.ok);
@@ -516,14 +777,38 @@ async fn open(transport: &Transport, limit: Duration) -> Result<Context, OpenErr
                 } else {
                     tokio_serial::StopBits::One
                 });
-            let port = tokio_serial::SerialStream::open(&builder).map_err(|e| serial_open_error(path, &e))?;
-            // Stale bytes survive close and reopen (notes §4.3): discard them before the first request.
-            port.clear(tokio_serial::ClearBuffer::Input).map_err(|e| OpenError {
-                kind: "clear",
-                message: format!("cannot discard the input buffer of {path}: {e}"),
-            })?;
+            let owned = path.clone();
+            // Blocking system calls: off the async workers (module doc). The blocking pool has the
+            // runtime's context, so the stream registers with its reactor there.
+            let port = tokio::task::spawn_blocking(move || open_serial(&builder, &owned))
+                .await
+                .map_err(|e| OpenError {
+                    kind: "serial",
+                    message: format!("opening {path} failed: {e}"),
+                })??;
             Ok(rtu::attach_slave(port, Slave(1)))
         }
+    }
+}
+
+/// Open a serial port and discard its input buffer. Blocking: call it in `spawn_blocking`.
+fn open_serial(builder: &tokio_serial::SerialPortBuilder, path: &str) -> Result<tokio_serial::SerialStream, OpenError> {
+    let port = tokio_serial::SerialStream::open(builder).map_err(|e| serial_open_error(path, &e))?;
+    // Stale bytes survive close and reopen (notes §4.3): discard them before the first request.
+    port.clear(tokio_serial::ClearBuffer::Input).map_err(|e| OpenError {
+        kind: "clear",
+        message: format!("cannot discard the input buffer of {path}: {e}"),
+    })?;
+    Ok(port)
+}
+
+/// Close a context. Closing a serial port is a blocking system call (a tty may wait for its output to
+/// drain), so it runs in `spawn_blocking`, awaited: the port's exclusive lock is gone before any reopen.
+async fn close(ctx: Context, transport: &Transport) {
+    if matches!(transport, Transport::Serial { .. }) {
+        let _ = tokio::task::spawn_blocking(move || drop(ctx)).await;
+    } else {
+        drop(ctx);
     }
 }
 
@@ -706,7 +991,7 @@ pub fn exception_name(code: u8) -> &'static str {
 /// checks as the bus task (an answer of the wrong length or function is an error, never data). Opens the
 /// port or connection, reads, and closes it again. For commissioning (`fieldgate probe`): do not use it on
 /// a bus the daemon is polling at the same time (a serial port has one user; a TCP device may allow
-/// only one connection).
+/// only one connection). Also returns the answer time (module doc).
 pub async fn read_once(
     transport: &Transport,
     limit: Duration,
@@ -714,7 +999,7 @@ pub async fn read_once(
     table: Table,
     address: u16,
     count: u16,
-) -> Result<Readout, ProbeError> {
+) -> Result<(Readout, Duration), ProbeError> {
     let range = |why: String| ProbeError::Range {
         table,
         address,
@@ -741,9 +1026,14 @@ pub async fn read_once(
         Arc::new(BusStats::default()),
     );
     link.ctx = Some(ctx);
-    match link.read(unit, Block { table, address, count }).await {
-        Ok(Data::Bits(bits)) => Ok(Readout::Bits(bits)),
-        Ok(Data::Words(words)) => Ok(Readout::Registers(words)),
+    let result = link.read(unit, Block { table, address, count }).await;
+    let took = link.seen.answers.last().copied().unwrap_or_default();
+    if let Some(ctx) = link.ctx.take() {
+        close(ctx, transport).await;
+    }
+    match result {
+        Ok(Data::Bits(bits)) => Ok((Readout::Bits(bits), took)),
+        Ok(Data::Words(words)) => Ok((Readout::Registers(words), took)),
         Err(Failure::Exception(code)) => Err(ProbeError::Exception { code: u8::from(code) }),
         Err(Failure::Timeout) => Err(ProbeError::Timeout(limit)),
         Err(Failure::Protocol(why) | Failure::Decode(why)) => Err(ProbeError::Protocol(why)),
@@ -768,11 +1058,18 @@ struct MeterState {
     /// once, not per poll).
     decimals: Vec<Option<u32>>,
     online: bool,
+    /// Failed reads in a row.
     failures: u32,
-    /// When an offline meter is tried next.
+    /// While offline: failed retries since it went offline (drives [`retry_period`]).
+    failed_retries: u32,
+    /// While offline: the current retry period.
+    retry_every: Duration,
+    /// When an offline meter is tried next: it is read in the first round that starts at or after it.
     next_try: Instant,
     /// The exception last logged, so a repeating one is logged once.
     logged_exception: Option<ExceptionCode>,
+    /// Answer times and late answers.
+    observed: Observed,
 }
 
 struct BusTask {
@@ -780,6 +1077,7 @@ struct BusTask {
     bus: usize,
     link: Link,
     meters: Vec<MeterState>,
+    poll_interval: Duration,
     offline_after: u32,
     offline_retry: Duration,
     stats: Arc<BusStats>,
@@ -817,14 +1115,21 @@ pub async fn run_bus(
                 decimals: m.readings.iter().map(|r| r.point.render_decimals()).collect(),
                 online: true,
                 failures: 0,
+                failed_retries: 0,
+                retry_every: bus_cfg.poll_interval,
                 next_try: now,
                 logged_exception: None,
+                observed: Observed::new(&bus_cfg),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // Figures start afresh with this run (a reload may have changed the meters or the timeout).
+        *stats.meters.lock().unwrap_or_else(|e| e.into_inner()) =
+            meters.iter().map(|m| (m.meter_no.clone(), m.observed.link)).collect();
         let mut task = BusTask {
             link: Link::new(&bus_cfg, Arc::clone(&stats)),
             bus,
             meters,
+            poll_interval: bus_cfg.poll_interval,
             offline_after: bus_cfg.offline_after.max(1),
             offline_retry: bus_cfg.offline_retry,
             stats,
@@ -834,7 +1139,7 @@ pub async fn run_bus(
         loop {
             let start = Instant::now();
             let cycle = tokio::select! {
-                c = task.round() => c,
+                c = task.round(start) => c,
                 () = shutdown.cancelled() => break,
             };
             let took = start.elapsed();
@@ -876,8 +1181,9 @@ pub async fn run_bus(
 }
 
 impl BusTask {
-    /// One pass over the meters that are due.
-    async fn round(&mut self) -> Cycle {
+    /// One pass over the meters that are due; `start`: when the round started (offline meters are
+    /// due by round, so a retry period of one round means the next round, however long this one takes).
+    async fn round(&mut self, start: Instant) -> Cycle {
         let mut cycle = Cycle {
             bus: self.bus,
             ..Cycle::default()
@@ -885,19 +1191,25 @@ impl BusTask {
         self.link.probe().await;
         for k in 0..self.meters.len() {
             if self.link.came_up {
-                // The bus was down and is back: do not wait `offline_retry` to find the meters again.
+                // The bus was down and is back: do not wait out the backoff to find the meters again.
                 self.link.came_up = false;
-                let now = Instant::now();
                 for m in self.meters.iter_mut().filter(|m| !m.online) {
-                    m.next_try = now;
+                    m.next_try = start;
+                    m.failed_retries = 0;
                 }
             }
             let m = &self.meters[k];
-            if !m.online && Instant::now() < m.next_try {
+            if !m.online && start < m.next_try {
                 continue;
             }
+            self.link.seen = Seen::default();
             let result = self.read_meter(k).await;
-            self.settle(k, result, &mut cycle);
+            let seen = std::mem::take(&mut self.link.seen);
+            self.settle(k, start, result, &mut cycle);
+            let m = &mut self.meters[k];
+            m.observed.add(&seen);
+            m.observed.link.retry_every = (!m.online).then_some(m.retry_every);
+            self.stats.publish(&m.meter_no, m.observed.link);
         }
         cycle
     }
@@ -933,9 +1245,9 @@ impl BusTask {
         })
     }
 
-    /// Apply one read's result to the meter's state; log only state changes.
-    fn settle(&mut self, k: usize, result: Result<Sample, Failure>, cycle: &mut Cycle) {
-        let (offline_after, offline_retry) = (self.offline_after, self.offline_retry);
+    /// Apply one read's result to the meter's state; log only state changes. `start`: the round's start.
+    fn settle(&mut self, k: usize, start: Instant, result: Result<Sample, Failure>, cycle: &mut Cycle) {
+        let (poll, offline_after, offline_retry) = (self.poll_interval, self.offline_after, self.offline_retry);
         let m = &mut self.meters[k];
         match result {
             Ok(sample) => {
@@ -945,6 +1257,7 @@ impl BusTask {
                     cycle.links.push((m.index, true));
                 }
                 m.failures = 0;
+                m.failed_retries = 0;
                 m.logged_exception = None;
                 cycle.samples.push(sample);
             }
@@ -966,18 +1279,22 @@ impl BusTask {
                 }
                 if m.online && m.failures >= offline_after {
                     m.online = false;
+                    m.failed_retries = 0;
                     warn!(
-                        message = "Meter offline.",
+                        message = "Meter offline; retrying every round at first, then less often.",
                         meter = %m.meter_no,
                         unit = m.unit,
                         failures = m.failures,
-                        retry_every = %humantime::format_duration(offline_retry),
+                        retry_at_most_every = %humantime::format_duration(offline_retry),
                         error = %failure,
                     );
                     cycle.links.push((m.index, false));
+                } else if !m.online {
+                    m.failed_retries = m.failed_retries.saturating_add(1);
                 }
                 if !m.online {
-                    m.next_try = Instant::now() + offline_retry;
+                    m.retry_every = retry_period(poll, offline_retry, offline_after, m.failed_retries);
+                    m.next_try = start + m.retry_every;
                 }
             }
         }
@@ -1102,6 +1419,88 @@ mod tests {
         assert!(matches!(check(c, Response::ReadCoils(vec![true; 8])), Ok(Data::Bits(v)) if v.len() == 3));
         assert!(check(c, Response::ReadCoils(vec![])).is_err());
         assert!(check(c, Response::ReadCoils(vec![true; 16])).is_err());
+    }
+
+    #[test]
+    fn an_offline_meter_is_retried_every_round_at_first_then_doubling_up_to_offline_retry() {
+        let poll = Duration::from_secs(1);
+        let longest = Duration::from_secs(30);
+        let periods: Vec<u64> = (0..10).map(|k| retry_period(poll, longest, 3, k).as_secs()).collect();
+        assert_eq!(periods, [1, 1, 1, 2, 4, 8, 16, 30, 30, 30]);
+        // No overflow however long it stays dead.
+        assert_eq!(retry_period(poll, longest, 3, u32::MAX), longest);
+        // offline_retry shorter than a round: every round.
+        assert_eq!(retry_period(poll, Duration::from_millis(300), 3, 7), poll);
+        // offline_after = 1: one retry at one round, then doubling.
+        let periods: Vec<u64> = (0..4).map(|k| retry_period(poll, longest, 1, k).as_secs()).collect();
+        assert_eq!(periods, [1, 2, 4, 8]);
+    }
+
+    fn link(timeout_ms: u64) -> MeterLink {
+        MeterLink {
+            timeout: Duration::from_millis(timeout_ms),
+            ..MeterLink::default()
+        }
+    }
+
+    #[test]
+    fn fast_answers_need_no_hint_and_answers_near_or_after_the_timeout_do() {
+        let ms = Duration::from_millis;
+        let mut o = Observed {
+            link: link(300),
+            ..Observed::default()
+        };
+        o.add(&Seen {
+            answers: vec![ms(12), ms(40)],
+            ..Seen::default()
+        });
+        assert_eq!((o.link.answer_last, o.link.answer_max), (Some(ms(40)), Some(ms(40))));
+        assert_eq!(o.link.hint(), None);
+        // 250 ms of a 300 ms timeout: near it (80 % or more). 1.5 × 250 = 375 → 400 ms.
+        o.add(&Seen {
+            answers: vec![ms(250)],
+            ..Seen::default()
+        });
+        let hint = o.link.hint().expect("near the timeout");
+        assert!(
+            hint.contains("up to 250 ms of the 300 ms timeout") && hint.contains("400 ms or more"),
+            "{hint}"
+        );
+        // The slow answer ages out of the window.
+        for _ in 0..ANSWER_WINDOW {
+            o.add(&Seen {
+                answers: vec![ms(5)],
+                ..Seen::default()
+            });
+        }
+        assert_eq!(o.link.answer_max, Some(ms(5)));
+        assert_eq!(o.link.hint(), None);
+        // A late answer: after the timeout, seen during the guard.
+        o.add(&Seen {
+            timeouts: 1,
+            late: Some(ms(420)),
+            ..Seen::default()
+        });
+        assert_eq!(
+            (o.link.timeouts, o.link.late_answers, o.link.late_last),
+            (1, 1, Some(ms(420)))
+        );
+        let hint = o.link.hint().expect("after the timeout");
+        assert!(
+            hint.contains("after the 300 ms timeout") && hint.contains("650 ms or more"),
+            "{hint}"
+        );
+        // It stays for LATE_WINDOW requests, then goes.
+        for i in 0..LATE_WINDOW {
+            assert!(o.link.late_recent, "request {i}");
+            o.add(&Seen {
+                answers: vec![ms(5)],
+                ..Seen::default()
+            });
+        }
+        assert!(!o.link.late_recent);
+        assert_eq!(o.link.hint(), None);
+        assert_eq!(o.link.late_answers, 1, "the count stays");
     }
 
     /// The link's one timer was armed by an earlier request: a later request must still get its whole

@@ -117,18 +117,18 @@ struct RawPanda {
     #[serde(default)]
     opinion: String,
     #[serde(default)]
-    timeout: Option<String>,
+    timeout: Option<Spanned<String>>,
     #[serde(default)]
-    max_batch: Option<i64>,
+    max_batch: Option<Spanned<i64>>,
     #[serde(default)]
-    retry_min: Option<String>,
+    retry_min: Option<Spanned<String>>,
     #[serde(default)]
-    max_backoff: Option<String>,
+    max_backoff: Option<Spanned<String>>,
     /// The old name of `max_backoff`, still accepted.
     #[serde(default)]
-    retry_max: Option<String>,
+    retry_max: Option<Spanned<String>>,
     #[serde(default)]
-    refresh_before: Option<String>,
+    refresh_before: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,15 +144,15 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawOutbox {
     #[serde(default)]
-    max_records: Option<i64>,
+    max_records: Option<Spanned<i64>>,
     #[serde(default)]
-    max_bytes: Option<i64>,
+    max_bytes: Option<Spanned<i64>>,
     #[serde(default)]
-    dead_after: Option<i64>,
+    dead_after: Option<Spanned<i64>>,
     #[serde(default)]
-    min_free: Option<RawByteSize>,
+    min_free: Option<Spanned<RawByteSize>>,
     #[serde(default)]
-    max_dead: Option<i64>,
+    max_dead: Option<Spanned<i64>>,
 }
 
 /// A byte size as written in the TOML: a number of bytes, or text with a unit (`"64MiB"`).
@@ -174,32 +174,32 @@ struct RawBus {
     #[serde(default)]
     rtu_over_tcp: Option<String>,
     #[serde(default)]
-    baud: Option<i64>,
+    baud: Option<Spanned<i64>>,
     #[serde(default)]
     parity: Option<String>,
     #[serde(default)]
-    data_bits: Option<i64>,
+    data_bits: Option<Spanned<i64>>,
     #[serde(default)]
-    stop_bits: Option<i64>,
+    stop_bits: Option<Spanned<i64>>,
     #[serde(default)]
-    poll_interval: Option<String>,
+    poll_interval: Option<Spanned<String>>,
     #[serde(default)]
-    timeout: Option<String>,
+    timeout: Option<Spanned<String>>,
     #[serde(default)]
-    offline_after: Option<i64>,
+    offline_after: Option<Spanned<i64>>,
     #[serde(default)]
-    offline_retry: Option<String>,
+    offline_retry: Option<Spanned<String>>,
     #[serde(default)]
-    frame_gap: Option<String>,
+    frame_gap: Option<Spanned<String>>,
     #[serde(default)]
-    guard: Option<String>,
+    guard: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct RawPoint {
     table: String,
-    address: i64,
+    address: Spanned<i64>,
     #[serde(default, rename = "type")]
     kind: Option<String>,
     #[serde(default)]
@@ -209,7 +209,7 @@ struct RawPoint {
     #[serde(default)]
     scale: Option<f64>,
     #[serde(default)]
-    decimals: Option<i64>,
+    decimals: Option<Spanned<i64>>,
     #[serde(default)]
     states: Option<BTreeMap<String, String>>,
     #[serde(default)]
@@ -224,7 +224,7 @@ struct RawProfile {
     #[serde(default)]
     readings: Option<Vec<RawPoint>>,
     #[serde(default)]
-    confirm: Option<i64>,
+    confirm: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,7 +232,7 @@ struct RawProfile {
 struct RawMeter {
     meter_no: String,
     bus: String,
-    unit: i64,
+    unit: Spanned<i64>,
     #[serde(default)]
     profile: Option<String>,
     #[serde(default)]
@@ -240,7 +240,7 @@ struct RawMeter {
     #[serde(default)]
     readings: Option<Vec<RawPoint>>,
     #[serde(default)]
-    confirm: Option<i64>,
+    confirm: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -374,6 +374,44 @@ pub struct AdminConfig {
 
 /// The longest wait between GenerateToken attempts while the credentials are refused.
 pub const LOGIN_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+// Upper bounds of every duration and count (`fieldgate check` refuses more, naming the bound). Each
+// is far above what a real site needs; they keep a slip of the keyboard ("1000000000years") from
+// reaching the timers, where `Instant + Duration` overflows and panics, and from silently turning
+// polling or delivery off.
+
+/// `[[bus]] poll_interval`: at most one round an hour.
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(3600);
+/// `[[bus]] timeout` and `guard`: a Modbus answer takes milliseconds, a slow device server seconds.
+pub const MAX_BUS_TIMEOUT: Duration = Duration::from_secs(60);
+/// `[[bus]] offline_retry`.
+pub const MAX_OFFLINE_RETRY: Duration = Duration::from_secs(3600);
+/// `[[bus]] frame_gap`: t3.5 at 300 baud is 128 ms.
+pub const MAX_FRAME_GAP: Duration = Duration::from_secs(1);
+/// `[panda] timeout`: one HTTP request.
+pub const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(300);
+/// `[panda] retry_min` and `max_backoff` (`retry_max`).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// `[panda] refresh_before`.
+pub const MAX_REFRESH_BEFORE: Duration = Duration::from_secs(24 * 3600);
+/// `[[event]] for` of a link rule.
+pub const MAX_LINK_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+/// `[panda] max_batch`.
+pub const MAX_BATCH: i64 = 1000;
+/// `[outbox] max_records`: 500 times the default.
+pub const MAX_RECORDS: i64 = 100_000_000;
+/// `[outbox] max_bytes`: 1 TiB.
+pub const MAX_BYTES: i64 = 1 << 40;
+/// `[outbox] min_free`: 1 TiB.
+pub const MAX_MIN_FREE: u64 = 1 << 40;
+/// `[outbox] dead_after`.
+pub const MAX_DEAD_AFTER: i64 = 1000;
+/// `[outbox] max_dead`.
+pub const MAX_DEAD: i64 = 10_000_000;
+/// `[[bus]] offline_after`.
+pub const MAX_OFFLINE_AFTER: i64 = 1000;
+/// `[[meter]] confirm` (and a profile's).
+pub const MAX_CONFIRM: i64 = 100;
 
 /// `[outbox]`.
 #[derive(Debug, Clone)]
@@ -698,32 +736,44 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn duration(&mut self, line: usize, field: &str, v: &Option<String>, default: Duration) -> Duration {
-        match v {
-            None => default,
-            Some(s) => match humantime::parse_duration(s.trim()) {
-                Ok(d) if !d.is_zero() => d,
-                _ => {
-                    self.issue(
-                        line,
-                        field,
-                        format!("`{s}` is not a duration: use a number with a unit, e.g. \"300ms\", \"1s\", \"5m\""),
-                    );
-                    default
-                }
-            },
-        }
-    }
-
-    fn ranged(&mut self, line: usize, field: &str, v: Option<i64>, default: i64, lo: i64, hi: i64) -> i64 {
-        match v {
-            None => default,
-            Some(n) if (lo..=hi).contains(&n) => n,
-            Some(n) => {
-                self.issue(line, field, format!("{n} is out of range: allowed {lo}..={hi}"));
+    /// A duration: more than zero and at most `max`; reported at its own line.
+    fn duration(&mut self, field: &str, v: Option<&Spanned<String>>, default: Duration, max: Duration) -> Duration {
+        let Some(v) = v else {
+            return default;
+        };
+        let (line, s) = (self.at(v), v.get_ref());
+        let allowed = format!("allowed more than 0 and at most {}", humantime::format_duration(max));
+        match humantime::parse_duration(s.trim()) {
+            Ok(d) if !d.is_zero() && d <= max => d,
+            Ok(_) => {
+                self.issue(line, field, format!("`{s}` is out of range: {allowed}"));
+                default
+            }
+            Err(_) => {
+                self.issue(
+                    line,
+                    field,
+                    format!(
+                        "`{s}` is not a duration: use a number with a unit, e.g. \"300ms\", \"1s\", \"5m\" ({allowed})"
+                    ),
+                );
                 default
             }
         }
+    }
+
+    /// A whole number in `lo..=hi`; reported at its own line.
+    fn ranged(&mut self, field: &str, v: Option<&Spanned<i64>>, default: i64, lo: i64, hi: i64) -> i64 {
+        let Some(v) = v else {
+            return default;
+        };
+        let n = *v.get_ref();
+        if (lo..=hi).contains(&n) {
+            return n;
+        }
+        let line = self.at(v);
+        self.issue(line, field, format!("{n} is out of range: allowed {lo}..={hi}"));
+        default
     }
 
     fn validate(mut self, raw: RawConfig, env_password: &Option<String>) -> Result<Config, ConfigError> {
@@ -831,9 +881,19 @@ impl<'a> Validator<'a> {
                 Auth::None
             }
         };
-        let timeout = self.duration(line, "panda.timeout", &r.timeout, Duration::from_secs(10));
-        let max_batch = self.ranged(line, "panda.max_batch", r.max_batch, 50, 1, 1000) as usize;
-        let retry_min = self.duration(line, "panda.retry_min", &r.retry_min, Duration::from_secs(1));
+        let timeout = self.duration(
+            "panda.timeout",
+            r.timeout.as_ref(),
+            Duration::from_secs(10),
+            MAX_HTTP_TIMEOUT,
+        );
+        let max_batch = self.ranged("panda.max_batch", r.max_batch.as_ref(), 50, 1, MAX_BATCH) as usize;
+        let retry_min = self.duration(
+            "panda.retry_min",
+            r.retry_min.as_ref(),
+            Duration::from_secs(1),
+            MAX_BACKOFF,
+        );
         if r.max_backoff.is_some() && r.retry_max.is_some() {
             self.issue(
                 line,
@@ -845,7 +905,12 @@ impl<'a> Validator<'a> {
             (None, Some(_)) => ("panda.retry_max", &r.retry_max),
             _ => ("panda.max_backoff", &r.max_backoff),
         };
-        let max_backoff = self.duration(line, backoff_field, backoff_value, Duration::from_secs(300));
+        let max_backoff = self.duration(
+            backoff_field,
+            backoff_value.as_ref(),
+            Duration::from_secs(300),
+            MAX_BACKOFF,
+        );
         if retry_min > max_backoff {
             self.issue(
                 line,
@@ -853,7 +918,12 @@ impl<'a> Validator<'a> {
                 format!("must not be larger than {backoff_field}"),
             );
         }
-        let refresh_before = self.duration(line, "panda.refresh_before", &r.refresh_before, Duration::from_secs(60));
+        let refresh_before = self.duration(
+            "panda.refresh_before",
+            r.refresh_before.as_ref(),
+            Duration::from_secs(60),
+            MAX_REFRESH_BEFORE,
+        );
         PandaConfig {
             base_url,
             project: r.project.clone(),
@@ -949,37 +1019,51 @@ impl<'a> Validator<'a> {
         let line = self.at(o);
         let r = o.get_ref();
         OutboxConfig {
-            max_records: self.ranged(line, "outbox.max_records", r.max_records, records, 1, i64::MAX) as u64,
-            max_bytes: self.ranged(line, "outbox.max_bytes", r.max_bytes, bytes, 1024, i64::MAX) as u64,
-            dead_after: self.ranged(line, "outbox.dead_after", r.dead_after, dead_after, 1, 1000) as u32,
+            max_records: self.ranged("outbox.max_records", r.max_records.as_ref(), records, 1, MAX_RECORDS) as u64,
+            max_bytes: self.ranged("outbox.max_bytes", r.max_bytes.as_ref(), bytes, 1024, MAX_BYTES) as u64,
+            dead_after: self.ranged(
+                "outbox.dead_after",
+                r.dead_after.as_ref(),
+                dead_after,
+                1,
+                MAX_DEAD_AFTER,
+            ) as u32,
             min_free: self.byte_size(
                 line,
                 "outbox.min_free",
                 r.min_free.as_ref(),
                 crate::outbox::DEFAULT_MIN_FREE,
             ),
-            max_dead: self.ranged(line, "outbox.max_dead", r.max_dead, max_dead, 1, 10_000_000) as u64,
+            max_dead: self.ranged("outbox.max_dead", r.max_dead.as_ref(), max_dead, 1, MAX_DEAD) as u64,
         }
     }
 
-    fn byte_size(&mut self, line: usize, field: &str, v: Option<&RawByteSize>, default: u64) -> u64 {
-        let parsed = match v {
-            None => return default,
-            Some(RawByteSize::Bytes(n)) => u64::try_from(*n).ok(),
-            Some(RawByteSize::Text(t)) => parse_byte_size(t),
+    /// A byte size: at most [`MAX_MIN_FREE`]; reported at its own line (else at `line`, the section's).
+    fn byte_size(&mut self, line: usize, field: &str, v: Option<&Spanned<RawByteSize>>, default: u64) -> u64 {
+        let Some(v) = v else {
+            return default;
         };
+        let line = self.at(v).max(line);
+        let (parsed, shown) = match v.get_ref() {
+            RawByteSize::Bytes(n) => (u64::try_from(*n).ok(), n.to_string()),
+            RawByteSize::Text(t) => (parse_byte_size(t), format!("`{t}`")),
+        };
+        let max = MAX_MIN_FREE;
         match parsed {
-            Some(n) => n,
-            None => {
-                let shown = match v {
-                    Some(RawByteSize::Bytes(n)) => n.to_string(),
-                    Some(RawByteSize::Text(t)) => format!("`{t}`"),
-                    None => String::new(),
-                };
+            Some(n) if n <= max => n,
+            Some(_) => {
                 self.issue(
                     line,
                     field,
-                    format!("{shown} is not a byte size: use a number of bytes (0 or more) or text with a unit, e.g. \"64MiB\", \"500MB\", \"1GiB\""),
+                    format!("{shown} is out of range: allowed 0 to {max} bytes (1TiB)"),
+                );
+                default
+            }
+            None => {
+                self.issue(
+                    line,
+                    field,
+                    format!("{shown} is not a byte size: use a number of bytes (0 or more) or text with a unit, e.g. \"64MiB\", \"500MB\", \"1GiB\" (at most 1TiB)"),
                 );
                 default
             }
@@ -997,17 +1081,33 @@ impl<'a> Validator<'a> {
                 self.issue(line, f("name"), format!("bus name `{}` is used twice", r.name));
             }
             let transport = self.transport(line, i, r);
-            let poll_interval = self.duration(line, &f("poll_interval"), &r.poll_interval, Duration::from_secs(1));
-            let timeout = self.duration(line, &f("timeout"), &r.timeout, Duration::from_millis(300));
-            let offline_after = self.ranged(line, &f("offline_after"), r.offline_after, 3, 1, 1000) as u32;
-            let offline_retry = self.duration(line, &f("offline_retry"), &r.offline_retry, Duration::from_secs(30));
+            let poll_interval = self.duration(
+                &f("poll_interval"),
+                r.poll_interval.as_ref(),
+                Duration::from_secs(1),
+                MAX_POLL_INTERVAL,
+            );
+            let timeout = self.duration(
+                &f("timeout"),
+                r.timeout.as_ref(),
+                Duration::from_millis(300),
+                MAX_BUS_TIMEOUT,
+            );
+            let offline_after =
+                self.ranged(&f("offline_after"), r.offline_after.as_ref(), 3, 1, MAX_OFFLINE_AFTER) as u32;
+            let offline_retry = self.duration(
+                &f("offline_retry"),
+                r.offline_retry.as_ref(),
+                Duration::from_secs(30),
+                MAX_OFFLINE_RETRY,
+            );
             let default_gap = match &transport {
                 Transport::Serial { baud, .. } => frame_gap_for(*baud),
                 Transport::RtuOverTcp(_) => Duration::from_millis(4),
                 Transport::Tcp(_) => Duration::ZERO,
             };
-            let frame_gap = self.duration(line, &f("frame_gap"), &r.frame_gap, default_gap);
-            let guard = self.duration(line, &f("guard"), &r.guard, timeout);
+            let frame_gap = self.duration(&f("frame_gap"), r.frame_gap.as_ref(), default_gap, MAX_FRAME_GAP);
+            let guard = self.duration(&f("guard"), r.guard.as_ref(), timeout, MAX_BUS_TIMEOUT);
             out.push(BusConfig {
                 name: r.name.clone(),
                 transport,
@@ -1036,7 +1136,7 @@ impl<'a> Validator<'a> {
         }
         let serial_only = r.baud.is_some() || r.parity.is_some() || r.data_bits.is_some() || r.stop_bits.is_some();
         if let Some(path) = &r.serial {
-            let baud = self.ranged(line, &format!("bus[{i}].baud"), r.baud, 9600, 300, 4_000_000) as u32;
+            let baud = self.ranged(&format!("bus[{i}].baud"), r.baud.as_ref(), 9600, 300, 4_000_000) as u32;
             let parity = match r.parity.as_deref().unwrap_or("none") {
                 "none" => Parity::None,
                 "even" => Parity::Even,
@@ -1050,8 +1150,8 @@ impl<'a> Validator<'a> {
                     Parity::None
                 }
             };
-            let data_bits = self.ranged(line, &format!("bus[{i}].data_bits"), r.data_bits, 8, 7, 8) as u8;
-            let stop_bits = self.ranged(line, &format!("bus[{i}].stop_bits"), r.stop_bits, 1, 1, 2) as u8;
+            let data_bits = self.ranged(&format!("bus[{i}].data_bits"), r.data_bits.as_ref(), 8, 7, 8) as u8;
+            let stop_bits = self.ranged(&format!("bus[{i}].stop_bits"), r.stop_bits.as_ref(), 1, 1, 2) as u8;
             return Transport::Serial {
                 path: path.clone(),
                 baud,
@@ -1121,8 +1221,8 @@ impl<'a> Validator<'a> {
             };
             // Only a real bus and a valid unit can clash: a stand-in (bus 0, unit 1) after an error
             // would report a duplicate that is not there.
-            let checkable = buses.iter().any(|b| b.name == r.bus) && (1..=247).contains(&r.unit);
-            let unit = self.ranged(line, &f("unit"), Some(r.unit), 1, 1, 247) as u8;
+            let checkable = buses.iter().any(|b| b.name == r.bus) && (1..=247).contains(r.unit.get_ref());
+            let unit = self.ranged(&f("unit"), Some(&r.unit), 1, 1, 247) as u8;
             let clash = if checkable {
                 units.insert((bus, unit), line)
             } else {
@@ -1162,8 +1262,8 @@ impl<'a> Validator<'a> {
                 .clone()
                 .or_else(|| profile.as_ref().and_then(|p| p.readings.clone()))
                 .unwrap_or_default();
-            let confirm_raw = r.confirm.or(profile.as_ref().and_then(|p| p.confirm));
-            let confirm = self.ranged(line, &f("confirm"), confirm_raw, 1, 1, 100) as u32;
+            let confirm_raw = r.confirm.clone().or(profile.as_ref().and_then(|p| p.confirm.clone()));
+            let confirm = self.ranged(&f("confirm"), confirm_raw.as_ref(), 1, 1, MAX_CONFIRM) as u32;
             let Some(valve_raw) = valve_raw else {
                 self.issue(
                     line,
@@ -1255,7 +1355,7 @@ impl<'a> Validator<'a> {
                 Table::Holding
             }
         };
-        let address = self.ranged(line, &format!("{name}.address"), Some(r.address), 0, 0, 65535) as u16;
+        let address = self.ranged(&format!("{name}.address"), Some(&r.address), 0, 0, 65535) as u16;
         let kind = match r.kind.as_deref() {
             None | Some("u16") => ValueType::U16,
             Some("i16") => ValueType::I16,
@@ -1318,7 +1418,8 @@ impl<'a> Validator<'a> {
         }
         let decimals = r
             .decimals
-            .map(|d| self.ranged(line, &format!("{name}.decimals"), Some(d), 0, 0, 12) as u32);
+            .as_ref()
+            .map(|d| self.ranged(&format!("{name}.decimals"), Some(d), 0, 0, 12) as u32);
         let spec = PointSpec {
             table,
             address,
@@ -1488,18 +1589,12 @@ impl<'a> Validator<'a> {
                 return None;
             }
         };
-        let after = match &r.after {
-            None => Duration::ZERO,
-            Some(v) => {
-                let l = self.at(v);
-                self.duration(
-                    l,
-                    &format!("event[{i}].for"),
-                    &Some(v.get_ref().clone()),
-                    Duration::ZERO,
-                )
-            }
-        };
+        let after = self.duration(
+            &format!("event[{i}].for"),
+            r.after.as_ref(),
+            Duration::ZERO,
+            MAX_LINK_FOR,
+        );
         Some(EventKind::Link { online, after })
     }
 
@@ -2104,6 +2199,201 @@ field = "电池电压"
         assert!(c.events[0].matches("开启", "关闭"));
         assert!(!c.events[0].matches("故障", "关闭"));
         assert!(c.events[0].fields.is_empty());
+    }
+
+    /// A site with every section, each with a `#KEY` marker where a test puts one more line.
+    const EVERY_SECTION: &str = r#"[site]
+name = "s"
+state_dir = "state"
+mapping = "mapping.csv"
+
+[panda]
+base_url = "http://127.0.0.1:1"
+project = "demo"
+auth = "none"
+user_id = 42
+#PANDA
+
+[outbox]
+#OUTBOX
+
+[[bus]]
+name = "a"
+tcp = "127.0.0.1:502"
+#BUS
+
+[[bus]]
+name = "s"
+serial = "/dev/ttyUSB0"
+#SERIAL
+
+[profile.p]
+valve = { table = "coil", address = 0, states = { 0 = "关闭", 1 = "开启" } }
+#PROFILE
+
+[[meter]]
+meter_no = "M1"
+bus = "a"
+unit = 1
+valve = { table = "coil", address = 0, states = { 0 = "关闭", 1 = "开启" } }
+#METER
+
+[[meter]]
+meter_no = "M2"
+bus = "s"
+unit = 1
+profile = "p"
+
+[[event]]
+name = "水表离线"
+point = "link"
+to = "离线"
+#EVENT
+"#;
+
+    /// [`EVERY_SECTION`] with `line` at `marker`; the text and the result.
+    fn with_line(marker: &str, line: &str) -> (String, Result<Config, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mapping.csv"), "用户编号,水表表号\nU1,M1\nU2,M2\n").unwrap();
+        let text = EVERY_SECTION.replace(&format!("#{marker}"), line);
+        let r = parse(&dir.path().join("fieldgate.toml"), &text, &None);
+        (text, r)
+    }
+
+    #[test]
+    fn every_duration_and_count_has_an_upper_bound_reported_at_its_own_line() {
+        if let Err(e) = with_line("NONE", "").1 {
+            panic!("the base is valid: {e}");
+        }
+        // (section marker, the line, field, what the message says is allowed)
+        let cases = [
+            ("PANDA", "timeout = \"1000000000years\"", "panda.timeout", "at most 5m"),
+            ("PANDA", "retry_min = \"2h\"", "panda.retry_min", "at most 1h"),
+            (
+                "PANDA",
+                "max_backoff = \"1000000000years\"",
+                "panda.max_backoff",
+                "at most 1h",
+            ),
+            (
+                "PANDA",
+                "retry_max = \"1000000000years\"",
+                "panda.retry_max",
+                "at most 1h",
+            ),
+            (
+                "PANDA",
+                "refresh_before = \"400days\"",
+                "panda.refresh_before",
+                "at most 1day",
+            ),
+            ("PANDA", "max_batch = 1001", "panda.max_batch", "allowed 1..=1000"),
+            (
+                "OUTBOX",
+                "max_records = 9223372036854775807",
+                "outbox.max_records",
+                "allowed 1..=100000000",
+            ),
+            (
+                "OUTBOX",
+                "max_bytes = 9223372036854775807",
+                "outbox.max_bytes",
+                "allowed 1024..=1099511627776",
+            ),
+            ("OUTBOX", "dead_after = 1001", "outbox.dead_after", "allowed 1..=1000"),
+            (
+                "OUTBOX",
+                "max_dead = 10000001",
+                "outbox.max_dead",
+                "allowed 1..=10000000",
+            ),
+            (
+                "OUTBOX",
+                "min_free = \"2048GiB\"",
+                "outbox.min_free",
+                "allowed 0 to 1099511627776 bytes",
+            ),
+            (
+                "OUTBOX",
+                "min_free = 1099511627777",
+                "outbox.min_free",
+                "allowed 0 to 1099511627776 bytes",
+            ),
+            (
+                "BUS",
+                "poll_interval = \"1000000000years\"",
+                "bus[0].poll_interval",
+                "at most 1h",
+            ),
+            ("BUS", "timeout = \"1000000000years\"", "bus[0].timeout", "at most 1m"),
+            (
+                "BUS",
+                "offline_after = 100000",
+                "bus[0].offline_after",
+                "allowed 1..=1000",
+            ),
+            (
+                "BUS",
+                "offline_retry = \"1000000000years\"",
+                "bus[0].offline_retry",
+                "at most 1h",
+            ),
+            ("BUS", "frame_gap = \"2s\"", "bus[0].frame_gap", "at most 1s"),
+            ("BUS", "guard = \"1000000000years\"", "bus[0].guard", "at most 1m"),
+            ("SERIAL", "baud = 4000001", "bus[1].baud", "allowed 300..=4000000"),
+            ("SERIAL", "data_bits = 9", "bus[1].data_bits", "allowed 7..=8"),
+            ("SERIAL", "stop_bits = 3", "bus[1].stop_bits", "allowed 1..=2"),
+            ("PROFILE", "confirm = 101", "meter[1].confirm", "allowed 1..=100"),
+            ("METER", "confirm = 1000000", "meter[0].confirm", "allowed 1..=100"),
+            (
+                "METER",
+                "readings = [ { field = \"f\", table = \"holding\", address = 70000 } ]",
+                "meter[0].readings[0].address",
+                "allowed 0..=65535",
+            ),
+            (
+                "METER",
+                "readings = [ { field = \"f\", table = \"holding\", address = 1, decimals = 13 } ]",
+                "meter[0].readings[0].decimals",
+                "allowed 0..=12",
+            ),
+            ("EVENT", "for = \"1000000000years\"", "event[0].for", "at most 30days"),
+        ];
+        for (marker, line, field, allowed) in cases {
+            let (text, r) = with_line(marker, line);
+            let e = r.expect_err(line);
+            assert_eq!(e.issues.len(), 1, "{line}: one error\n{e}");
+            let issue = &e.issues[0];
+            let want = text.lines().position(|l| l == line).map(|i| i + 1);
+            assert_eq!(issue.line, want, "{line}: at its own line\n{e}");
+            assert_eq!(issue.field, field, "{line}\n{e}");
+            assert!(
+                issue.message.contains("out of range") && issue.message.contains(allowed),
+                "{line}: says what is allowed ({allowed})\n{e}"
+            );
+            assert!(issue.to_string().contains("fieldgate.toml:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_duration_at_its_bound_passes_and_one_past_it_is_refused() {
+        let (_, r) = with_line("BUS", "poll_interval = \"1h\"");
+        assert_eq!(r.unwrap().buses[0].poll_interval, MAX_POLL_INTERVAL);
+        let (_, r) = with_line("BUS", "poll_interval = \"3601s\"");
+        assert!(r.unwrap_err().to_string().contains("`3601s` is out of range"));
+        let (_, r) = with_line("EVENT", "for = \"30days\"");
+        assert!(matches!(r.unwrap().events[0].kind, EventKind::Link { after, .. } if after == MAX_LINK_FOR));
+        let (_, r) = with_line("BUS", "timeout = \"0s\"");
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("`0s` is out of range: allowed more than 0 and at most 1m"),
+            "{e}"
+        );
+        // A number too large even for humantime is still one located error.
+        let (_, r) = with_line("BUS", "offline_retry = \"99999999999999999999999s\"");
+        let e = r.unwrap_err();
+        assert_eq!(e.issues.len(), 1, "{e}");
+        assert!(e.issues[0].message.contains("is not a duration"), "{e}");
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::point::{self, ByteOrder, PointSpec, Raw, Table, ValueType, WordOrder}
 /// The request timeout when neither `--timeout` nor a bus of the configuration gives one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The advice for a slow meter, part of every timeout's advice.
+const SLOW: &str = "A slow meter answers after the timeout: try again with --timeout 5s; if it answers then, set the bus `timeout` well above the answer time printed.";
+
 /// Where serial adapters appear under stable names.
 pub const SERIAL_BY_ID: &str = "/dev/serial/by-id";
 
@@ -169,9 +172,25 @@ pub async fn probe_run(args: ProbeArgs) -> Result<String, ProbeCliError> {
         span(args.address, args.count),
         describe(&transport)
     );
+    let took = |t: Duration| {
+        format!(
+            "answered in {:.1} ms, {:.0} % of the {} timeout",
+            t.as_secs_f64() * 1e3,
+            t.as_secs_f64() * 100.0 / timeout.as_secs_f64().max(1e-9),
+            humantime::format_duration(timeout)
+        )
+    };
     match read_once(&transport, timeout, args.unit, table, args.address, args.count).await {
-        Ok(Readout::Registers(words)) => Ok(format!("Read {what}:\n\n{}", render_registers(args.address, &words))),
-        Ok(Readout::Bits(bits)) => Ok(format!("Read {what}:\n\n{}", render_bits(args.address, &bits))),
+        Ok((Readout::Registers(words), t)) => Ok(format!(
+            "Read {what} ({}):\n\n{}",
+            took(t),
+            render_registers(args.address, &words)
+        )),
+        Ok((Readout::Bits(bits), t)) => Ok(format!(
+            "Read {what} ({}):\n\n{}",
+            took(t),
+            render_bits(args.address, &bits)
+        )),
         Err(error) => {
             let by_id = if error.error_code() == "open" {
                 serial_by_id()
@@ -301,10 +320,10 @@ pub fn advice(e: &ProbeError, transport: &Transport, unit: u8, by_id: &[String])
             ..
         } => "The device cannot be reached: check the network, the IP address and any firewall (`ping` it).".into(),
         ProbeError::Open { .. } => "Check the device path and that the adapter works (`dmesg | tail`).".into(),
-        ProbeError::Timeout(_) if serial => format!("Unit {unit} did not answer: check the unit id, the baud rate and parity (they must match the meter's), and the wiring (A/B swapped? common ground? termination at the ends of the line?)."),
+        ProbeError::Timeout(_) if serial => format!("Unit {unit} did not answer: check the unit id, the baud rate and parity (they must match the meter's), and the wiring (A/B swapped? common ground? termination at the ends of the line?). {SLOW}"),
         ProbeError::Timeout(_) => match transport {
-            Transport::RtuOverTcp(_) => format!("Unit {unit} did not answer: check the unit id, the serial settings of the device server (baud, parity) and the RS-485 wiring behind it; if it is a Modbus TCP gateway, try --tcp instead."),
-            _ => format!("Unit {unit} did not answer: check the unit id (many TCP devices answer only 1 or 255); if the device server passes RTU frames through, try --rtu-over-tcp instead."),
+            Transport::RtuOverTcp(_) => format!("Unit {unit} did not answer: check the unit id, the serial settings of the device server (baud, parity) and the RS-485 wiring behind it; if it is a Modbus TCP gateway, try --tcp instead. {SLOW}"),
+            _ => format!("Unit {unit} did not answer: check the unit id (many TCP devices answer only 1 or 255); if the device server passes RTU frames through, try --rtu-over-tcp instead. {SLOW}"),
         },
         ProbeError::Exception { code } => match code {
             0x01 => "Illegal function: the device does not support reading this table; try another --table (e.g. input instead of holding).".into(),

@@ -56,6 +56,11 @@
 //!
 //! [`Plant::silence`] makes a unit dead: requests to it get no answer at all, like unknown units.
 //!
+//! [`Plant::set_flaky`] makes a unit fail a share of its requests at random ([`Flaky`]): each failing
+//! request is answered late (after [`Flaky::late`]) or not at all, half and half. The draws come from a
+//! random generator seeded per unit, one pair of draws per request, so the same seed and the same
+//! sequence of requests fail the same requests again (a failing test can be rerun with its seed).
+//!
 //! The plant's lock is a std `Mutex`, held only to read or change the tables, never across an await.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -69,6 +74,7 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use rand::{Rng as _, SeedableRng as _};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -148,8 +154,20 @@ pub enum Fault {
     Garbage,
 }
 
+/// A unit that fails a share of its requests at random ([`Plant::set_flaky`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Flaky {
+    /// Share of the requests that fail, `0.0..=1.0`.
+    pub rate: f64,
+    /// A failing request is answered after this delay or not at all, at random half and half; `None`:
+    /// failing requests are never answered.
+    pub late: Option<Duration>,
+    /// Seed of the unit's draws (mixed with the unit id, so units of one seed differ).
+    pub seed: u64,
+}
+
 /// One unit as shown by `status` and `GET /units`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UnitStatus {
     /// Unit id.
     pub unit: u8,
@@ -167,6 +185,10 @@ pub struct UnitStatus {
     pub pending_faults: usize,
     /// Requests seen for this unit.
     pub requests: u64,
+    /// Share of the requests failed at random, in percent (0: not flaky).
+    pub flaky_percent: f64,
+    /// Requests failed at random so far (late or unanswered).
+    pub flaky_failures: u64,
 }
 
 #[derive(Debug, Default)]
@@ -175,6 +197,8 @@ struct PlantState {
     silent: BTreeMap<u8, bool>,
     faults: HashMap<u8, VecDeque<Fault>>,
     requests: HashMap<u8, u64>,
+    flaky: HashMap<u8, (Flaky, rand::rngs::StdRng)>,
+    flaky_failures: HashMap<u8, u64>,
 }
 
 /// How the service answers one request.
@@ -317,6 +341,26 @@ impl Plant {
         self.lock().silent.insert(unit, silent);
     }
 
+    /// Make `unit` fail a share of its requests at random (`None`: answer every request again).
+    /// Counts of failures so far are kept.
+    pub fn set_flaky(&self, unit: u8, flaky: Option<Flaky>) {
+        let mut p = self.lock();
+        match flaky {
+            Some(f) => {
+                let rng = rand::rngs::StdRng::seed_from_u64(f.seed ^ (u64::from(unit) << 56));
+                p.flaky.insert(unit, (f, rng));
+            }
+            None => {
+                p.flaky.remove(&unit);
+            }
+        }
+    }
+
+    /// Requests of `unit` failed at random so far (late or unanswered).
+    pub fn flaky_failures(&self, unit: u8) -> u64 {
+        self.lock().flaky_failures.get(&unit).copied().unwrap_or(0)
+    }
+
     /// Queue a fault for the next request to `unit`.
     pub fn inject(&self, unit: u8, fault: Fault) {
         self.lock().faults.entry(unit).or_default().push_back(fault);
@@ -346,6 +390,8 @@ impl Plant {
                 silenced: p.silent.get(&unit).copied().unwrap_or(false),
                 pending_faults: p.faults.get(&unit).map_or(0, VecDeque::len),
                 requests: p.requests.get(&unit).copied().unwrap_or(0),
+                flaky_percent: p.flaky.get(&unit).map_or(0.0, |(f, _)| f.rate * 100.0),
+                flaky_failures: p.flaky_failures.get(&unit).copied().unwrap_or(0),
             })
             .collect()
     }
@@ -357,7 +403,23 @@ impl Plant {
         if p.silent.get(&slave).copied().unwrap_or(false) {
             return Answer::Silent;
         }
+        // Two draws for every request, failing or not, so a seed always fails the same requests.
+        let flaky = p.flaky.get_mut(&slave).and_then(|(f, rng)| {
+            let (fail, late) = (rng.random::<f64>() < f.rate, rng.random::<bool>());
+            fail.then_some(if late { f.late } else { None })
+        });
         let fault = p.faults.get_mut(&slave).and_then(VecDeque::pop_front);
+        let fault = match (fault, flaky) {
+            (Some(f), _) => Some(f),
+            (None, None) => None,
+            (None, Some(late)) => {
+                *p.flaky_failures.entry(slave).or_default() += 1;
+                match late {
+                    Some(d) => Some(Fault::Late(d)),
+                    None => return Answer::Silent,
+                }
+            }
+        };
         let Some(u) = p.units.get_mut(&slave) else {
             return Answer::Silent;
         };
@@ -842,7 +904,17 @@ pub fn serve_rtu_path_paced(path: String, baud: u32, pace: Option<Pace>, plant: 
         };
         let mut logged = false;
         loop {
-            match SerialStream::open(&tokio_serial::new(path.as_str(), baud)) {
+            // Opening a tty is blocking system calls (open, ioctl, termios): off the async workers.
+            let builder = tokio_serial::new(path.as_str(), baud);
+            let opened = tokio::task::spawn_blocking(move || SerialStream::open(&builder))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(tokio_serial::Error::new(
+                        tokio_serial::ErrorKind::Unknown,
+                        e.to_string(),
+                    ))
+                });
+            match opened {
                 Ok(mut stream) => {
                     info!(message = "Simulator serial device open.", %path);
                     logged = false;
@@ -966,7 +1038,8 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     pub flip_every: Option<Duration>,
     /// Serve the admin HTTP API here: POST /units/{unit}/flip|fault|silence|wake,
-    /// POST /units/{unit}/battery/{volts}, POST /units/{unit}/flow/{m3}, GET /units.
+    /// POST /units/{unit}/battery/{volts}, POST /units/{unit}/flow/{m3},
+    /// POST /units/{unit}/flaky/{percent}?late_ms=MS&seed=N, GET /units.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
 }
@@ -1095,6 +1168,10 @@ const HELP: &str = "commands:
   late U MS            answer the next request to U after MS milliseconds
   garbage U            garble the next answer of U
   wrong-count U        answer the next read of U with one item fewer
+  flaky U PCT [MS] [SEED]
+                       unit U fails PCT % of its requests at random: half answered MS ms late
+                       (default 1000), half not at all; the same SEED fails the same requests;
+                       `flaky U 0` ends it
   status               show every unit
   help                 this text";
 
@@ -1171,6 +1248,30 @@ pub fn command(plant: &Plant, line: &str) -> String {
             plant.inject(u, Fault::Late(Duration::from_millis(ms)));
             Ok(format!("unit {u}: next answer {ms} ms late"))
         })(),
+        "flaky" => (|| {
+            let u = unit_arg(1)?;
+            let pct: f64 = words
+                .get(2)
+                .and_then(|w| w.parse().ok())
+                .filter(|p| (0.0..=100.0).contains(p))
+                .ok_or("PCT must be a number 0..100")?;
+            let ms: u64 = match words.get(3) {
+                Some(w) => w.parse().map_err(|_| "MS must be a number of milliseconds")?,
+                None => 1000,
+            };
+            let seed: u64 = match words.get(4) {
+                Some(w) => w.parse().map_err(|_| "SEED must be a number")?,
+                None => rand::random(),
+            };
+            if pct == 0.0 {
+                plant.set_flaky(u, None);
+                return Ok(format!("unit {u}: answers every request again"));
+            }
+            plant.set_flaky(u, Some(flaky(pct, ms, seed)));
+            Ok(format!(
+                "unit {u}: fails {pct} % of its requests at random (half answered {ms} ms late, half not at all), seed {seed}"
+            ))
+        })(),
         "garbage" => unit_arg(1).map(|u| {
             plant.inject(u, Fault::Garbage);
             format!("unit {u}: next answer garbled")
@@ -1184,7 +1285,7 @@ pub fn command(plant: &Plant, line: &str) -> String {
             .iter()
             .map(|s| {
                 format!(
-                    "unit {}: valve {}{}, 累计流量 {}.{:02} m³, 电池电压 {}.{:02} V{}{}",
+                    "unit {}: valve {}{}, 累计流量 {}.{:02} m³, 电池电压 {}.{:02} V{}{}{}",
                     s.unit,
                     valve_word(s.valve_open),
                     if s.valve_status == VALVE_FAULT {
@@ -1197,6 +1298,11 @@ pub fn command(plant: &Plant, line: &str) -> String {
                     s.battery_raw / 100,
                     s.battery_raw % 100,
                     if s.silenced { ", SILENCED" } else { "" },
+                    if s.flaky_percent > 0.0 {
+                        format!(", flaky {} % ({} failed)", s.flaky_percent, s.flaky_failures)
+                    } else {
+                        String::new()
+                    },
                     if s.pending_faults > 0 {
                         format!(", {} fault(s) queued", s.pending_faults)
                     } else {
@@ -1210,6 +1316,15 @@ pub fn command(plant: &Plant, line: &str) -> String {
         other => Err(format!("unknown command `{other}`; type help")),
     };
     result.unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// A [`Flaky`] failing `percent` % of the requests, late ones `late_ms` late (0: never answered).
+fn flaky(percent: f64, late_ms: u64, seed: u64) -> Flaky {
+    Flaky {
+        rate: percent / 100.0,
+        late: (late_ms > 0).then(|| Duration::from_millis(late_ms)),
+        seed,
+    }
 }
 
 /// A non-negative decimal with at most two decimals, in hundredths: "3.2" → 320.
@@ -1315,8 +1430,36 @@ fn admin_router(plant: Plant) -> axum::Router {
         }
     }
 
+    #[derive(serde::Deserialize)]
+    struct FlakyQuery {
+        late_ms: Option<u64>,
+        seed: Option<u64>,
+    }
+
+    async fn set_flaky(
+        State(plant): State<Plant>,
+        Path((unit, percent)): Path<(u8, String)>,
+        axum::extract::Query(q): axum::extract::Query<FlakyQuery>,
+    ) -> Reply {
+        let Some(pct) = percent.parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p)) else {
+            return bad("percent must be a number 0..100, e.g. 25");
+        };
+        if plant.unit(unit).is_none() {
+            return unknown(unit);
+        }
+        let seed = q.seed.unwrap_or_else(rand::random);
+        let late_ms = q.late_ms.unwrap_or(1000);
+        plant.set_flaky(unit, (pct > 0.0).then(|| flaky(pct, late_ms, seed)));
+        println!("unit {unit}: flaky {pct} %, late {late_ms} ms, seed {seed} (admin API)");
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "unit": unit, "flaky_percent": pct, "late_ms": late_ms, "seed": seed })),
+        )
+    }
+
     axum::Router::new()
         .route("/units", get(units))
+        .route("/units/{unit}/flaky/{percent}", post(set_flaky))
         .route("/units/{unit}/flip", post(flip))
         .route("/units/{unit}/fault", post(fault))
         .route("/units/{unit}/battery/{volts}", post(battery))
@@ -1413,6 +1556,64 @@ mod tests {
         assert_eq!(p.requests(1), 3);
     }
 
+    /// The kind of each of `n` answers of `unit`: 'n' now, 'l' late (after `late`), 's' silent.
+    fn pattern(p: &Plant, unit: u8, n: usize, late: Duration) -> String {
+        (0..n)
+            .map(|_| match p.answer(unit, Request::ReadHoldingRegisters(0, 4)) {
+                Answer::Now(Ok(_)) => 'n',
+                Answer::Late(d, 3, Ok(_)) if d == late => 'l',
+                Answer::Silent => 's',
+                _ => '?',
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flaky_unit_fails_a_share_of_requests_the_same_way_for_the_same_seed() {
+        let late = Duration::from_millis(80);
+        let flaky = Flaky {
+            rate: 0.25,
+            late: Some(late),
+            seed: 7,
+        };
+        let (a, b) = (Plant::with_meters(2), Plant::with_meters(2));
+        a.set_flaky(1, Some(flaky));
+        b.set_flaky(1, Some(flaky));
+        let pa = pattern(&a, 1, 400, late);
+        assert_eq!(pa, pattern(&b, 1, 400, late), "same seed, same failures");
+        let failed = pa.chars().filter(|c| *c != 'n').count();
+        assert!((60..=140).contains(&failed), "about 25 % of 400: {failed}");
+        assert!(pa.contains('l') && pa.contains('s') && !pa.contains('?'), "{pa}");
+        assert_eq!(a.flaky_failures(1), failed as u64);
+        assert_eq!(a.status()[0].flaky_percent, 25.0);
+        // Other units, and the same unit once it is no longer flaky, answer every request.
+        assert_eq!(pattern(&a, 2, 50, late), "n".repeat(50));
+        a.set_flaky(1, None);
+        assert_eq!(pattern(&a, 1, 50, late), "n".repeat(50));
+        // A queued fault comes first; the draws go on underneath it.
+        b.inject(1, Fault::WrongCount);
+        assert!(matches!(
+            b.answer(1, Request::ReadHoldingRegisters(0, 4)),
+            Answer::Now(Ok(Response::ReadHoldingRegisters(v))) if v.len() == 3
+        ));
+    }
+
+    #[test]
+    fn the_flaky_command_sets_and_ends_the_fault() {
+        let p = Plant::with_meters(2);
+        assert_eq!(
+            command(&p, "flaky 2 25 400 9"),
+            "unit 2: fails 25 % of its requests at random (half answered 400 ms late, half not at all), seed 9"
+        );
+        assert!(command(&p, "status")
+            .contains("unit 2: valve 关闭 (closed), 累计流量 212.34 m³, 电池电压 3.52 V, flaky 25 % (0 failed)"));
+        assert_eq!(command(&p, "flaky 2 0"), "unit 2: answers every request again");
+        assert_eq!(p.status()[1].flaky_percent, 0.0);
+        assert!(command(&p, "flaky 2 101").starts_with("error:"));
+        assert!(command(&p, "flaky 2 25 x").starts_with("error:"));
+        assert!(command(&p, "flaky 9 25").starts_with("error: no unit 9"));
+    }
+
     #[tokio::test]
     async fn the_admin_api_flips_silences_scripts_and_lists_units() {
         let plant = Plant::with_meters(2);
@@ -1448,6 +1649,17 @@ mod tests {
         assert_eq!(post("/units/2/flow/0.05").await.expect("flow").status(), 200);
         assert_eq!(plant.flow(2), Some(before + 5));
         assert_eq!(post("/units/9/fault").await.expect("fault 9").status(), 404);
+        assert_eq!(
+            post("/units/1/flaky/25?late_ms=100&seed=3")
+                .await
+                .expect("flaky")
+                .status(),
+            200
+        );
+        assert_eq!(plant.status()[0].flaky_percent, 25.0);
+        assert_eq!(post("/units/1/flaky/abc").await.expect("flaky abc").status(), 400);
+        assert_eq!(post("/units/1/flaky/0").await.expect("flaky off").status(), 200);
+        assert_eq!(plant.status()[0].flaky_percent, 0.0);
         server.abort();
     }
 

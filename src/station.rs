@@ -108,13 +108,15 @@ impl Live {
 
     /// A copy of the view.
     pub fn snapshot(&self) -> Vec<MeterView> {
-        self.meters.lock().map(|m| m.clone()).unwrap_or_default()
+        // A panic while the lock was held (the station is restarted after one) leaves a usable view.
+        self.meters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn update(&self, f: impl FnOnce(&mut Vec<MeterView>)) {
-        if let Ok(mut m) = self.meters.lock() {
-            f(&mut m);
-        }
+        f(&mut self.meters.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     }
 }
 

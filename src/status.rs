@@ -173,10 +173,15 @@ pub fn render_status(r: &StatusReport) -> String {
                     m.meter_no.clone(),
                     m.bus.clone(),
                     m.unit.to_string(),
-                    if m.online { "yes" } else { "OFFLINE" }.to_string(),
+                    match (m.online, m.retry_every_seconds) {
+                        (true, _) => "yes".to_string(),
+                        (false, Some(every)) => format!("OFFLINE (retry every {})", age(every)),
+                        (false, None) => "OFFLINE".to_string(),
+                    },
                     m.state.clone().unwrap_or_else(|| "-".into()),
                     m.last_change.clone().unwrap_or_else(|| "-".into()),
                     m.last_sample_age_seconds.map_or_else(|| "never".into(), age),
+                    answer_cell(m),
                     readings,
                 ]
             })
@@ -190,10 +195,19 @@ pub fn render_status(r: &StatusReport) -> String {
                 "STATE",
                 "SINCE",
                 "LAST READ",
+                "ANSWER",
                 "READINGS",
             ],
             &rows,
         ));
+        for m in r.meters.iter().filter(|m| m.hint.is_some()) {
+            out.push_str(&format!(
+                "  {} (bus {}): {}\n",
+                m.meter_no,
+                m.bus,
+                m.hint.as_deref().unwrap_or_default()
+            ));
+        }
     }
 
     let c = &r.outbox.counts;
@@ -274,6 +288,35 @@ pub fn store_lines(c: &OutboxCounts) -> String {
         ));
     }
     out
+}
+
+/// A meter's answer times, `4.2 ms, max 280 of 300 ms` (last, slowest recent, the timeout), then its
+/// late answers and timeouts when it had any; `-` before the first answer.
+fn answer_cell(m: &MeterInfo) -> String {
+    let mut cell = match (m.answer_ms, m.answer_max_ms, m.timeout_ms) {
+        (Some(last), Some(max), Some(t)) => format!("{} ms, max {} of {} ms", millis(last), millis(max), millis(t)),
+        (Some(last), Some(max), None) => format!("{} ms, max {} ms", millis(last), millis(max)),
+        (Some(last), None, _) => format!("{} ms", millis(last)),
+        (None, ..) => "-".to_string(),
+    };
+    if m.late_answers > 0 {
+        cell.push_str(&format!("; {} late", m.late_answers));
+    }
+    if m.timeouts > 0 {
+        cell.push_str(&format!("; {} timeouts", m.timeouts));
+    }
+    cell
+}
+
+/// Milliseconds, short: `0.04`, `4.2`, `12`, `1500`.
+fn millis(ms: f64) -> String {
+    if ms < 1.0 {
+        format!("{ms:.2}")
+    } else if ms < 10.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.0}")
+    }
 }
 
 fn status_word(s: Status) -> &'static str {
@@ -458,6 +501,28 @@ mod tests {
             store_lines(&healed),
             "  State database: ok (failed 1 time(s) since start, opened again 1 time(s))\n"
         );
+    }
+
+    #[test]
+    fn a_meter_from_an_older_daemon_parses_and_answer_times_read_in_milliseconds() {
+        // `/meters` of a release before answer times: the new fields take their defaults.
+        let old = r#"{"meter_no":"M2","bus":"line-a","unit":2,"online":true,"state":"开启",
+            "stored_state":"开启","last_change":null,"readings":{},"last_sample_age_seconds":0.4}"#;
+        let mut m: MeterInfo = serde_json::from_str(old).expect("older JSON parses");
+        assert_eq!(
+            (m.answer_ms, m.timeouts, m.late_answers, m.hint.clone()),
+            (None, 0, 0, None)
+        );
+        assert_eq!(answer_cell(&m), "-");
+        m.answer_ms = Some(4.21);
+        m.answer_max_ms = Some(281.4);
+        m.timeout_ms = Some(300.0);
+        m.late_answers = 2;
+        m.timeouts = 3;
+        assert_eq!(answer_cell(&m), "4.2 ms, max 281 of 300 ms; 2 late; 3 timeouts");
+        m.answer_ms = Some(0.042);
+        m.answer_max_ms = None;
+        assert_eq!(answer_cell(&m), "0.04 ms; 2 late; 3 timeouts");
     }
 
     #[test]

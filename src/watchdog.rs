@@ -1,25 +1,35 @@
-//! Liveness of the bus tasks, and the systemd watchdog that depends on it.
+//! Liveness of the bus tasks and of the station, and the systemd watchdog that depends on them.
 //!
-//! Owns: [`Liveness`], a registry of the running bus tasks, and [`run_watchdog`], the task that sends
-//! `WATCHDOG=1` every `WatchdogSec/2` **only while every bus task is making progress**. Progress is a
-//! completed poll round (`BusStats::rounds` advancing, bumped by the bus loop every round). A round in
-//! which every meter is offline, or the port cannot be opened, still completes, so it is progress; a
-//! bus task stuck forever in an await completes no round, so the pings stop and systemd restarts the
-//! service `WatchdogSec` later.
+//! Owns: [`Liveness`], a registry of the running bus tasks, [`StationHealth`], the record of the
+//! station thread's panics and restarts, and [`run_watchdog`], the task that sends `WATCHDOG=1` every
+//! `WatchdogSec/2` **only while every bus task is making progress and the station is not failing**.
+//! Progress of a bus is a completed poll round (`BusStats::rounds` advancing, bumped by the bus loop
+//! every round). A round in which every meter is offline, or the port cannot be opened, still
+//! completes, so it is progress; a bus task stuck forever in an await completes no round, so the pings
+//! stop and systemd restarts the service `WatchdogSec` later.
 //!
 //! How long a round may take without counting as stuck ([`stall_bound`]) is derived from the bus's
 //! config: `poll_interval`, plus for every request of a round (and one open) twice the `timeout` (an
 //! open and the request) with `guard` and `frame_gap`, plus a slack for the station's fsync (a bus
 //! waits on a full channel while the station syncs).
 //!
-//! Never: pings while a bus is stalled, or stops the gateway itself (systemd does that).
+//! The station thread is restarted in process after a panic (`crate::app`); one panic is a bug to
+//! report (`/healthz` `degraded`, `station_restarted`, for [`STATION_PANIC_SHOWN`]), but
+//! [`STATION_PANICS_FAILING`] panics within [`STATION_PANIC_WINDOW`] mean it cannot do its job in this
+//! process: `/healthz` `critical` (`station_failing`) and the pings stop, so systemd restarts the
+//! whole service.
+//!
+//! Never: pings while a bus is stalled or the station is failing, or stops the gateway itself
+//! (systemd does that).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{Finding, HealthCheck, Status};
 use crate::bus::{plan_reads, BusStats};
 use crate::config::Config;
 use crate::notify::Notifier;
@@ -87,14 +97,17 @@ struct Watched {
     frozen: bool,
 }
 
-/// The running bus tasks and when each last completed a round. Shared by the gateway (which
-/// replaces the set on reload) and the watchdog task (which asks [`Liveness::stalls`]).
+/// The running bus tasks and when each last completed a round, and the station's panics. Shared by
+/// the gateway (which replaces the set of buses on reload) and the watchdog task (which asks
+/// [`Liveness::stalls`] and [`StationHealth::failing`]).
 #[derive(Debug, Default)]
 pub struct Liveness {
     buses: Mutex<Vec<Watched>>,
+    /// The station thread's panics; kept across reloads (its counts only grow).
+    station: Arc<StationHealth>,
     /// Watchdog ticks that sent WATCHDOG=1 (a counter, for metrics and tests).
     pings: AtomicU64,
-    /// Watchdog ticks that sent nothing because a bus was stalled.
+    /// Watchdog ticks that sent nothing because a bus was stalled or the station failing.
     withheld: AtomicU64,
 }
 
@@ -158,12 +171,24 @@ impl Liveness {
         stalls
     }
 
+    /// The station thread's panics and restarts (also a [`HealthCheck`] for `/healthz`).
+    pub fn station(&self) -> &Arc<StationHealth> {
+        &self.station
+    }
+
+    /// What keeps the watchdog from pinging now, in words (empty: nothing).
+    pub fn blockers(&self) -> Vec<String> {
+        let mut why: Vec<String> = self.stalls().iter().map(ToString::to_string).collect();
+        why.extend(self.station.failing());
+        why
+    }
+
     /// Watchdog pings sent so far.
     pub fn pings_sent(&self) -> u64 {
         self.pings.load(Ordering::Relaxed)
     }
 
-    /// Watchdog ticks so far that sent no ping because a bus was stalled.
+    /// Watchdog ticks so far that sent no ping because a bus was stalled or the station failing.
     pub fn pings_withheld(&self) -> u64 {
         self.withheld.load(Ordering::Relaxed)
     }
@@ -185,9 +210,9 @@ impl Liveness {
     }
 }
 
-/// Ping systemd every `notifier.ping_interval()` while no bus is stalled, until `stop`. Logs once when
-/// pings stop (with the stalled buses) and once when they resume. Returns at once if systemd asked
-/// for no watchdog.
+/// Ping systemd every `notifier.ping_interval()` while no bus is stalled and the station is not
+/// failing ([`Liveness::blockers`]), until `stop`. Logs once when pings stop (with the reasons) and once
+/// when they resume. Returns at once if systemd asked for no watchdog.
 pub async fn run_watchdog(notifier: Notifier, liveness: Arc<Liveness>, stop: CancellationToken) {
     let Some(every) = notifier.ping_interval() else {
         return;
@@ -200,10 +225,12 @@ pub async fn run_watchdog(notifier: Notifier, liveness: Arc<Liveness>, stop: Can
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let stalls = liveness.stalls();
-        if stalls.is_empty() {
+        let why = liveness.blockers();
+        if why.is_empty() {
             if stalled {
-                tracing::warn!(message = "Every bus makes progress again; watchdog pings resume.");
+                tracing::warn!(
+                    message = "Every bus makes progress again and the station works; watchdog pings resume."
+                );
                 stalled = false;
             }
             notifier.watchdog();
@@ -213,13 +240,121 @@ pub async fn run_watchdog(notifier: Notifier, liveness: Arc<Liveness>, stop: Can
         liveness.withheld.fetch_add(1, Ordering::Relaxed);
         if !stalled {
             stalled = true;
-            let why: Vec<String> = stalls.iter().map(ToString::to_string).collect();
             tracing::error!(
-                message = "A bus task makes no progress; watchdog pings stop, systemd will restart the service.",
-                stalls = %why.join("; "),
+                message = "The gateway makes no progress; watchdog pings stop, systemd will restart the service.",
+                reasons = %why.join("; "),
             );
             notifier.status(&format!("Stalled: {}", why.join("; ")));
         }
+    }
+}
+
+/// This many station panics within [`STATION_PANIC_WINDOW`] make the station `failing`: `/healthz`
+/// critical and no more watchdog pings (systemd restarts the service).
+pub const STATION_PANICS_FAILING: usize = 3;
+
+/// The window in which [`STATION_PANICS_FAILING`] panics count together.
+pub const STATION_PANIC_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// How long after its last panic a restarted station is reported (`station_restarted`, degraded).
+pub const STATION_PANIC_SHOWN: Duration = Duration::from_secs(60 * 60);
+
+/// The station thread's panics, each followed by a restart in the same process (`crate::app`).
+#[derive(Debug, Default)]
+pub struct StationHealth {
+    record: Mutex<PanicRecord>,
+}
+
+#[derive(Debug, Default)]
+struct PanicRecord {
+    /// Panics (= restarts) since the gateway started.
+    total: u64,
+    /// The last one: when, and its message.
+    last: Option<(Instant, String)>,
+    /// When the panics within the window happened (at most [`STATION_PANICS_FAILING`] kept).
+    recent: VecDeque<Instant>,
+}
+
+impl StationHealth {
+    /// The station panicked with `message` (it is restarted); returns the panics since start.
+    pub fn panicked(&self, message: &str) -> u64 {
+        self.panicked_at(Instant::now(), message)
+    }
+
+    fn panicked_at(&self, at: Instant, message: &str) -> u64 {
+        let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        r.total += 1;
+        r.last = Some((at, message.to_string()));
+        r.recent.push_back(at);
+        while r.recent.len() > STATION_PANICS_FAILING {
+            r.recent.pop_front();
+        }
+        r.total
+    }
+
+    /// Panics (each followed by a restart) since the gateway started.
+    pub fn restarts(&self) -> u64 {
+        self.record.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+
+    /// Why the station counts as failing (too many panics in a short time), if it does.
+    pub fn failing(&self) -> Option<String> {
+        self.failing_at(Instant::now())
+    }
+
+    fn failing_at(&self, now: Instant) -> Option<String> {
+        let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        // A burst (N panics within the window) that is still recent (the last one within the window).
+        let (first, last) = (*r.recent.front()?, *r.recent.back()?);
+        let burst = r.recent.len() >= STATION_PANICS_FAILING
+            && last.saturating_duration_since(first) <= STATION_PANIC_WINDOW
+            && now.saturating_duration_since(last) <= STATION_PANIC_WINDOW;
+        if !burst {
+            return None;
+        }
+        let last = r.last.as_ref().map_or("", |(_, m)| m.as_str());
+        Some(format!(
+            "the station panicked {} times within {} ({} since start; last: {last})",
+            r.recent.len(),
+            humantime::format_duration(STATION_PANIC_WINDOW),
+            r.total
+        ))
+    }
+
+    fn findings_at(&self, now: Instant) -> Vec<Finding> {
+        if let Some(why) = self.failing_at(now) {
+            return vec![Finding {
+                status: Status::Critical,
+                code: "station_failing".into(),
+                message: format!(
+                    "{why}: valve changes may not be recorded; it is restarted each time, and watchdog pings stop so that systemd restarts the service. A bug: report it with `journalctl -u fieldgate`"
+                ),
+            }];
+        }
+        let r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((at, message)) = &r.last else {
+            return Vec::new();
+        };
+        let ago = now.saturating_duration_since(*at);
+        if ago > STATION_PANIC_SHOWN {
+            return Vec::new();
+        }
+        vec![Finding {
+            status: Status::Degraded,
+            code: "station_restarted".into(),
+            message: format!(
+                "the station panicked {} ago ({message}) and was restarted ({} restart(s) since start): it read its states back from the store, nothing committed was lost, and what the failed cycle held is detected again by the next polls. A bug: report it with `journalctl -u fieldgate`",
+                humantime::format_duration(Duration::from_secs(ago.as_secs())),
+                r.total
+            ),
+        }]
+    }
+}
+
+impl HealthCheck for StationHealth {
+    /// `station_failing` (critical) or `station_restarted` (degraded), or nothing.
+    fn findings(&self) -> Vec<Finding> {
+        self.findings_at(Instant::now())
     }
 }
 
@@ -271,6 +406,59 @@ mod tests {
         stats.rounds.fetch_add(1, Ordering::Relaxed);
         let stalls = l.stalls_at(Instant::now() + Duration::from_secs(3));
         assert_eq!(stalls.len(), 1);
+    }
+
+    #[test]
+    fn one_station_panic_degrades_health_for_an_hour_and_keeps_the_pings() {
+        let h = StationHealth::default();
+        let t0 = Instant::now();
+        assert!(h.findings_at(t0).is_empty());
+        assert_eq!(h.panicked_at(t0, "index out of bounds"), 1);
+        let f = h.findings_at(t0 + Duration::from_secs(90));
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            (f[0].status, f[0].code.as_str()),
+            (Status::Degraded, "station_restarted")
+        );
+        assert!(
+            f[0].message.contains("index out of bounds") && f[0].message.contains("1 restart(s)"),
+            "{}",
+            f[0].message
+        );
+        assert_eq!(
+            h.failing_at(t0 + Duration::from_secs(1)),
+            None,
+            "one panic is no reason to stop pinging"
+        );
+        assert!(h
+            .findings_at(t0 + STATION_PANIC_SHOWN + Duration::from_secs(1))
+            .is_empty());
+    }
+
+    #[test]
+    fn station_panics_in_a_burst_make_it_failing_and_stop_the_pings() {
+        let l = Liveness::new();
+        let t0 = Instant::now();
+        for k in 0..STATION_PANICS_FAILING as u64 {
+            assert_eq!(l.station().failing_at(t0 + Duration::from_secs(k)), None);
+            l.station().panicked_at(t0 + Duration::from_secs(k), "boom");
+        }
+        let now = t0 + Duration::from_secs(10);
+        let why = l.station().failing_at(now).expect("failing");
+        assert!(
+            why.contains("panicked 3 times within 10m") && why.contains("boom"),
+            "{why}"
+        );
+        let f = l.station().findings_at(now);
+        assert_eq!((f[0].status, f[0].code.as_str()), (Status::Critical, "station_failing"));
+        assert!(!l.blockers().is_empty(), "the watchdog withholds its pings");
+        // Spread over more than the window, the same number of panics is not a failing station.
+        let h = StationHealth::default();
+        for k in 0..STATION_PANICS_FAILING as u32 {
+            h.panicked_at(t0 + STATION_PANIC_WINDOW * k, "boom");
+        }
+        assert_eq!(h.failing_at(t0 + STATION_PANIC_WINDOW * 2), None);
+        assert_eq!(h.restarts(), STATION_PANICS_FAILING as u64);
     }
 
     #[test]

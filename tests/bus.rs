@@ -1,5 +1,6 @@
 //! `run_bus` against the in-process simulator, over real sockets and pseudo-terminals: values, valve flips,
-//! late / garbled / short answers, a dead unit, and a restarted server. Each scenario runs on Modbus TCP,
+//! late / garbled / short answers, a dead unit and its retry backoff, answer times and late answers as
+//! `/meters` shows them, and a restarted server. Each scenario runs on Modbus TCP,
 //! RTU on a pty (`SerialStream::pair()`, no socat needed) and RTU over TCP; the serial unplug test needs
 //! `socat` and says so in its name.
 //!
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use fieldgate::bus::{run_bus, BusStats, BusStatsSnapshot};
+use fieldgate::bus::{run_bus, BusStats, BusStatsSnapshot, MeterLink};
 use fieldgate::config::Config;
 use fieldgate::simulator::{self, Fault, Plant, FLOW_PER_FLIP};
 use fieldgate::station::{Cycle, Sample};
@@ -69,6 +70,25 @@ const CHECKED: Timing = Timing {
 /// fire in the same tick and the frame be written after the reopen. That is an answer later than the
 /// guard, which no RTU master can tell from a fresh one, not the case these tests are about.
 const LATE: Timing = Timing { guard: "1s", ..CHECKED };
+
+/// For the backoff test: a failed request (timeout + guard: 60 ms) fits in a round, so rounds keep their
+/// period and the retry gaps can be counted in rounds. offline_retry = 8 rounds.
+const BACKOFF: Timing = Timing {
+    poll: "100ms",
+    timeout: Duration::from_millis(30),
+    guard: "30ms",
+    offline_after: 2,
+    offline_retry: "800ms",
+};
+
+/// For the answer-time test: a 300 ms timeout, a guard of 1.5 s to listen for late answers in.
+const SLOW: Timing = Timing {
+    poll: "500ms",
+    timeout: Duration::from_millis(300),
+    guard: "1500ms",
+    offline_after: 5,
+    offline_retry: "1s",
+};
 
 /// Scheduling slack allowed between a request going out and its sample's timestamp, beyond the timeout.
 const SLACK: Duration = Duration::from_millis(250);
@@ -415,6 +435,14 @@ impl Rig {
         self.stats.snapshot()
     }
 
+    /// The bus task's figures of one meter, as `/meters` shows them.
+    fn link(&self, meter: &str) -> MeterLink {
+        match self.stats.meter_link(meter) {
+            Some(l) => l,
+            None => panic!("{:?}: no figures of {meter}", self.kind),
+        }
+    }
+
     /// The next cycle (recorded in `seen`).
     async fn next_cycle(&mut self, what: &str) -> Cycle {
         match tokio::time::timeout(DEADLINE, self.cycles.recv()).await {
@@ -546,6 +574,8 @@ on_every_transport!(
     a_short_answer_is_rejected_and_the_bus_recovers,
     a_dead_unit_goes_offline_once_while_the_others_keep_reporting,
     an_exception_keeps_the_connection_and_takes_only_that_meter_offline,
+    a_dead_meter_is_retried_every_round_at_first_then_less_often_and_again_every_round_after_an_answer,
+    answer_times_and_late_answers_are_measured_and_a_slow_meter_gets_the_hint_to_raise_the_timeout,
 );
 
 async fn values_are_read_and_valve_flips_show_in_the_next_samples(kind: Kind) {
@@ -720,6 +750,146 @@ async fn an_exception_keeps_the_connection_and_takes_only_that_meter_offline(kin
         "{kind:?}: {st:?}"
     );
     assert_eq!(rig.links(), [(1, false)], "{kind:?}");
+}
+
+/// Tries of a dead M2 (its timeouts, as the bus task counts them) round by round: the round numbers of
+/// the tries and the retry period after each, from the round where it went offline.
+async fn offline_tries(rig: &mut Rig, tries: usize) -> Vec<(usize, Option<Duration>)> {
+    rig.cycle_where("M2 offline", |c| c.links.contains(&(1, false))).await;
+    let mut seen = vec![(0, rig.link("M2").retry_every)];
+    let mut timeouts = rig.link("M2").timeouts;
+    let mut round = 0;
+    while seen.len() <= tries {
+        let c = rig.next_cycle("rounds while M2 is offline").await;
+        round += 1;
+        assert!(
+            c.samples.iter().any(|s| s.meter == 0),
+            "{:?}: M1 read every round: {c:?}",
+            rig.kind
+        );
+        let l = rig.link("M2");
+        assert!(
+            l.timeouts <= timeouts + 1,
+            "{:?}: M2 tried twice in one round",
+            rig.kind
+        );
+        if l.timeouts > timeouts {
+            seen.push((round, l.retry_every));
+        }
+        timeouts = l.timeouts;
+    }
+    seen
+}
+
+async fn a_dead_meter_is_retried_every_round_at_first_then_less_often_and_again_every_round_after_an_answer(
+    kind: Kind,
+) {
+    let mut rig = Rig::start_with(kind, BACKOFF, false, SINGLE_REQUEST_METERS).await;
+    rig.cycle_where("a cycle with both meters", |c| c.samples.len() == 2)
+        .await;
+    assert_eq!(rig.link("M2").retry_every, None, "{kind:?}: online");
+    let requests_before = rig.plant.requests(2);
+    let timeouts_before = rig.link("M2").timeouts;
+    rig.plant.silence(2, true);
+    let tries = offline_tries(&mut rig, 7).await;
+    let poll = Duration::from_millis(100);
+    // The period after each try: offline_after (2) retries at one round, then doubling up to 8 rounds.
+    let periods: Vec<Option<Duration>> = tries.iter().map(|t| t.1).collect();
+    let want: Vec<Option<Duration>> = [1, 1, 2, 4, 8, 8, 8, 8].iter().map(|&n| Some(poll * n)).collect();
+    assert_eq!(periods, want, "{kind:?}: retry periods {tries:?}");
+    // Retries are due by round: a try comes no later than its period in rounds (rounds are never
+    // shorter than the poll interval); one-round periods mean the very next round.
+    for pair in tries.windows(2) {
+        let ((r0, period), (r1, _)) = (pair[0], pair[1]);
+        let rounds = (period.expect("offline").as_millis() / poll.as_millis()) as usize;
+        assert!(
+            r1 - r0 >= 1 && r1 - r0 <= rounds,
+            "{kind:?}: gap {} rounds after a period of {rounds}: {tries:?}",
+            r1 - r0
+        );
+        if rounds == 1 {
+            assert_eq!(r1 - r0, 1, "{kind:?}: {tries:?}");
+        }
+    }
+    // Once grown, a dead meter costs one timeout per offline_retry (8 rounds), not one per round.
+    let (first_grown, last) = (tries[5].0, tries[7].0);
+    assert!(last - first_grown >= 8, "{kind:?}: the backoff did not grow: {tries:?}");
+    // The simulator saw exactly these requests of unit 2: the two that took it offline, then the tries.
+    let timeouts = rig.link("M2").timeouts - timeouts_before;
+    assert_eq!(timeouts, 2 + 7, "{kind:?}");
+    rig.until("the simulator counted every try", |r| {
+        r.plant.requests(2) - requests_before >= timeouts
+    })
+    .await;
+    assert_eq!(
+        rig.plant.requests(2) - requests_before,
+        timeouts,
+        "{kind:?}: one request per try"
+    );
+
+    // An answer resets the backoff: back online, then dead again, it is retried every round again.
+    rig.plant.silence(2, false);
+    rig.cycle_where("M2 back online", |c| c.links.contains(&(1, true)))
+        .await;
+    assert_eq!(rig.link("M2").retry_every, None, "{kind:?}");
+    rig.plant.silence(2, true);
+    let tries = offline_tries(&mut rig, 3).await;
+    let rounds: Vec<usize> = tries.iter().map(|t| t.0).collect();
+    assert_eq!(rounds, [0, 1, 2, 4], "{kind:?}: reset to one round: {tries:?}");
+}
+
+async fn answer_times_and_late_answers_are_measured_and_a_slow_meter_gets_the_hint_to_raise_the_timeout(kind: Kind) {
+    let mut rig = Rig::start_with(kind, SLOW, true, SINGLE_REQUEST_METERS).await;
+    rig.more_samples(2).await;
+    let fast = rig.link("M1");
+    let last = fast.answer_last.expect("answered");
+    assert!(last < Duration::from_millis(100), "{kind:?}: a quick answer: {fast:?}");
+    assert_eq!(
+        (fast.timeout, fast.timeouts, fast.late_answers),
+        (Duration::from_millis(300), 0, 0)
+    );
+    assert_eq!(fast.hint(), None, "{kind:?}: quick answers need no advice");
+
+    // M1 answers after 270 ms: within the 300 ms timeout, but near it (90 %).
+    rig.plant.inject(1, Fault::Late(Duration::from_millis(270)));
+    rig.until("the slow answer timed", |r| {
+        r.link("M1").answer_max.is_some_and(|t| t >= Duration::from_millis(270)) || r.link("M1").timeouts > 0
+    })
+    .await;
+    let slow = rig.link("M1");
+    let hint = slow.hint().unwrap_or_else(|| panic!("{kind:?}: no hint for {slow:?}"));
+    assert!(hint.contains("raise the bus `timeout`"), "{kind:?}: {hint}");
+
+    // M2 answers after 600 ms: a timeout; on RTU the link listens through its guard (1.5 s) and sees it.
+    rig.plant.inject(2, Fault::Late(Duration::from_millis(600)));
+    rig.until("the late request timed out", |r| r.link("M2").timeouts >= 1)
+        .await;
+    let late = rig.link("M2");
+    if kind == Kind::Tcp {
+        // The connection is closed at the timeout: a late TCP answer cannot be seen.
+        assert_eq!(
+            (late.late_answers, late.late_last, late.sees_late),
+            (0, None, false),
+            "{kind:?}"
+        );
+    } else {
+        assert!(late.sees_late, "{kind:?}");
+        assert_eq!(late.late_answers, 1, "{kind:?}: {late:?}");
+        let at = late.late_last.expect("timed");
+        assert!(
+            at >= Duration::from_millis(600) && at < Duration::from_millis(300 + 1500),
+            "{kind:?}: seen {at:?} after the request"
+        );
+        let hint = late.hint().unwrap_or_else(|| panic!("{kind:?}: no hint for {late:?}"));
+        assert!(
+            hint.contains("after the 300 ms timeout") && hint.contains("raise the bus `timeout`"),
+            "{kind:?}: {hint}"
+        );
+    }
+    // Listening for it never lets it pass for a later request's answer: every sample is right.
+    rig.more_samples(2).await;
+    rig.assert_every_sample_true();
+    assert!(rig.links().is_empty(), "{kind:?}: one timeout takes no meter offline");
 }
 
 async fn a_restarted_server_is_found_again(kind: Kind) {

@@ -103,7 +103,11 @@ fn every_semantic_error_is_reported_at_once_with_line_and_field() {
         "lists labels in use: {text}"
     );
     let dur = find("timeout", "`fast` is not a duration");
-    assert_eq!(dur.line, Some(line_of(&cfg, "[[bus]]")));
+    assert_eq!(
+        dur.line,
+        Some(line_of(&cfg, "timeout = \"fast\"")),
+        "at the value's own line"
+    );
     assert_eq!(e.issues.len(), 5, "{text}");
     let lines: Vec<_> = e.issues.iter().map(|i| i.line).collect();
     let mut sorted = lines.clone();
@@ -229,4 +233,35 @@ fn check_command_prints_every_error_and_exits_2() {
         .unwrap();
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("OK"));
+}
+
+/// An absurd duration used to reach the bus task and panic in `Instant + Duration`; now it is one
+/// error at its own line, `check` exits 2 and `run` refuses to start with the same message.
+#[test]
+fn an_absurd_duration_is_one_located_error_and_neither_check_nor_run_starts() {
+    let cfg = base().replace("poll_interval = \"50ms\"", "poll_interval = \"1000000000years\"");
+    let e = errors(&cfg, &mapping_csv(2));
+    assert_eq!(e.issues.len(), 1, "{e}");
+    let line = line_of(&cfg, "1000000000years");
+    assert_eq!(e.issues[0].line, Some(line), "{e}");
+    assert_eq!(e.issues[0].field, "bus[0].poll_interval", "{e}");
+
+    let site = Site::new(&cfg, &mapping_csv(2));
+    let want = format!(
+        "{}:{line}: bus[0].poll_interval: `1000000000years` is out of range: allowed more than 0 and at most 1h",
+        site.config_path().display()
+    );
+    for command in ["check", "run"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fieldgate"))
+            .args([command, "--config"])
+            .arg(site.config_path())
+            .env("RUST_LOG", "off")
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(err.contains(&want), "{command}: want {want}\n{err}");
+        assert!(!err.contains("panicked"), "{command}: {err}");
+    }
 }

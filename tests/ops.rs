@@ -434,3 +434,426 @@ async fn a_reload_that_removes_a_meter_is_what_the_admin_api_shows() {
     );
     gw.stop(GRACE).await;
 }
+
+// === one station at a time across reloads ===
+
+/// `/healthz` as JSON.
+async fn healthz(gw: &app::Gateway) -> serde_json::Value {
+    let url = format!("http://{}/healthz", gw.admin_addr.expect("admin bound"));
+    reqwest::get(&url).await.unwrap().json().await.unwrap()
+}
+
+/// The finding `code` of `/healthz`, if present: (status, message).
+fn finding(h: &serde_json::Value, code: &str) -> Option<(String, String)> {
+    h["reasons"].as_array()?.iter().find(|r| r["code"] == code).map(|r| {
+        (
+            r["status"].as_str().unwrap_or_default().to_string(),
+            r["message"].as_str().unwrap_or_default().to_string(),
+        )
+    })
+}
+
+/// Every queued record of each meter, in commit order (ids grow with each commit): each takes the
+/// valve from the state the previous one left it in, and the last leaves it where the store and the
+/// plant have it. A record committed by an old station after its successor's breaks the chain.
+fn assert_records_chain(gw: &app::Gateway, rig: &Rig, meters: u8) {
+    let records = gw.outbox.list(100_000).unwrap();
+    assert!(records.windows(2).all(|w| w[0].id < w[1].id), "listed in commit order");
+    for unit in 1..=meters {
+        let meter = format!("M{unit}");
+        let chain: Vec<(String, String)> = records
+            .iter()
+            .filter(|r| r.meter_no == meter)
+            .map(|r| (r.from.clone(), r.to.clone()))
+            .collect();
+        let mut at = "关闭".to_string(); // the simulator's valves start closed: the baseline
+        for (from, to) in &chain {
+            assert_eq!(
+                from, &at,
+                "{meter}: a record from a state the valve was not in: {chain:?}"
+            );
+            assert_ne!(from, to, "{meter}: {chain:?}");
+            at = to.clone();
+        }
+        let plant = if rig.plant.valve(unit) == Some(true) {
+            "开启"
+        } else {
+            "关闭"
+        };
+        assert_eq!(
+            at, plant,
+            "{meter}: the last record leaves the valve where it is: {chain:?}"
+        );
+        let stored = gw.outbox.state(&meter).unwrap().expect("state stored");
+        assert_eq!(stored.label, plant, "{meter}: the stored state");
+    }
+}
+
+/// The station stands still inside a cycle (the hook stands for a commit or fsync on a dying SD card)
+/// for longer than the grace period: the reload waits for that cycle to finish before it starts the
+/// next station, so the old one can never commit beside (or after) its successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_starts_the_new_station_only_once_the_old_one_has_stopped_applying() {
+    let rig = rig(2, "none", MockOptions::default()).await;
+    rig.panda.stop().await; // records stay queued, in commit order, for the chain check
+    let mut gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    let stations = gw.stations().clone();
+    assert_eq!(stations.generation(), 1);
+
+    stations.hooks().hold();
+    wait_until("the station stands still inside a cycle", || async {
+        stations.hooks().holding()
+    })
+    .await;
+    let path = rig.site.config_path();
+    let reload = tokio::spawn(async move { gw.reload(&path).await.map(|()| gw) });
+    // Past the grace period (5 s here: the panda timeout) the reload gives up on the old station
+    // and waits for its cycle to finish.
+    wait_until("the reload waits for the old station", || async {
+        stations.waiting_for_old()
+    })
+    .await;
+    assert_eq!(
+        stations.generation(),
+        1,
+        "no new station while the old one is inside a cycle"
+    );
+    assert!(!reload.is_finished());
+    // A valve moves while no station runs: the next station sees it.
+    rig.plant.flip_valve(1);
+    stations.hooks().release();
+    let gw = reload.await.unwrap().unwrap_or_else(|e| panic!("reload: {e}"));
+    assert_eq!(stations.generation(), 2);
+    assert!(!stations.waiting_for_old());
+
+    wait_until("the new station records M1's opening", || async {
+        gw.outbox
+            .list(10)
+            .unwrap()
+            .iter()
+            .any(|r| r.meter_no == "M1" && r.to == "开启")
+    })
+    .await;
+    rig.plant.flip_valve(2);
+    wait_until("and M2's", || async {
+        gw.outbox.list(10).unwrap().iter().any(|r| r.meter_no == "M2")
+    })
+    .await;
+    let applied = stations.applied();
+    assert!(
+        applied.iter().any(|&(g, n)| g == 2 && n > 0),
+        "the new station applies cycles: {applied:?}"
+    );
+    assert_eq!(stations.violations(), 0, "never two stations at once: {applied:?}");
+    assert_records_chain(&gw, &rig, 2);
+    gw.stop(GRACE).await;
+}
+
+/// Valves keep moving while the configuration is reloaded again and again: every generation applies
+/// cycles, never beside another, and each meter's records chain from its baseline to the state the
+/// valve is in (a cycle applied twice or a state written backwards would break the chain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_while_valves_move_apply_each_cycle_once_and_never_write_a_state_backwards() {
+    const METERS: u8 = 4;
+    const RELOADS: u64 = 5;
+    let rig = rig(METERS as usize, "none", MockOptions::default()).await;
+    rig.panda.stop().await;
+    let mut gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    let stations = gw.stations().clone();
+
+    // Flip valves round-robin every 70 ms until told to stop; count the flips of each.
+    let stop_flipping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = tokio::spawn({
+        let (plant, stop) = (rig.plant.clone(), stop_flipping.clone());
+        async move {
+            let mut flips = [0u32; METERS as usize];
+            let mut k = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let unit = (k % METERS as usize) as u8 + 1;
+                plant.flip_valve(unit);
+                flips[unit as usize - 1] += 1;
+                k += 1;
+                tokio::time::sleep(Duration::from_millis(70)).await;
+            }
+            flips
+        }
+    });
+
+    for n in 1..=RELOADS {
+        // Let this generation apply a few cycles with valves moving, then replace it.
+        wait_until("the running station applies cycles", || async {
+            stations.applied().iter().any(|&(g, c)| g == n && c >= 5)
+        })
+        .await;
+        rename_m1(&rig.site, METERS as usize, &format!("用户1-{n}"));
+        gw.reload(&rig.site.config_path())
+            .await
+            .unwrap_or_else(|e| panic!("reload {n}: {e}"));
+        assert_eq!(stations.generation(), n + 1);
+    }
+    wait_until("the last station applies cycles", || async {
+        stations.applied().iter().any(|&(g, c)| g == RELOADS + 1 && c >= 5)
+    })
+    .await;
+    stop_flipping.store(true, Ordering::Relaxed);
+    let flips = flipper.await.unwrap();
+
+    // Quiet now: wait until every stored state is where its valve is.
+    wait_until("every stored state follows its valve", || async {
+        (1..=METERS).all(|u| {
+            let plant = if rig.plant.valve(u) == Some(true) {
+                "开启"
+            } else {
+                "关闭"
+            };
+            gw.outbox
+                .state(&format!("M{u}"))
+                .ok()
+                .flatten()
+                .is_some_and(|st| st.label == plant)
+        })
+    })
+    .await;
+    wait_rounds(&gw, 3).await;
+
+    let applied = stations.applied();
+    let generations: Vec<u64> = applied.iter().map(|&(g, _)| g).collect();
+    assert_eq!(generations, (1..=RELOADS + 1).collect::<Vec<_>>(), "{applied:?}");
+    assert_eq!(stations.violations(), 0, "{applied:?}");
+    assert_records_chain(&gw, &rig, METERS);
+    let records = gw.outbox.list(100_000).unwrap();
+    for unit in 1..=METERS {
+        let n = records.iter().filter(|r| r.meter_no == format!("M{unit}")).count() as u32;
+        let f = flips[unit as usize - 1];
+        assert!(
+            n <= f,
+            "M{unit}: {n} records for {f} flips: a transition recorded twice"
+        );
+        assert!(n > 0, "M{unit}: transitions were recorded across the reloads");
+    }
+    gw.stop(GRACE).await;
+}
+
+// === the station thread ===
+
+const OFFLINE_FOR: &str = r#"
+[[event]]
+name = "水表离线"
+point = "link"
+to = "离线"
+for = "3s"
+"#;
+
+/// A panic in the station (a bug, raised here by the test hook) restarts it on the same channel: the
+/// buses go on polling, valve changes are still recorded, `/healthz` names the panic and the restart,
+/// and a meter that went offline before the panic still gets its `离线` work order when `for` has run
+/// out (the new station is told the offline meters again: the bus reports a link only when it changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_that_panics_is_restarted_on_the_same_channel_and_health_says_so() {
+    let mut opts = MockOptions::default();
+    opts.events.push("水表离线".into());
+    let rig = rig(2, "none", opts).await;
+    let mut config = std::fs::read_to_string(rig.site.config_path()).unwrap();
+    config.push_str(OFFLINE_FOR);
+    std::fs::write(rig.site.config_path(), config).unwrap();
+    let gw = rig.start().await;
+    wait_for_baselines(&gw).await;
+    let stations = gw.stations().clone();
+    assert!(finding(&healthz(&gw).await, "station_restarted").is_none());
+
+    rig.plant.silence(2, true);
+    wait_until("M2 counted offline", || async {
+        gw.outbox
+            .state("M2")
+            .ok()
+            .flatten()
+            .is_some_and(|st| st.offline_since.is_some())
+    })
+    .await;
+    stations.hooks().panic_next();
+    wait_until("the station panicked", || async {
+        gw.liveness().station().restarts() == 1
+    })
+    .await;
+    assert!(
+        rig.panda.orders().iter().all(|o| o.event_name != "水表离线"),
+        "`for` has not run out before the restart, so the new station must fire it"
+    );
+    let h = healthz(&gw).await;
+    let (status, message) = finding(&h, "station_restarted").unwrap_or_else(|| panic!("{h:#}"));
+    assert_eq!(status, "degraded");
+    assert!(
+        message.contains("test hook: the station panics on this cycle") && message.contains("1 restart(s)"),
+        "{message}"
+    );
+    assert_eq!(h["status"], "degraded", "{h:#}");
+
+    // The restarted station records changes, and the buses never stopped.
+    rig.plant.flip_valve(1);
+    wait_until("M1's opening and M2's 离线 work order", || async {
+        let orders = rig.panda.orders();
+        orders.iter().any(|o| o.event_name == "水表离线") && orders.iter().any(|o| o.event_name == "用水户开阀")
+    })
+    .await;
+    let orders: Vec<(String, String)> = rig
+        .panda
+        .orders()
+        .iter()
+        .map(|o| (o.event_name.clone(), biz(o, "水表表号")))
+        .collect();
+    assert!(orders.contains(&("用水户开阀".into(), "M1".into())), "{orders:?}");
+    assert_eq!(
+        orders.iter().filter(|(e, _)| e == "水表离线").collect::<Vec<_>>(),
+        [&("水表离线".to_string(), "M2".to_string())],
+        "one 离线 work order, for M2"
+    );
+    wait_rounds(&gw, 3).await;
+    assert_eq!(stations.generation(), 1, "restarted in place, not reloaded");
+    assert_eq!(stations.violations(), 0);
+    gw.stop(GRACE).await;
+}
+
+/// Panics in a burst mean the station cannot do its job in this process: `/healthz` is critical
+/// (`station_failing`) and the watchdog stops pinging, so systemd restarts the whole service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_that_keeps_panicking_is_critical_and_stops_the_watchdog() {
+    let rig = rig(2, "none", MockOptions::default()).await;
+    let systemd = FakeSystemd::new();
+    let gw = app::start_with(rig.site.load(), supervision(&systemd))
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    systemd.until("READY=1").await;
+    systemd.until("WATCHDOG=1").await;
+    let stations = gw.stations().clone();
+    // Read the socket while the panics come: its queue holds only 10 datagrams
+    // (net.unix.max_dgram_qlen), and a ping every 100 ms fills it in a second; a full queue drops the
+    // STATUS line the test waits for.
+    let mut seen = Vec::new();
+    for n in 1..=fieldgate::watchdog::STATION_PANICS_FAILING as u64 {
+        stations.hooks().panic_next();
+        wait_until("one more panic", || {
+            seen.extend(systemd.drain());
+            let done = gw.liveness().station().restarts() == n;
+            async move { done }
+        })
+        .await;
+    }
+    let status = match seen.iter().find(|m| m.starts_with("STATUS=Stalled")) {
+        Some(m) => m.clone(),
+        None => systemd.until("STATUS=Stalled").await,
+    };
+    assert!(status.contains("the station panicked 3 times within 10m"), "{status}");
+    let withheld = gw.liveness().pings_withheld();
+    wait_until("watchdog ticks withheld", || async {
+        gw.liveness().pings_withheld() >= withheld + 3
+    })
+    .await;
+    assert!(
+        !systemd.drain().iter().any(|m| m == "WATCHDOG=1"),
+        "no ping once failing"
+    );
+    let h = healthz(&gw).await;
+    let (level, message) = finding(&h, "station_failing").unwrap_or_else(|| panic!("{h:#}"));
+    assert_eq!((level.as_str(), h["status"].as_str()), ("critical", Some("critical")));
+    assert!(message.contains("systemd restarts the service"), "{message}");
+    gw.stop(GRACE).await;
+}
+
+// === the package on a minimal system ===
+
+/// What the Debian package of each absolute command the unit may run is (`dpkg -S PATH` on Debian
+/// 12), and whether it is Essential (always installed, never declared: Debian policy 3.5).
+const COMMAND_PACKAGES: &[(&str, &str, bool)] = &[
+    ("/bin/kill", "procps", false),
+    ("/usr/bin/kill", "procps", false),
+    ("/bin/sh", "dash", true),
+    ("/usr/bin/env", "coreutils", true),
+];
+
+/// A minimal Debian 12 (debootstrap minbase) has no procps, so an `ExecReload=/bin/kill` fails there
+/// unless the package depends on procps. Every absolute command in the unit's `Exec*=` lines is the
+/// binary the package installs, or comes from a package that is Essential or declared in `depends`;
+/// and the unit uses nothing newer than Debian 12's systemd 252 (no `Type=notify-reload`, 253+).
+#[test]
+fn every_command_the_unit_runs_is_in_the_package_or_a_declared_dependency() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("systemd/fieldgate.service")).unwrap();
+    let manifest: toml::Value = toml::from_str(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()).unwrap();
+    let deb = &manifest["package"]["metadata"]["deb"];
+    let depends: Vec<String> = deb["depends"]
+        .as_str()
+        .expect("depends")
+        .split([',', '|'])
+        .map(|d| d.split_whitespace().next().unwrap_or_default().to_string())
+        .filter(|d| !d.is_empty() && !d.starts_with('$'))
+        .collect();
+    let installed: Vec<String> = deb["assets"]
+        .as_array()
+        .expect("assets")
+        .iter()
+        .map(|a| {
+            let (src, dest) = (a[0].as_str().unwrap(), a[1].as_str().unwrap());
+            let name = Path::new(src).file_name().unwrap().to_str().unwrap();
+            if dest.ends_with('/') {
+                format!("/{dest}{name}")
+            } else {
+                format!("/{dest}")
+            }
+        })
+        .collect();
+
+    let mut commands = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        if key == "Type" {
+            let known = ["simple", "exec", "forking", "oneshot", "dbus", "notify", "idle"];
+            assert!(
+                known.contains(&value),
+                "Type={value} is not known to systemd 252 (Debian 12)"
+            );
+        }
+        if !key.starts_with("Exec") {
+            continue;
+        }
+        let command = value
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches(['@', '-', ':', '+', '!']);
+        assert!(command.starts_with('/'), "{key}: `{command}` must be an absolute path");
+        commands.push((key.to_string(), command.to_string()));
+    }
+    assert!(commands.iter().any(|(k, _)| k == "ExecReload"), "the unit can reload");
+
+    for (key, command) in &commands {
+        if installed.contains(command) {
+            continue;
+        }
+        let Some(&(_, package, essential)) = COMMAND_PACKAGES.iter().find(|(p, _, _)| p == command) else {
+            panic!(
+                "{key}={command}: not installed by the package; add the Debian package that ships it (`dpkg -S {command}`) \
+                 to COMMAND_PACKAGES and to [package.metadata.deb] depends"
+            );
+        };
+        assert!(
+            essential || depends.iter().any(|d| d == package),
+            "{key}={command} comes from {package}, which a minimal Debian lacks: declare it in [package.metadata.deb] depends ({depends:?})"
+        );
+        // Where this runs on Debian with the command installed, the table must agree with dpkg.
+        if let Ok(out) = Command::new("dpkg-query").args(["-S", command]).output() {
+            let text = String::from_utf8_lossy(&out.stdout);
+            // `dash: /bin/sh`; lines about diversions name no owner.
+            let owner = text
+                .lines()
+                .find(|l| !l.starts_with("diversion by"))
+                .and_then(|l| l.split(':').next());
+            if out.status.success() {
+                assert_eq!(owner, Some(package), "dpkg-query -S {command}: {text}");
+            }
+        }
+    }
+}

@@ -16,6 +16,9 @@ mod disk;
 mod e2e;
 /// Event rules end to end: valve fault, link offline/online with `for`, thresholds, `rises_by`.
 mod events;
+/// Meters failing a random quarter of their reads (late or no answer), TCP and RTU pty, end to end:
+/// no transition held five rounds is lost; their answer times in `/meters` and `status`.
+mod flaky;
 /// Running as a service: systemd notify + watchdog, SIGHUP reload, SIGTERM, a second instance.
 mod ops;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
