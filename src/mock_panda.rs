@@ -14,11 +14,16 @@
 //!   holding a JSON object); anything else is `{"code":-1,"msg":…}`. Unknown events are
 //!   `{"code":-1,"msg":"事件【X】不存在"}`. A request is accepted or refused as a whole.
 //!
-//! Fault injection: every PostFlowNodeData first honours the persistent [`MockPanda::set_unavailable`],
-//! then consumes the next queued [`Fault`] ([`MockPanda::push_fault`], `POST /_mock/fault/{kind}`), then
-//! draws a random fault at [`MockOptions::fail_rate`] from [`MockOptions::fault_kinds`], all before any
-//! token or body check, so a fault never applies the request, except [`Fault::SlowAnswer`], which applies
-//! it and then answers late (the lost-answer case). [`Fault::Truncate`] sends a 200 with a JSON body cut
+//! Fault injection: every PostFlowNodeData first honours the persistent [`MockPanda::set_unavailable`]
+//! and [`MockPanda::set_redirect`] (both also answer GenerateToken), then consumes the next queued
+//! [`Fault`] ([`MockPanda::push_fault`], `POST /_mock/fault/{kind}`), then draws a random fault at
+//! [`MockOptions::fail_rate`] from [`MockOptions::fault_kinds`], then applies the rules of a proxy in
+//! front of Panda: [`MockOptions::max_body`] (nginx's `client_max_body_size`: 413 with nginx's page) and
+//! [`MockOptions::status_biz`] (a web application firewall: a status page for any request whose body, or a
+//! BizData in it, contains a text). All of these answer before any token or body check, so they never
+//! apply the request, except [`Fault::SlowAnswer`], which applies it and then answers late (the
+//! lost-answer case). [`Fault::Busy`] answers 408/429/503 with an optional `Retry-After` (seconds, or an
+//! HTTP date with a matching `Date`); [`Fault::Redirect`] answers a 3xx with a `Location`. [`Fault::Truncate`] sends a 200 with a JSON body cut
 //! in the middle (the connection then closes); [`Fault::Reset`] closes the TCP connection without any
 //! answer. Beyond faults: events the server does not know ([`MockOptions::unknown_events`],
 //! [`MockPanda::set_unknown_event`]), poison BizData ([`MockOptions::reject_biz`]: a request carrying it
@@ -26,9 +31,14 @@
 //! token in use answers 401) and refused logins ([`MockPanda::fail_next_logins`],
 //! `POST /_mock/fail-next-login`).
 //!
+//! Every PostFlowNodeData is logged with its arrival time (tokio's monotonic clock and the wall clock) and
+//! the status and headers answered ([`MockPanda::request_log`]), so tests can check the gaps a client
+//! leaves.
+//!
 //! Control endpoints (for the CLI mock; not part of the Panda API): `POST /_mock/fail-next-login`,
-//! `POST /_mock/fault/{kind}` (`500`, `html`, `truncate`, `reset`, `slow`, `reject`),
-//! `POST /_mock/revoke-tokens`, `GET /_mock/stats`.
+//! `POST /_mock/fault/{kind}` (`500`, `html`, `truncate`, `reset`, `slow`, `reject`, `408`, `429`, `503`
+//! (with `--retry-after`), `413`, `403`, `301` (to `--redirect-to`)), `POST /_mock/revoke-tokens`,
+//! `GET /_mock/stats`.
 //!
 //! [`MockPanda::stop`] closes the listener *and* every open connection (keep-alive included), so clients
 //! see refused or reset connections, as with a real server going down.
@@ -48,7 +58,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::connect_info::Connected;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
@@ -114,6 +124,16 @@ pub struct MockOptions {
     pub fault_kinds: Vec<FaultKind>,
     /// How late [`FaultKind::Slow`] answers.
     pub slow_delay: Duration,
+    /// `Retry-After` (whole seconds) sent with the 408/429/503 of [`FaultKind`]; `None`: no header.
+    pub retry_after: Option<Duration>,
+    /// `Location` of [`FaultKind::Redirect301`]; `None`: the request's URL with `https://`.
+    pub redirect_to: Option<String>,
+    /// A request whose body is longer answers 413 with nginx's page (its `client_max_body_size`, 1 MB by
+    /// default in nginx); `None`: no limit.
+    pub max_body: Option<usize>,
+    /// (status, text): a request whose body, or a BizData in it, contains the text answers the status with
+    /// an nginx-style page (a web application firewall that dislikes one record, or a per-record 413).
+    pub status_biz: Vec<(u16, String)>,
 }
 
 impl Default for MockOptions {
@@ -131,9 +151,45 @@ impl Default for MockOptions {
             fail_rate: 0.0,
             fault_kinds: Vec::new(),
             slow_delay: Duration::from_secs(30),
+            retry_after: None,
+            redirect_to: None,
+            max_body: None,
+            status_biz: Vec::new(),
         }
     }
 }
+
+/// A `Retry-After` header of [`Fault::Busy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryAfter {
+    /// Delay-seconds.
+    Seconds(u64),
+    /// An HTTP date this long after the answer (whole seconds), sent with a `Date` header of the same
+    /// instant, so the delay the two give is exactly this.
+    DateIn(Duration),
+    /// This text as it is (garbage, a date in the past, ...).
+    Raw(String),
+}
+
+/// One PostFlowNodeData request as the mock saw it ([`MockPanda::request_log`]).
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    /// Its number (1-based), as in [`WorkOrder::request`].
+    pub n: u64,
+    /// When it arrived, on tokio's monotonic clock.
+    pub at: tokio::time::Instant,
+    /// When it arrived, by the wall clock.
+    pub wall: SystemTime,
+    /// The status answered ([`Fault::Reset`] shows 500, never sent).
+    pub status: u16,
+    /// The `Retry-After` answered, if any.
+    pub retry_after: Option<String>,
+    /// The `Location` answered, if any.
+    pub location: Option<String>,
+}
+
+/// The most requests [`MockPanda::request_log`] keeps (the oldest go first).
+const REQUEST_LOG_MAX: usize = 100_000;
 
 /// One accepted `FlowDatas` element, with its request's fields.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -183,6 +239,21 @@ pub enum Fault {
     Truncate,
     /// Close the TCP connection without answering anything.
     Reset,
+    /// Answer `status` (408, 429, 503: busy) with an nginx-style page and, if set, `Retry-After`.
+    Busy {
+        /// The status.
+        status: u16,
+        /// The `Retry-After` header.
+        retry_after: Option<RetryAfter>,
+    },
+    /// Answer `status` (301, 302, 307, 308) with a `Location` header and nginx's page. `None`: the
+    /// request's URL with `https://` (an http→https redirect).
+    Redirect {
+        /// The status.
+        status: u16,
+        /// The `Location`.
+        location: Option<String>,
+    },
 }
 
 /// The fault kinds of the command line (`--fault`) and of `POST /_mock/fault/{kind}`.
@@ -201,12 +272,66 @@ pub enum FaultKind {
     Slow,
     /// `{"code":-1,"msg":"模拟拒绝（故障注入）"}`.
     Reject,
+    /// HTTP 408 (with `Retry-After` if `--retry-after` is set).
+    #[value(name = "408")]
+    Status408,
+    /// HTTP 429 (with `Retry-After` if `--retry-after` is set).
+    #[value(name = "429")]
+    Status429,
+    /// HTTP 503 (with `Retry-After` if `--retry-after` is set).
+    #[value(name = "503")]
+    Status503,
+    /// HTTP 413 with nginx's page (a body over `client_max_body_size`).
+    #[value(name = "413")]
+    Status413,
+    /// HTTP 403 with an nginx-style page (a web application firewall).
+    #[value(name = "403")]
+    Status403,
+    /// HTTP 301 to `--redirect-to` (default: the request's URL with https://).
+    #[value(name = "301")]
+    Redirect301,
 }
 
 impl FaultKind {
-    /// The fault this kind stands for.
+    /// The fault this kind stands for, with the delays and addresses of `opts`.
+    pub fn fault_with(self, opts: &MockOptions) -> Fault {
+        let busy = |status| Fault::Busy {
+            status,
+            retry_after: opts.retry_after.map(|d| RetryAfter::Seconds(d.as_secs())),
+        };
+        match self {
+            FaultKind::Status408 => busy(408),
+            FaultKind::Status429 => busy(429),
+            FaultKind::Status503 => busy(503),
+            FaultKind::Redirect301 => Fault::Redirect {
+                status: 301,
+                location: opts.redirect_to.clone(),
+            },
+            other => other.fault(opts.slow_delay),
+        }
+    }
+
+    /// The fault this kind stands for (408/429/503 without `Retry-After`, 301 to https://).
     pub fn fault(self, slow_delay: Duration) -> Fault {
         match self {
+            FaultKind::Status408 => Fault::Busy {
+                status: 408,
+                retry_after: None,
+            },
+            FaultKind::Status429 => Fault::Busy {
+                status: 429,
+                retry_after: None,
+            },
+            FaultKind::Status503 => Fault::Busy {
+                status: 503,
+                retry_after: None,
+            },
+            FaultKind::Status413 => Fault::Status(413),
+            FaultKind::Status403 => Fault::Status(403),
+            FaultKind::Redirect301 => Fault::Redirect {
+                status: 301,
+                location: None,
+            },
             FaultKind::Status500 => Fault::Status(500),
             FaultKind::Html => Fault::Html,
             FaultKind::Truncate => Fault::Truncate,
@@ -219,7 +344,7 @@ impl FaultKind {
         }
     }
 
-    /// Parse `500`, `html`, `truncate`, `reset`, `slow`, `reject`.
+    /// Parse `500`, `html`, `truncate`, `reset`, `slow`, `reject`, `408`, `429`, `503`, `413`, `403`, `301`.
     pub fn parse(s: &str) -> Option<FaultKind> {
         <FaultKind as clap::ValueEnum>::from_str(s.trim(), true).ok()
     }
@@ -241,6 +366,12 @@ struct Shared {
     fail_next_logins: AtomicU64,
     unknown_events: Mutex<HashSet<String>>,
     faults: Mutex<VecDeque<Fault>>,
+    /// While set, every request answers this redirect: (status, Location).
+    redirect: Mutex<Option<(u16, String)>>,
+    /// [`MockOptions::status_biz`], changeable while running.
+    status_biz: Mutex<Vec<(u16, String)>>,
+    /// PostFlowNodeData requests as seen, at most [`REQUEST_LOG_MAX`].
+    log: Mutex<VecDeque<SeenRequest>>,
     /// Serialises appends to the JSON-lines file so lines never interleave.
     jsonl: tokio::sync::Mutex<()>,
 }
@@ -279,6 +410,9 @@ impl MockPanda {
             fail_next_logins: AtomicU64::new(0),
             unknown_events: Mutex::new(opts.unknown_events.iter().cloned().collect()),
             faults: Mutex::new(VecDeque::new()),
+            redirect: Mutex::new(None),
+            status_biz: Mutex::new(opts.status_biz.clone()),
+            log: Mutex::new(VecDeque::new()),
             jsonl: tokio::sync::Mutex::new(()),
         });
         let router = Router::new()
@@ -378,6 +512,22 @@ impl MockPanda {
         }
     }
 
+    /// While `Some((status, location))`, GenerateToken and PostFlowNodeData answer that redirect (a server
+    /// that moved, or an http→https redirect); `None` ends it.
+    pub fn set_redirect(&self, redirect: Option<(u16, String)>) {
+        *lock(&self.shared.redirect) = redirect;
+    }
+
+    /// Replace the firewall rules of [`MockOptions::status_biz`] (empty: lift them).
+    pub fn set_status_biz(&self, rules: Vec<(u16, String)>) {
+        *lock(&self.shared.status_biz) = rules;
+    }
+
+    /// Every PostFlowNodeData request so far (the latest [`REQUEST_LOG_MAX`]), in arrival order.
+    pub fn request_log(&self) -> Vec<SeenRequest> {
+        lock(&self.shared.log).iter().cloned().collect()
+    }
+
     /// Forget every issued token: the next request with any of them is answered 401.
     pub fn revoke_tokens(&self) {
         lock(&self.shared.tokens).clear();
@@ -421,6 +571,10 @@ async fn generate_token(
     if s.unavailable.load(Ordering::Relaxed) {
         return html(StatusCode::SERVICE_UNAVAILABLE, "503 Service Temporarily Unavailable");
     }
+    let redirect = lock(&s.redirect).clone();
+    if let Some((status, location)) = redirect {
+        return redirect_page(status, &location);
+    }
     let Ok(Form(form)) = form else {
         return json(
             serde_json::json!({"errMsg": "请求必须是 application/x-www-form-urlencoded 表单", "expirationTime": "", "token": ""}),
@@ -460,22 +614,24 @@ async fn post_external(
     State(s): State<Arc<Shared>>,
     ConnectInfo(conn): ConnectInfo<Conn>,
     Path(project): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     if project != s.opts.project {
         return html(StatusCode::NOT_FOUND, "404 Not Found");
     }
-    s.post_flow_node_data(true, &conn, &headers, &body).await
+    s.post_flow_node_data(true, &conn, &uri, &headers, &body).await
 }
 
 async fn post_internal(
     State(s): State<Arc<Shared>>,
     ConnectInfo(conn): ConnectInfo<Conn>,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    s.post_flow_node_data(false, &conn, &headers, &body).await
+    s.post_flow_node_data(false, &conn, &uri, &headers, &body).await
 }
 
 async fn control_fail_next_login(State(s): State<Arc<Shared>>) -> Response {
@@ -486,12 +642,12 @@ async fn control_fail_next_login(State(s): State<Arc<Shared>>) -> Response {
 async fn control_fault(State(s): State<Arc<Shared>>, Path(kind): Path<String>) -> Response {
     match FaultKind::parse(&kind) {
         Some(k) => {
-            lock(&s.faults).push_back(k.fault(s.opts.slow_delay));
+            lock(&s.faults).push_back(k.fault_with(&s.opts));
             json(serde_json::json!({"ok": true, "queued": lock(&s.faults).len()}))
         }
         None => (
             StatusCode::BAD_REQUEST,
-            format!("unknown fault `{kind}`: use 500, html, truncate, reset, slow or reject\n"),
+            format!("unknown fault `{kind}`: use 500, html, truncate, reset, slow, reject, 408, 429, 503, 413, 403 or 301\n"),
         )
             .into_response(),
     }
@@ -519,10 +675,55 @@ async fn control_stats(State(s): State<Arc<Shared>>) -> Response {
 // === impl Shared ===
 
 impl Shared {
-    async fn post_flow_node_data(&self, external: bool, conn: &Conn, headers: &HeaderMap, body: &[u8]) -> Response {
+    async fn post_flow_node_data(
+        &self,
+        external: bool,
+        conn: &Conn,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
         let request = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let (at, wall) = (tokio::time::Instant::now(), SystemTime::now());
+        let resp = self.answer(request, external, conn, uri, headers, body).await;
+        let header = |name| {
+            resp.headers()
+                .get(name)
+                .map(|v: &header::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        let seen = SeenRequest {
+            n: request,
+            at,
+            wall,
+            status: resp.status().as_u16(),
+            retry_after: header(header::RETRY_AFTER),
+            location: header(header::LOCATION),
+        };
+        {
+            let mut log = lock(&self.log);
+            if log.len() >= REQUEST_LOG_MAX {
+                log.pop_front();
+            }
+            log.push_back(seen);
+        }
+        resp
+    }
+
+    async fn answer(
+        &self,
+        request: u64,
+        external: bool,
+        conn: &Conn,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Response {
         if self.unavailable.load(Ordering::Relaxed) {
             return html(StatusCode::SERVICE_UNAVAILABLE, "503 Service Temporarily Unavailable");
+        }
+        let redirect = lock(&self.redirect).clone();
+        if let Some((status, location)) = redirect {
+            return redirect_page(status, &location);
         }
         let queued = lock(&self.faults).pop_front();
         let fault = queued.or_else(|| self.random_fault());
@@ -530,10 +731,7 @@ impl Shared {
         match fault {
             None => {}
             Some(Fault::Status(401)) => return self.unauthorized(),
-            Some(Fault::Status(code)) => {
-                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                return html(status, &status.to_string());
-            }
+            Some(Fault::Status(code)) => return status_page(code),
             Some(Fault::Html) => return html(StatusCode::OK, "200 but HTML"),
             Some(Fault::Empty) => return StatusCode::OK.into_response(),
             Some(Fault::Reject { code, msg }) => return json(serde_json::json!({"code": code, "msg": msg})),
@@ -545,6 +743,22 @@ impl Shared {
                 conn.kill.cancel();
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             }
+            Some(Fault::Busy { status, retry_after }) => return busy(status, retry_after.as_ref()),
+            Some(Fault::Redirect { status, location }) => {
+                let location = location.unwrap_or_else(|| https_of(uri, headers));
+                return redirect_page(status, &location);
+            }
+        }
+        // A proxy in front of Panda: nginx's body limit, then a web application firewall.
+        if self.opts.max_body.is_some_and(|max| body.len() > max) {
+            return status_page(413);
+        }
+        let refused = lock(&self.status_biz)
+            .iter()
+            .find(|(_, text)| body_contains(body, text))
+            .map(|(status, _)| *status);
+        if let Some(status) = refused {
+            return status_page(status);
         }
         let answer = self.check_and_apply(request, external, headers, body).await;
         if let Some(d) = answer_delay {
@@ -579,7 +793,7 @@ impl Shared {
                 .copied()
                 .unwrap_or(FaultKind::Status500)
         };
-        Some(kind.fault(self.opts.slow_delay))
+        Some(kind.fault_with(&self.opts))
     }
 
     /// Token, Content-Type and body checks; keeps the orders of a valid request.
@@ -799,6 +1013,75 @@ fn html(status: StatusCode, title: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "text/html")], page).into_response()
 }
 
+/// An nginx-style page for `code` (nginx's own title for 413).
+fn status_page(code: u16) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match status.as_u16() {
+        413 => html(status, "413 Request Entity Too Large"),
+        _ => html(status, &status.to_string()),
+    }
+}
+
+/// A busy answer (408, 429, 503, ...) with its `Retry-After`; a date comes with a `Date` of the same
+/// instant (whole seconds), so the two give exactly the delay asked for.
+fn busy(code: u16, retry_after: Option<&RetryAfter>) -> Response {
+    let mut resp = status_page(code);
+    let now = chrono::DateTime::<Utc>::from(SystemTime::now());
+    let value = match retry_after {
+        None => return resp,
+        Some(RetryAfter::Seconds(n)) => n.to_string(),
+        Some(RetryAfter::Raw(s)) => s.clone(),
+        Some(RetryAfter::DateIn(d)) => {
+            let whole = chrono::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 2_000));
+            let at = now.checked_add_signed(whole).unwrap_or(now);
+            if let Ok(v) = header::HeaderValue::from_str(&http_date(now)) {
+                resp.headers_mut().insert(header::DATE, v);
+            }
+            http_date(at)
+        }
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&value) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+/// IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn http_date(t: chrono::DateTime<Utc>) -> String {
+    t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+/// A redirect with nginx's page.
+fn redirect_page(code: u16, location: &str) -> Response {
+    let mut resp = status_page(code);
+    if let Ok(v) = header::HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// The request's URL with `https://` (what an http→https redirect points to).
+fn https_of(uri: &Uri, headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("localhost");
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("https://{host}{path}")
+}
+
+/// Whether a request body, or one of its BizData strings, contains `text` (a firewall sees the raw body;
+/// a text with quotes appears escaped there).
+fn body_contains(body: &[u8], text: &str) -> bool {
+    if text.is_empty() {
+        return false;
+    }
+    if String::from_utf8_lossy(body).contains(text) {
+        return true;
+    }
+    parse_flow_node_data(body, 0, false).is_ok_and(|orders| orders.iter().any(|o| o.biz_data.contains(text)))
+}
+
 // === stoppable listener ===
 
 /// A TCP listener whose connections all fail once `stop` is cancelled, so that stopping the mock also
@@ -929,8 +1212,9 @@ pub struct MockPandaArgs {
     /// Probability (0..=1) that a PostFlowNodeData meets a random fault from --fault (default 500).
     #[arg(long, value_parser = parse_rate)]
     pub fail_rate: Option<f64>,
-    /// Fault kinds: 500, html, truncate, reset, slow, reject (repeatable or comma list). With
-    /// --fail-rate they are drawn at random; without it each is used once, in order, by the first requests.
+    /// Fault kinds: 500, html, truncate, reset, slow, reject, 408, 429, 503 (with --retry-after), 413, 403,
+    /// 301 (to --redirect-to) (repeatable or comma list). With --fail-rate they are drawn at random;
+    /// without it each is used once, in order, by the first requests.
     #[arg(long = "fault", value_enum, value_delimiter = ',')]
     pub faults: Vec<FaultKind>,
     /// How late a `slow` fault answers (the request is applied; a client with a shorter timeout loses
@@ -946,6 +1230,45 @@ pub struct MockPandaArgs {
     /// Refuse the first N logins with errMsg 密码错误 (more: `POST /_mock/fail-next-login`).
     #[arg(long, default_value_t = 0)]
     pub fail_logins: u64,
+    /// The odd HTTP answers of a proxy in front of Panda (boxed: they would make every `fieldgate`
+    /// command's arguments larger).
+    #[command(flatten)]
+    pub answers: Box<AnswerArgs>,
+}
+
+/// `fieldgate mock-panda`: the odd HTTP answers (busy, redirect, a proxy's body limit or firewall).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AnswerArgs {
+    /// `Retry-After` (whole seconds, e.g. "30s") sent with the 408, 429 and 503 faults; none by default.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retry_after: Option<Duration>,
+    /// `Location` of the 301 fault; default: the request's URL with https://.
+    #[arg(long)]
+    pub redirect_to: Option<String>,
+    /// Answer 413 with nginx's page to any PostFlowNodeData with a longer body (bytes): nginx's
+    /// client_max_body_size, 1048576 by default in nginx.
+    #[arg(long)]
+    pub max_body: Option<usize>,
+    /// STATUS:TEXT: answer STATUS (e.g. 413, 403) with an nginx-style page to any PostFlowNodeData whose
+    /// body or a BizData in it contains TEXT (repeatable): a firewall or proxy that refuses one record.
+    #[arg(long = "status-biz", value_parser = parse_status_biz)]
+    pub status_biz: Vec<(u16, String)>,
+}
+
+fn parse_status_biz(s: &str) -> Result<(u16, String), String> {
+    let (status, text) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}`: use STATUS:TEXT, e.g. 413:M13"))?;
+    let status = status
+        .trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|c| (400..=599).contains(c))
+        .ok_or_else(|| format!("`{s}`: STATUS must be an HTTP error status from 400 to 599"))?;
+    if text.is_empty() {
+        return Err(format!("`{s}`: TEXT must not be empty"));
+    }
+    Ok((status, text.to_string()))
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -980,6 +1303,10 @@ pub async fn mock_panda_main(args: MockPandaArgs) -> anyhow::Result<()> {
         fail_rate: args.fail_rate.unwrap_or(0.0),
         fault_kinds: args.faults.clone(),
         slow_delay: args.slow_delay,
+        retry_after: args.answers.retry_after,
+        redirect_to: args.answers.redirect_to,
+        max_body: args.answers.max_body,
+        status_biz: args.answers.status_biz,
     };
     println!(
         "Mock Panda on http://{}  project={}  username={}  token_ttl={}  events={}",
@@ -1008,10 +1335,10 @@ pub async fn mock_panda_main(args: MockPandaArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let slow_delay = opts.slow_delay;
+    let faults: Vec<Fault> = once.into_iter().map(|k| k.fault_with(&opts)).collect();
     let mock = MockPanda::start(listener, opts);
-    for kind in once {
-        mock.push_fault(kind.fault(slow_delay));
+    for fault in faults {
+        mock.push_fault(fault);
     }
     if args.fail_logins > 0 {
         mock.fail_next_logins(args.fail_logins);
@@ -1088,6 +1415,86 @@ mod tests {
         assert!(Cli::try_parse_from(["x", "--fault", "explode"]).is_err());
         assert_eq!(FaultKind::parse("RESET"), Some(FaultKind::Reset));
         assert_eq!(FaultKind::parse("500"), Some(FaultKind::Status500));
+    }
+
+    #[test]
+    fn the_odd_answers_parse_from_the_command_line() {
+        let a = Cli::try_parse_from([
+            "x",
+            "--fault",
+            "408,429,503,413,403,301",
+            "--retry-after",
+            "30s",
+            "--redirect-to",
+            "https://panda.example/",
+            "--max-body",
+            "1048576",
+            "--status-biz",
+            "413:M13",
+            "--status-biz",
+            "403:<script>",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(
+            a.faults,
+            vec![
+                FaultKind::Status408,
+                FaultKind::Status429,
+                FaultKind::Status503,
+                FaultKind::Status413,
+                FaultKind::Status403,
+                FaultKind::Redirect301
+            ]
+        );
+        let answers = &a.answers;
+        assert_eq!(answers.retry_after, Some(Duration::from_secs(30)));
+        assert_eq!(answers.max_body, Some(1_048_576));
+        assert_eq!(
+            answers.status_biz,
+            vec![(413, "M13".to_string()), (403, "<script>".to_string())]
+        );
+        let opts = MockOptions {
+            retry_after: answers.retry_after,
+            redirect_to: answers.redirect_to.clone(),
+            ..MockOptions::default()
+        };
+        assert_eq!(
+            FaultKind::Status429.fault_with(&opts),
+            Fault::Busy {
+                status: 429,
+                retry_after: Some(RetryAfter::Seconds(30))
+            }
+        );
+        assert_eq!(
+            FaultKind::Redirect301.fault_with(&opts),
+            Fault::Redirect {
+                status: 301,
+                location: Some("https://panda.example/".into())
+            }
+        );
+        assert_eq!(FaultKind::Status413.fault_with(&opts), Fault::Status(413));
+        for bad in ["413", "99:x", "413:", "abc:x"] {
+            assert!(Cli::try_parse_from(["x", "--status-biz", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_firewall_rule_matches_the_raw_body_or_a_bizdata() {
+        let body = r#"{"eventName":"e","userId":42,"FlowDatas":[{"BizData":"{\"序号\":\"17\"}"}]}"#;
+        assert!(body_contains(body.as_bytes(), r#""序号":"17""#), "inside BizData");
+        assert!(body_contains(body.as_bytes(), "userId"), "raw body");
+        assert!(!body_contains(body.as_bytes(), r#""序号":"18""#));
+        assert!(!body_contains(body.as_bytes(), ""));
+    }
+
+    #[test]
+    fn http_dates_are_imf_fixdate() {
+        let t = chrono::DateTime::parse_from_rfc3339("1994-11-06T08:49:37Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(crate::panda::parse_http_date(&http_date(t)), Some(t));
     }
 
     #[test]

@@ -9,9 +9,18 @@
 //! | `code: 0` | [`Outbox::ack`] the request's records (removes them, flush + fsync), count them delivered |
 //! | `code != 0` for a request of several records | split it in halves, and the halves again, until single records: deliver what the server accepts, find what it refuses |
 //! | `code != 0` for a single record | [`Outbox::note_rejection`]; hold it (backoff `retry_min·2^(n-1)` up to `max_backoff`, half-jittered) while other records go on; at `dead_after` rejections [`Outbox::bury`] it with the server's msg |
+//! | 400, 403, 413, 422 without a Panda `code` ([`DeliveryError::Refused`]: nginx's 1 MB body limit, a web application firewall, a body the server cannot take) for several records | split like `code != 0` |
+//! | the same for a single record | a refusal like `code != 0` for a single record (held, dead after `dead_after`) **if Panda has answered some request (`code: 0`, or any `code`) since the start of the round in which this record was first refused so**. Otherwise nothing shows that the path to Panda works at all (a firewall rule against the gateway, a body limit below every record): only a failed attempt ([`Outbox::note_failure`]); the record is held past the next backoff, sent alone from then on, and the round ends so that other records go first and can prove the path. A proxy rule that refuses everything never dead-letters the queue |
+//! | 408, 429, 503 ([`DeliveryError::Busy`]) | transient: records kept; the next request waits the longer of the normal backoff and the server's `Retry-After` (seconds or HTTP date, turned into a delay once when the answer arrives, bounded by `max(max_backoff, 5 min)`, see [`crate::panda::retry_after`]) |
+//! | 3xx ([`DeliveryError::Redirect`]) | never followed (no request goes to the `Location`); transient: records kept, backoff; [`SenderStats::last_error`] (health `delivery_failing`) and the log name the `Location` and say to fix `panda.base_url` |
+//! | 404, 405 and every other 4xx without a `code` | transient (the URL or request does not fit the server: `panda.base_url`, `panda.project`): records kept, never counted as a refusal |
 //! | 401 | the client fetches one token for all waiters and resends once; a second 401 is a failure like a transient one |
 //! | GenerateToken `errMsg` | credentials wrong: [`SenderStats::login_failing`] set, one error log per change of `errMsg`, backoff up to [`LOGIN_BACKOFF_MAX`]; records kept |
 //! | anything else (5xx, HTML, empty/truncated body, timeout, refused/reset connection, DNS) | transient: records kept, full-jitter exponential backoff `retry_min` → `max_backoff`, forever |
+//!
+//! Every delay (backoff, holds, `Retry-After`, log intervals) is kept on the monotonic clock (tokio's
+//! [`Instant`]); wall-clock time is only the `died_at` label of a dead letter. Every store read or write
+//! runs on tokio's blocking threads, never on an async worker.
 //!
 //! What the sender writes about an answer (the ack, a failure or refusal note, a burial) is stored
 //! before anything more is sent: if the store cannot take it (disk full, I/O error, a failed store
@@ -40,7 +49,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{FixedOffset, SecondsFormat, Utc};
 
@@ -48,10 +57,11 @@ use crate::backoff::Backoff;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OutboxConfig, PandaConfig, LOGIN_BACKOFF_MAX};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, OutboxError};
 use crate::panda::{DeliveryError, PandaClient};
 use crate::record::Record;
 
@@ -68,6 +78,10 @@ const STORE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// `dead_after` when none is configured.
 pub const DEFAULT_DEAD_AFTER: u32 = 5;
+
+/// Records remembered as refused alone by a proxy without proof that the path to Panda works (see the
+/// module docs); beyond this many, a new one is judged by its own round only.
+const MAX_SUSPECTS: usize = 10_000;
 
 /// What the delivery loop needs from the configuration.
 #[derive(Debug, Clone)]
@@ -123,12 +137,20 @@ pub struct SenderStats {
     pub delivered: AtomicU64,
     /// Requests answered `code: 0`.
     pub ok: AtomicU64,
-    /// Requests answered with `code != 0` (each half of a split batch counts).
+    /// Requests refused: `code != 0`, or 400/403/413/422 without a `code` (each half of a split batch
+    /// counts; the latter also in [`SenderStats::http_refused`]).
     pub rejected: AtomicU64,
     /// Refusals of a record sent alone (each refusal counts; at `dead_after` of them the record is dead).
     pub records_rejected: AtomicU64,
-    /// Requests without a usable answer (network, timeout, 5xx, HTML, non-JSON).
+    /// Requests without a usable answer (network, timeout, 5xx, HTML, non-JSON, 3xx, 408/429/503, other
+    /// 4xx).
     pub transient: AtomicU64,
+    /// Of [`SenderStats::transient`]: answers 408, 429 or 503 (the server asked to wait).
+    pub throttled: AtomicU64,
+    /// Of [`SenderStats::transient`]: 3xx answers (never followed; `panda.base_url` is wrong).
+    pub redirects: AtomicU64,
+    /// Of [`SenderStats::rejected`]: 400/403/413/422 answers without a Panda `code`.
+    pub http_refused: AtomicU64,
     /// Requests answered 401 even with a fresh token.
     pub unauthorized: AtomicU64,
     /// Requests not sent because GenerateToken failed.
@@ -166,6 +188,15 @@ pub struct SenderSnapshot {
     pub records_rejected: u64,
     /// See [`SenderStats::transient`].
     pub transient: u64,
+    /// See [`SenderStats::throttled`].
+    #[serde(default)]
+    pub throttled: u64,
+    /// See [`SenderStats::redirects`].
+    #[serde(default)]
+    pub redirects: u64,
+    /// See [`SenderStats::http_refused`].
+    #[serde(default)]
+    pub http_refused: u64,
     /// See [`SenderStats::unauthorized`].
     pub unauthorized: u64,
     /// See [`SenderStats::login_failed`].
@@ -205,6 +236,9 @@ impl SenderStats {
             rejected: n(&self.rejected),
             records_rejected: n(&self.records_rejected),
             transient: n(&self.transient),
+            throttled: n(&self.throttled),
+            redirects: n(&self.redirects),
+            http_refused: n(&self.http_refused),
             unauthorized: n(&self.unauthorized),
             login_failed: n(&self.login_failed),
             token_refreshes: n(&self.token_refreshes),
@@ -225,12 +259,23 @@ impl SenderStats {
     fn count(&self, outcome: &Result<(), DeliveryError>) {
         let counter = match outcome {
             Ok(()) => &self.ok,
-            Err(DeliveryError::Rejected { .. }) => &self.rejected,
-            Err(DeliveryError::Transient(_)) => &self.transient,
+            Err(DeliveryError::Rejected { .. } | DeliveryError::Refused { .. }) => &self.rejected,
+            Err(DeliveryError::Transient(_) | DeliveryError::Busy { .. } | DeliveryError::Redirect { .. }) => {
+                &self.transient
+            }
             Err(DeliveryError::Unauthorized) => &self.unauthorized,
             Err(DeliveryError::Login(_)) => &self.login_failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let detail = match outcome {
+            Err(DeliveryError::Busy { .. }) => Some(&self.throttled),
+            Err(DeliveryError::Redirect { .. }) => Some(&self.redirects),
+            Err(DeliveryError::Refused { .. }) => Some(&self.http_refused),
+            _ => None,
+        };
+        if let Some(c) = detail {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         match outcome {
             Ok(()) => self.failures_in_a_row.store(0, Ordering::Relaxed),
             Err(_) => {
@@ -260,6 +305,9 @@ pub async fn run_sender(
         shutdown,
         stats,
         holds: HashMap::new(),
+        suspects: HashMap::new(),
+        deferred: HashSet::new(),
+        panda_answered_at: None,
         log: FailureLog::default(),
         store_backoff: Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX),
         dead_full: false,
@@ -288,6 +336,17 @@ struct Sender {
     /// Records refused alone → not before this instant. In memory only: after a restart a refused record
     /// is tried once more at once (alone, as its stored `rejections` says).
     holds: HashMap<u64, Instant>,
+    /// Records refused alone with 400/403/413/422 and no `code` → the start of the round of the first such
+    /// refusal. Such a refusal counts against the record only if Panda answered something since then
+    /// ([`Sender::panda_answered_at`]). In memory only; these records are sent alone. At most
+    /// [`MAX_SUSPECTS`].
+    suspects: HashMap<u64, Instant>,
+    /// Records left out of the next batch whatever their hold (a record refused without proof, so that
+    /// other records go first and can prove the path to Panda); cleared once that batch is read.
+    deferred: HashSet<u64>,
+    /// When Panda itself last answered a request (`code: 0` or any other `code`): proof that the path
+    /// to it (proxies, firewalls, body limits) lets requests through.
+    panda_answered_at: Option<Instant>,
     log: FailureLog,
     /// Waits while the store is failed.
     store_backoff: Backoff,
@@ -319,10 +378,14 @@ impl Sender {
             let now = Instant::now();
             self.holds.retain(|_, until| *until > now);
             self.stats.held.store(self.holds.len() as u64, Ordering::Relaxed);
-            let holds = &self.holds;
-            let batch = match self
-                .outbox
-                .next_batch_where(self.cfg.max_batch, |r| holds.contains_key(&r.id))
+            let mut held: HashSet<u64> = self.holds.keys().copied().collect();
+            let deferred = !self.deferred.is_empty();
+            held.extend(self.deferred.drain());
+            let max_batch = self.cfg.max_batch;
+            let batch = match off_async(&self.outbox, move |o| {
+                o.next_batch_where(max_batch, |r| held.contains(&r.id))
+            })
+            .await
             {
                 Ok(b) => b,
                 Err(e) => {
@@ -335,6 +398,10 @@ impl Sender {
                 }
             };
             if batch.is_empty() {
+                if deferred {
+                    // Nothing else to send: the deferred records may go now (their holds permitting).
+                    continue;
+                }
                 let idle = self
                     .holds
                     .values()
@@ -347,7 +414,9 @@ impl Sender {
                 }
                 continue;
             }
-            match self.round(alone_if_suspect(batch)).await {
+            let suspects = &self.suspects;
+            let batch = alone_if_suspect(batch, |r| r.rejections > 0 || suspects.contains_key(&r.id));
+            match self.round(batch).await {
                 Flow::Answered => self.backoff.reset(),
                 Flow::Retry(delay) => {
                     tracing::debug!(message = "Retrying after a delay.", delay_ms = delay.as_millis() as u64);
@@ -365,6 +434,7 @@ impl Sender {
         let Some(event) = batch.first().map(|r| r.event_name.clone()) else {
             return Flow::Answered;
         };
+        let started = Instant::now();
         let mut pending: VecDeque<Vec<Record>> = VecDeque::from([batch]);
         // Meters with a record refused in this round: their later records wait.
         let mut blocked: HashSet<String> = HashSet::new();
@@ -384,27 +454,59 @@ impl Sender {
             self.stats
                 .token_refreshes
                 .store(self.client.token_refreshes(), Ordering::Relaxed);
-            if !matches!(outcome, Err(DeliveryError::Login(_)) | Err(DeliveryError::Transient(_))) {
+            if matches!(outcome, Ok(()) | Err(DeliveryError::Rejected { .. })) {
+                self.panda_answered_at = Some(Instant::now());
+            }
+            if !matches!(
+                outcome,
+                Err(DeliveryError::Login(_)
+                    | DeliveryError::Transient(_)
+                    | DeliveryError::Busy { .. }
+                    | DeliveryError::Redirect { .. })
+            ) {
                 self.login_works();
             }
             match outcome {
                 Ok(()) => {
+                    for id in &ids {
+                        self.suspects.remove(id);
+                    }
                     if !self.delivered(&ids).await {
                         return Flow::Stop;
                     }
                 }
-                Err(DeliveryError::Rejected { code, msg }) if part.len() > 1 => {
-                    tracing::debug!(message = "Panda refused a batch; splitting it to find the refused records.", records = part.len(), code, msg = %msg);
+                Err(e @ (DeliveryError::Rejected { .. } | DeliveryError::Refused { .. })) if part.len() > 1 => {
+                    tracing::debug!(message = "The request was refused; splitting it to find the refused records.", records = part.len(), error = %e);
                     let right = part.split_off(part.len() / 2);
                     pending.push_front(right);
                     pending.push_front(part);
                 }
-                Err(DeliveryError::Rejected { code, msg }) => {
+                Err(e @ DeliveryError::Rejected { .. }) => {
                     if let Some(record) = part.pop() {
                         blocked.insert(record.meter_no.clone());
-                        if !self.refused_alone(record, code, &msg).await {
+                        if !self.refused_alone(record, &e).await {
                             return Flow::Stop;
                         }
+                    }
+                }
+                Err(e @ DeliveryError::Refused { .. }) => {
+                    let Some(record) = part.pop() else { continue };
+                    blocked.insert(record.meter_no.clone());
+                    let since = match self.suspects.get(&record.id) {
+                        Some(t) => *t,
+                        None => {
+                            if self.suspects.len() < MAX_SUSPECTS {
+                                self.suspects.insert(record.id, started);
+                            }
+                            started
+                        }
+                    };
+                    if self.panda_answered_at.is_some_and(|t| t >= since) {
+                        if !self.refused_alone(record, &e).await {
+                            return Flow::Stop;
+                        }
+                    } else {
+                        return self.unproven(record, &e).await;
                     }
                 }
                 Err(e) => {
@@ -494,7 +596,8 @@ impl Sender {
         let acked = self
             .until_stored("the removal of delivered records", |o| {
                 let ids = owned.clone();
-                async move { o.ack(&ids).await }
+                let rt = tokio::runtime::Handle::current();
+                async move { off_async(&o, move |o| rt.block_on(o.ack(&ids))).await }
             })
             .await;
         if acked.is_none() {
@@ -508,17 +611,14 @@ impl Sender {
         true
     }
 
-    /// The server refused `record` alone: count it; hold it, or bury it at `dead_after`. `false` on
-    /// shutdown before that was stored.
-    async fn refused_alone(&mut self, record: Record, code: i64, msg: &str) -> bool {
-        let reason = if msg.trim().is_empty() {
-            format!("code {code} (no msg)")
-        } else {
-            msg.to_string()
-        };
-        let error = DeliveryError::Rejected {
-            code,
-            msg: msg.to_string(),
+    /// The server refused `record` alone (`error` is [`DeliveryError::Rejected`] or
+    /// [`DeliveryError::Refused`]): count it; hold it, or bury it at `dead_after`. `false` on shutdown
+    /// before that was stored.
+    async fn refused_alone(&mut self, record: Record, error: &DeliveryError) -> bool {
+        let reason = match error {
+            DeliveryError::Rejected { code, msg } if msg.trim().is_empty() => format!("code {code} (no msg)"),
+            DeliveryError::Rejected { msg, .. } => msg.clone(),
+            other => other.to_string(),
         };
         self.stats.records_rejected.fetch_add(1, Ordering::Relaxed);
         self.stats.set_last_error(Some(error.to_string()));
@@ -528,7 +628,7 @@ impl Sender {
         let noted = self
             .until_stored("a refusal", |o| {
                 let text = text.clone();
-                async move { o.note_rejection(id, &text) }
+                async move { off_async(&o, move |o| o.note_rejection(id, &text)).await }
             })
             .await;
         let updated = match noted {
@@ -547,11 +647,12 @@ impl Sender {
         let buried = self
             .until_stored("a dead letter", |o| {
                 let (reason, died_at) = (reason.clone(), died_at.clone());
+                let rt = tokio::runtime::Handle::current();
                 async move {
-                    match o.bury(id, &reason, &died_at).await {
+                    match off_async(&o, move |o| rt.block_on(o.bury(id, &reason, &died_at))).await {
                         Ok(()) => Ok(true),
                         // At the bound the record stays queued: not a store fault, nothing to retry.
-                        Err(crate::outbox::OutboxError::DeadFull { .. }) => Ok(false),
+                        Err(OutboxError::DeadFull { .. }) => Ok(false),
                         Err(e) => Err(e),
                     }
                 }
@@ -562,6 +663,7 @@ impl Sender {
             Some(true) => {
                 self.dead_full = false;
                 self.holds.remove(&updated.id);
+                self.suspects.remove(&updated.id);
                 self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(message = "Panda refused a record too often; moved it to the dead letters. Fix the cause on the server, then `fieldgate outbox requeue`.", id = updated.id, meter = %updated.meter_no, event = %updated.event_name, rejections = updated.rejections, msg = %reason);
             }
@@ -581,11 +683,48 @@ impl Sender {
     /// Hold a record after its `rejections`-th refusal: `retry_min·2^(n-1)` capped at `max_backoff`, the
     /// delay drawn from the upper half so that there is always a real pause between tries.
     fn hold(&mut self, id: u64, rejections: u32) {
+        self.hold_after(id, rejections, Duration::ZERO);
+    }
+
+    /// [`Sender::hold`], the hold starting `after` from now.
+    fn hold_after(&mut self, id: u64, rejections: u32, after: Duration) {
         let cap = Backoff::cap_for(self.cfg.retry_min, self.cfg.max_backoff, rejections.saturating_sub(1));
         let cap_ns = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
         let delay = Duration::from_nanos(rand::rng().random_range(cap_ns / 2..=cap_ns));
-        self.holds.insert(id, Instant::now() + delay);
+        let now = Instant::now();
+        // Both parts are bounded by the configuration; saturate rather than panic all the same.
+        let until = now
+            .checked_add(after.saturating_add(delay))
+            .unwrap_or_else(|| now + Duration::from_secs(86_400));
+        self.holds.insert(id, until);
         self.stats.held.store(self.holds.len() as u64, Ordering::Relaxed);
+    }
+
+    /// A 400/403/413/422 without a `code` refused `record` alone, and nothing shows that the path to
+    /// Panda lets any request through (module docs): note a failed attempt (not a refusal), hold the
+    /// record past the next backoff and leave it out of the next batch, so that other records go first,
+    /// and end the round.
+    async fn unproven(&mut self, record: Record, e: &DeliveryError) -> Flow {
+        let id = record.id;
+        let reason = e.to_string();
+        let noted = self
+            .until_stored("a failed attempt", |o| {
+                let reason = reason.clone();
+                async move { off_async(&o, move |o| o.note_failure(&[id], &reason)).await }
+            })
+            .await;
+        if noted.is_none() {
+            return Flow::Stop;
+        }
+        self.stats.set_last_error(Some(format!(
+            "{reason}; no request got through to Panda since: if every record is refused so, it is not the records but what is in front of Panda (a firewall rule, nginx client_max_body_size)"
+        )));
+        self.log.failure(e.error_code(), &reason, true, false);
+        tracing::debug!(message = "A record was refused alone without a Panda code, and no request reached Panda since; not counted as a refusal yet.", id, meter = %record.meter_no, error = %reason);
+        let delay = self.backoff.next_delay();
+        self.hold_after(id, 1, delay);
+        self.deferred.insert(id);
+        Flow::Retry(delay)
     }
 
     /// A request without a definite answer: keep the records, note why, pick the delay (`None` on
@@ -595,7 +734,7 @@ impl Sender {
         let owned = ids.to_vec();
         self.until_stored("a failed attempt", |o| {
             let (ids, reason) = (owned.clone(), reason.clone());
-            async move { o.note_failure(&ids, &reason) }
+            async move { off_async(&o, move |o| o.note_failure(&ids, &reason)).await }
         })
         .await?;
         self.stats.set_last_error(Some(reason.clone()));
@@ -603,14 +742,17 @@ impl Sender {
         if login {
             self.stats.login_failing.store(true, Ordering::Relaxed);
         }
-        // The server's own words (a login's errMsg) are a new state when they change; a network error's
-        // details are not.
-        self.log.failure(e.error_code(), &reason, login, login);
-        Some(if login {
+        // The server's own words (a login's errMsg, a redirect's Location) are a new state when they
+        // change; a network error's details are not.
+        let by_text = login || matches!(e, DeliveryError::Redirect { .. });
+        self.log.failure(e.error_code(), &reason, by_text, login);
+        let backoff = if login {
             self.backoff.next_delay_capped(LOGIN_BACKOFF_MAX)
         } else {
             self.backoff.next_delay()
-        })
+        };
+        // At least what the server asked for (already bounded by the client), kept on the monotonic clock.
+        Some(e.retry_after().map_or(backoff, |asked| backoff.max(asked)))
     }
 
     /// An answer that needed a token came: the login works (again).
@@ -621,15 +763,33 @@ impl Sender {
     }
 }
 
-/// A record refused alone before goes alone again; otherwise the batch stops before the first such
-/// record (cutting a suffix keeps every meter's order).
-fn alone_if_suspect(mut batch: Vec<Record>) -> Vec<Record> {
-    match batch.iter().position(|r| r.rejections > 0) {
+/// A record refused alone before (`suspect`) goes alone again; otherwise the batch stops before the first
+/// such record (cutting a suffix keeps every meter's order).
+fn alone_if_suspect(mut batch: Vec<Record>, suspect: impl Fn(&Record) -> bool) -> Vec<Record> {
+    match batch.iter().position(suspect) {
         Some(0) => batch.truncate(1),
         Some(i) => batch.truncate(i),
         None => {}
     }
     batch
+}
+
+/// Run a store call on tokio's blocking threads: sled reads and writes block (I/O, locks, fsync) and must
+/// not stall an async worker. An async store call (`ack`, `bury`) is run as `Handle::block_on` inside
+/// it. A call that panicked is an error like a failed write (retried by [`Sender::until_stored`]).
+async fn off_async<T, F>(outbox: &Outbox, f: F) -> Result<T, OutboxError>
+where
+    T: Send + 'static,
+    F: FnOnce(Outbox) -> Result<T, OutboxError> + Send + 'static,
+{
+    let o = outbox.clone();
+    match tokio::task::spawn_blocking(move || f(o)).await {
+        Ok(r) => r,
+        Err(e) => Err(OutboxError::Sync {
+            path: outbox.dir().to_path_buf(),
+            source: std::io::Error::other(format!("the store call did not finish: {e}")),
+        }),
+    }
 }
 
 /// Sleep `delay` unless shutdown comes first; `false` on shutdown.

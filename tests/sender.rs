@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::FixedOffset;
 use fieldgate::config::{Auth, PandaConfig};
-use fieldgate::mock_panda::{Fault, MockOptions, MockPanda};
+use fieldgate::mock_panda::{Fault, MockOptions, MockPanda, RetryAfter};
 use fieldgate::outbox::{Draft, Limits, Outbox, StoredState};
 use fieldgate::panda::{DeliveryError, PandaClient};
 use fieldgate::record::{render_biz_data, Record};
@@ -572,6 +572,9 @@ enum Given {
     UnknownEvent,
     /// Refuses any request carrying the BizData of the record with this sequence number.
     Poison(usize),
+    /// A proxy answers this status with an HTML page to any request carrying the BizData of the record
+    /// with this sequence number.
+    StatusBiz(u16, usize),
     /// Refuses the first `n` logins with errMsg 密码错误, then accepts.
     LoginRefused(u64),
     /// Nothing listens at the URL (refused connection).
@@ -698,6 +701,85 @@ fn table() -> Vec<Row> {
             logins: 1,
         },
         Row {
+            // [a P c d]✗ [a P]✗ [a]✓ [P]✗ [c d]✓, then [P]✗ → dead: exactly as for code != 0.
+            rule: "413 page for one record (nginx body limit): split, the rest delivered, the one dead",
+            given: Given::StatusBiz(413, 1),
+            records: FOUR_OPEN,
+            dead_after: 2,
+            delivered: &[0, 2, 3],
+            queued: &[],
+            dead: &[1],
+            requests: 5 + 1,
+            logins: 1,
+        },
+        Row {
+            rule: "403 page for one record (a web application firewall): split, the rest delivered, the one dead",
+            given: Given::StatusBiz(403, 2),
+            records: FOUR_OPEN,
+            dead_after: 2,
+            delivered: &[0, 1, 3],
+            queued: &[],
+            dead: &[2],
+            // [a b P d]✗ [a b]✓ [P d]✗ [P]✗ [d]✓, then [P]✗ → dead.
+            requests: 5 + 1,
+            logins: 1,
+        },
+        Row {
+            rule: "408, 429, 503 with and without Retry-After: transient, kept, delivered once",
+            given: Given::Faults(vec![
+                Fault::Busy {
+                    status: 408,
+                    retry_after: Some(RetryAfter::Seconds(0)),
+                },
+                Fault::Busy {
+                    status: 429,
+                    retry_after: None,
+                },
+                Fault::Busy {
+                    status: 503,
+                    retry_after: Some(RetryAfter::Raw("not a date".into())),
+                },
+            ]),
+            records: FOUR_OPEN,
+            dead_after: 1,
+            delivered: &[0, 1, 2, 3],
+            queued: &[],
+            dead: &[],
+            requests: 4,
+            logins: 1,
+        },
+        Row {
+            rule: "404, 405 (a wrong URL) and other 4xx pages: transient, never a refusal, delivered once",
+            given: Given::Faults(vec![Fault::Status(404), Fault::Status(405), Fault::Status(415)]),
+            records: FOUR_OPEN,
+            dead_after: 1,
+            delivered: &[0, 1, 2, 3],
+            queued: &[],
+            dead: &[],
+            requests: 4,
+            logins: 1,
+        },
+        Row {
+            rule: "3xx: not followed, transient, delivered once",
+            given: Given::Faults(vec![
+                Fault::Redirect {
+                    status: 301,
+                    location: None,
+                },
+                Fault::Redirect {
+                    status: 308,
+                    location: Some("http://127.0.0.1:9/elsewhere".into()),
+                },
+            ]),
+            records: FOUR_OPEN,
+            dead_after: 1,
+            delivered: &[0, 1, 2, 3],
+            queued: &[],
+            dead: &[],
+            requests: 3,
+            logins: 1,
+        },
+        Row {
             rule: "refused connection: transient, kept, never dead",
             given: Given::Refused,
             records: FOUR_OPEN,
@@ -734,6 +816,10 @@ async fn run_row(row: &Row) {
     let mock = start_mock(MockOptions {
         reject_biz: match row.given {
             Given::Poison(seq) => vec![seq_marker(seq)],
+            _ => Vec::new(),
+        },
+        status_biz: match row.given {
+            Given::StatusBiz(status, seq) => vec![(status, seq_marker(seq))],
             _ => Vec::new(),
         },
         unknown_events: vec![UNKNOWN.into()],
@@ -790,7 +876,7 @@ async fn run_row(row: &Row) {
             "{rule}: refused dead_after times alone"
         );
         assert!(
-            d.reason.contains("不存在") || d.reason.contains("序号"),
+            d.reason.contains("不存在") || d.reason.contains("序号") || d.reason.contains("HTTP 4"),
             "{rule}: {}",
             d.reason
         );
@@ -1347,4 +1433,311 @@ fn open_outbox_at(dir: &std::path::Path) -> Outbox {
         },
     )
     .unwrap()
+}
+
+// === issue 14: odd HTTP answers (Retry-After, a proxy's 4xx pages, redirects) ===
+
+/// A sender against a mock answering `status` with `retry_after` once: the second request arrives no
+/// sooner than the server asked, even though a new record and a wake-up come meanwhile. Lower bounds
+/// only (a slow machine makes the gap longer, never shorter).
+async fn busy_then_accepted(status: u16, retry_after: RetryAfter, at_least: Duration) {
+    let mock = start_mock(MockOptions::default()).await;
+    mock.push_fault(Fault::Busy {
+        status,
+        retry_after: Some(retry_after),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut records = vec![
+        queue_seq(&outbox, "M1", OPEN, 1).await,
+        queue_seq(&outbox, "M2", OPEN, 2).await,
+    ];
+    // Backoff of 20..200 ms: far below the server's wish, so only Retry-After can explain the gap.
+    let mut sender = Running::start(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50));
+    wait_until("the busy answer", || !mock.request_log().is_empty()).await;
+    records.push(queue_seq(&outbox, "M3", OPEN, 3).await);
+    sender.wake.notify_one();
+    wait_until("every record delivered", || outbox.is_empty()).await;
+    sender.stop().await;
+
+    let log = mock.request_log();
+    assert_eq!(log[0].status, status);
+    assert!(log[0].retry_after.is_some(), "the mock sent Retry-After");
+    assert_eq!(log[1].status, 200, "the second request is accepted");
+    let gap = log[1].at - log[0].at;
+    assert!(
+        gap >= at_least,
+        "HTTP {status} with Retry-After {:?}: the next request came after {gap:?}, before {at_least:?}",
+        log[0].retry_after
+    );
+    let sent: Vec<String> = mock.orders().iter().map(|o| o.biz_data.clone()).collect();
+    let mut want = biz_of(&records);
+    let mut got = sent.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "each delivered once");
+    let stats = sender.stats.snapshot();
+    assert_eq!((stats.throttled, stats.transient), (1, 1));
+    assert_eq!(stats.records_rejected, 0);
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_seconds_holds_the_next_request_back_that_long() {
+    busy_then_accepted(429, RetryAfter::Seconds(2), Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_408_with_retry_after_seconds_holds_the_next_request_back_that_long() {
+    busy_then_accepted(408, RetryAfter::Seconds(1), Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_503_with_an_http_date_holds_the_next_request_back_until_then() {
+    // The mock sends `Date` and a Retry-After date 2 s later (whole seconds): a 2 s delay exactly.
+    busy_then_accepted(503, RetryAfter::DateIn(Duration::from_secs(2)), Duration::from_secs(2)).await;
+}
+
+/// 50 records on 50 meters; a proxy answers `status` with an HTML page to any request carrying record
+/// `poison`. Returns the mock, the records, the outbox's dead letters and the sender's counters.
+async fn one_record_refused_by_a_proxy(
+    status: u16,
+    poison: usize,
+    dead_after: u32,
+) -> (
+    MockPanda,
+    Vec<Record>,
+    Vec<fieldgate::outbox::DeadLetter>,
+    fieldgate::sender::SenderSnapshot,
+) {
+    let mock = start_mock(MockOptions {
+        status_biz: vec![(status, seq_marker(poison))],
+        ..MockOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut records = Vec::new();
+    for i in 0..50 {
+        records.push(queue_seq(&outbox, &format!("M{i:02}"), OPEN, i).await);
+    }
+    let mut sender = Running::start_with(
+        &outbox,
+        panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50),
+        dead_after,
+    );
+    wait_until("the outbox to settle", || outbox.is_empty()).await;
+    sender.stop().await;
+
+    let want: Vec<&str> = records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != poison)
+        .map(|(_, r)| r.biz_data.as_str())
+        .collect();
+    let got: Vec<String> = mock.orders().iter().map(|o| o.biz_data.clone()).collect();
+    assert_eq!(got, want, "49 delivered, once each, in detection order");
+    let dead = outbox.dead().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].record.id, records[poison].id);
+    assert_eq!(dead[0].record.rejections, dead_after);
+    assert_eq!(
+        dead[0].record.biz_data, records[poison].biz_data,
+        "kept as it was queued"
+    );
+    assert!(dead[0].reason.contains(&format!("HTTP {status}")), "{}", dead[0].reason);
+    let stats = sender.stats.snapshot();
+    assert_eq!(stats.dead_lettered, 1);
+    assert_eq!(stats.delivered, 49);
+    assert_eq!(stats.records_rejected, u64::from(dead_after));
+    assert_eq!(stats.http_refused, stats.rejected, "every refusal was the proxy's page");
+    (mock, records, dead, stats)
+}
+
+#[tokio::test]
+async fn a_413_page_for_one_record_in_a_batch_of_50_delivers_49_once_and_dead_letters_the_one() {
+    let dead_after = 5;
+    let (mock, _, dead, stats) = one_record_refused_by_a_proxy(413, 17, dead_after).await;
+    assert!(
+        dead[0].reason.contains("413 Request Entity Too Large"),
+        "{}",
+        dead[0].reason
+    );
+    // Split exactly as for a `code != 0` refusal: the server accepted other halves in the same round.
+    assert_eq!(mock.requests(), bisection_requests(50, 17) + u64::from(dead_after) - 1);
+    assert_eq!(stats.ok + stats.rejected, mock.requests());
+}
+
+#[tokio::test]
+async fn a_403_page_for_the_oldest_record_counts_only_once_others_got_through() {
+    // The firewall's first refusal of record 0 comes before anything was accepted in that round:
+    // [50]✗ [25]✗ [12]✗ [6]✗ [3]✗ [0]✗ is not proof against record 0 (it could be a rule against the
+    // gateway). The other 49 go first, in one request, and are accepted; from then on each refusal of
+    // record 0 counts, and it is dead after `dead_after` of them.
+    let dead_after = 3;
+    let (mock, _, dead, _) = one_record_refused_by_a_proxy(403, 0, dead_after).await;
+    assert_eq!(mock.requests(), 6 + 1 + u64::from(dead_after));
+    assert_eq!(
+        dead[0].record.attempts,
+        dead_after + 1,
+        "one attempt that was not a refusal"
+    );
+    let log = mock.request_log();
+    assert_eq!(
+        log.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [vec![403; 6], vec![200], vec![403; dead_after as usize]].concat()
+    );
+}
+
+#[tokio::test]
+async fn a_batch_over_the_proxys_body_limit_is_split_until_it_fits_and_delivered_once() {
+    let mock = start_mock(MockOptions {
+        // Room for a few records per request: nginx's client_max_body_size, scaled down.
+        max_body: Some(2_000),
+        ..MockOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut records = Vec::new();
+    for i in 0..50 {
+        records.push(queue_seq(&outbox, &format!("M{i:02}"), OPEN, i).await);
+    }
+    let mut sender = Running::start_with(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50), 1);
+    wait_until("every record delivered", || outbox.is_empty()).await;
+    sender.stop().await;
+    let got: Vec<String> = mock.orders().iter().map(|o| o.biz_data.clone()).collect();
+    assert_eq!(got, biz_of(&records), "all 50, once each, in order");
+    assert!(outbox.dead().unwrap().is_empty(), "no record is too large alone");
+    let stats = sender.stats.snapshot();
+    assert!(stats.http_refused >= 1, "the first batch was too large");
+    assert_eq!(stats.records_rejected, 0);
+    assert!(mock.request_log().iter().any(|r| r.status == 413));
+}
+
+#[tokio::test]
+async fn a_firewall_refusing_every_record_dead_letters_none_and_delivery_resumes_when_lifted() {
+    // A rule against the gateway itself (every request answered 403): no request ever reaches Panda, so
+    // no refusal is held against a record, even with dead_after = 1.
+    let mock = start_mock(MockOptions {
+        status_biz: vec![(403, "序号".into())],
+        ..MockOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut records = Vec::new();
+    for i in 0..20 {
+        records.push(queue_seq(&outbox, &format!("M{i:02}"), OPEN, i).await);
+    }
+    let mut sender = Running::start_with(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50), 1);
+    wait_until("several refused rounds", || {
+        mock.request_log().iter().filter(|r| r.status == 403).count() >= 30
+    })
+    .await;
+    assert!(outbox.dead().unwrap().is_empty(), "nothing dead-lettered");
+    assert_eq!(outbox.len(), 20, "every record kept");
+    assert!(outbox.list(100).unwrap().iter().all(|r| r.rejections == 0));
+    let stats = sender.stats.snapshot();
+    assert_eq!(
+        (stats.records_rejected, stats.dead_lettered, stats.delivered),
+        (0, 0, 0)
+    );
+    let err = stats.last_error.unwrap_or_default();
+    assert!(err.contains("HTTP 403") && err.contains("in front of Panda"), "{err}");
+
+    mock.set_status_biz(Vec::new());
+    wait_until("delivery once the rule is lifted", || outbox.is_empty()).await;
+    sender.stop().await;
+    let mut got: Vec<String> = mock.orders().iter().map(|o| o.biz_data.clone()).collect();
+    let mut want = biz_of(&records);
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "each delivered once");
+    assert!(outbox.dead().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_redirect_is_never_followed_keeps_the_records_and_names_its_location_in_health() {
+    // Where the redirect points: another server that must never see a request.
+    let elsewhere = start_mock(MockOptions::default()).await;
+    let location = format!(
+        "{}/pandaServer/demo/PandaWorkFlow/WorkFlow/api/PostFlowNodeData",
+        elsewhere.base_url()
+    );
+    let mock = start_mock(MockOptions::default()).await;
+    mock.set_redirect(Some((301, location.clone())));
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let mut records = Vec::new();
+    for i in 0..3 {
+        records.push(queue_seq(&outbox, &format!("M{i}"), OPEN, i).await);
+    }
+    let mut sender = Running::start_with(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50), 1);
+    wait_until("several redirected attempts", || {
+        sender.stats.redirects.load(Ordering::Relaxed) >= 3
+    })
+    .await;
+    assert_eq!(outbox.len(), 3, "records kept");
+    assert!(outbox.dead().unwrap().is_empty());
+    let snapshot = sender.stats.snapshot();
+    let err = snapshot.last_error.clone().unwrap_or_default();
+    assert!(err.contains(&location) && err.contains("panda.base_url"), "{err}");
+    assert!(!snapshot.login_failing, "a redirect is not a refused login");
+    let counts = fieldgate::admin::OutboxCounts {
+        records: 3,
+        max_records: 10_000,
+        max_bytes: 1 << 30,
+        ..Default::default()
+    };
+    let findings = fieldgate::admin::delivery_findings(&counts, &snapshot);
+    let failing = findings
+        .iter()
+        .find(|f| f.code == "delivery_failing")
+        .expect("health says delivery is failing");
+    assert!(failing.message.contains(&location), "{}", failing.message);
+    for r in outbox.list(10).unwrap() {
+        assert!(r.last_error.unwrap_or_default().contains(&location));
+        assert_eq!(r.rejections, 0);
+    }
+
+    // The login works again, but PostFlowNodeData is redirected once (http→https at a proxy).
+    mock.set_redirect(None);
+    mock.push_fault(Fault::Redirect {
+        status: 307,
+        location: Some(location.clone()),
+    });
+    wait_until("delivery after the redirects stop", || outbox.is_empty()).await;
+    sender.stop().await;
+    let got: Vec<String> = mock.orders().iter().map(|o| o.biz_data.clone()).collect();
+    assert_eq!(got, biz_of(&records), "delivered once, in order");
+    let log = mock.request_log();
+    assert_eq!(log.iter().map(|r| r.status).collect::<Vec<_>>(), vec![307, 200]);
+    assert_eq!(log[0].location.as_deref(), Some(location.as_str()));
+    assert_eq!(
+        (elsewhere.requests(), elsewhere.login_attempts()),
+        (0, 0),
+        "no request went to the Location"
+    );
+}
+
+#[tokio::test]
+async fn a_relative_location_is_named_as_a_full_url() {
+    let mock = start_mock(MockOptions::default()).await;
+    mock.push_fault(Fault::Redirect {
+        status: 302,
+        location: Some("/moved/PostFlowNodeData".into()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open_outbox(&dir);
+    let client = PandaClient::new(&panda_cfg(&mock.base_url(), Auth::None, 50), cst()).unwrap();
+    let r = queue_seq(&outbox, "M1", OPEN, 1).await;
+    match client.post(OPEN, std::slice::from_ref(&r)).await {
+        Err(e @ DeliveryError::Redirect { .. }) => {
+            let want = format!("{}/moved/PostFlowNodeData", mock.base_url());
+            assert!(e.to_string().contains(&want), "{e}");
+        }
+        other => panic!("expected a redirect error, got {other:?}"),
+    }
+    assert_eq!(mock.requests(), 1, "not followed");
+    client.post(OPEN, std::slice::from_ref(&r)).await.unwrap();
 }

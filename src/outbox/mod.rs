@@ -321,6 +321,9 @@ struct Open {
     db: sled::Db,
     store: sled::Tree,
     synced: Synced,
+    /// [`Outbox::generation`] it was opened as: an error from a handle of an older one (an operation
+    /// that began before a reopen) must not fail the database that replaced it.
+    generation: u64,
 }
 
 /// A record before it has an id.
@@ -358,7 +361,7 @@ impl Outbox {
         })?;
         let opened = open_store(dir)?;
         let outbox = Outbox::unopened(dir, limits, opened.stored);
-        outbox.install(opened);
+        outbox.install(opened, 0);
         Ok(outbox)
     }
 
@@ -379,7 +382,7 @@ impl Outbox {
             Ok(Err(e @ OutboxError::Locked(_))) => return Err(e),
             Ok(Ok(opened)) => {
                 let outbox = Outbox::unopened(dir, limits, opened.stored);
-                outbox.install(opened);
+                outbox.install(opened, 0);
                 return Ok(outbox);
             }
             Ok(Err(e)) => e.to_string(),
@@ -408,8 +411,9 @@ impl Outbox {
         }
     }
 
-    /// Put a freshly opened database in place and take its counts.
-    fn install(&self, o: Opened) {
+    /// Put a freshly opened database in place as `generation` and take its counts.
+    fn install(&self, mut o: Opened, generation: u64) {
+        o.open.generation = generation;
         let c = &self.shared.counts;
         c.records.store(o.stored.records, Ordering::Relaxed);
         c.bytes.store(o.stored.bytes, Ordering::Relaxed);
@@ -441,8 +445,9 @@ impl Outbox {
         drop(writer);
         match opened {
             Ok(Ok(opened)) => {
-                self.install(opened);
-                sh.generation.fetch_add(1, Ordering::SeqCst);
+                let generation = sh.generation.load(Ordering::SeqCst) + 1;
+                self.install(opened, generation);
+                sh.generation.store(generation, Ordering::SeqCst);
                 sh.fault.healed(&sh.dir);
                 true
             }
@@ -526,7 +531,8 @@ impl Outbox {
     /// [`Outbox::corrupt`]) and the meter starts again from no state: its next sample is a baseline.
     pub fn state(&self, meter_no: &str) -> Result<Option<StoredState>, OutboxError> {
         let key = state_key(meter_no);
-        let Some(v) = self.handle()?.store.get(&key).map_err(|e| self.db_error(e))? else {
+        let open = self.handle()?;
+        let Some(v) = open.store.get(&key).map_err(|e| self.db_error(&open, e))? else {
             return Ok(None);
         };
         match decode("state", meter_no, &v) {
@@ -553,7 +559,7 @@ impl Outbox {
         if next != *stored {
             batch.insert(COUNTS_KEY, &next.to_bytes()[..]);
         }
-        open.store.apply_batch(batch).map_err(|e| self.db_error(e))?;
+        open.store.apply_batch(batch).map_err(|e| self.db_error(&open, e))?;
         *stored = next;
         self.shared.counts.records.store(next.records, Ordering::Relaxed);
         self.shared.counts.bytes.store(next.bytes, Ordering::Relaxed);
@@ -561,9 +567,13 @@ impl Outbox {
     }
 
     /// One entry of a scan, counted ([`Outbox::entries_read`]).
-    fn read(&self, item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<(sled::IVec, sled::IVec), OutboxError> {
+    fn read(
+        &self,
+        open: &Open,
+        item: sled::Result<(sled::IVec, sled::IVec)>,
+    ) -> Result<(sled::IVec, sled::IVec), OutboxError> {
         self.shared.counts.entries_read.fetch_add(1, Ordering::Relaxed);
-        item.map_err(|e| self.db_error(e))
+        item.map_err(|e| self.db_error(open, e))
     }
 
     /// Entries read by scans (queue, dead letters, set-aside entries) since open: what a request
@@ -574,7 +584,7 @@ impl Outbox {
 
     /// A stored value, read under the writer's lock.
     fn get(&self, open: &Open, key: &[u8]) -> Result<Option<sled::IVec>, OutboxError> {
-        open.store.get(key).map_err(|e| self.db_error(e))
+        open.store.get(key).map_err(|e| self.db_error(open, e))
     }
 
     /// Commit a meter's new state and its records atomically. Returns the records with their ids.
@@ -634,7 +644,7 @@ impl Outbox {
                 let mut records = Vec::with_capacity(drafts.len());
                 for d in drafts {
                     records.push(Record {
-                        id: open.db.generate_id().map_err(|e| self.db_error(e))?,
+                        id: open.db.generate_id().map_err(|e| self.db_error(open, e))?,
                         event_name: d.event_name,
                         meter_no: meter_no.to_string(),
                         detected_at: d.detected_at,
@@ -700,10 +710,10 @@ impl Outbox {
     pub fn sync_blocking(&self) -> Result<(), OutboxError> {
         let open = self.handle()?;
         let target = self.shared.counts.committed.load(Ordering::SeqCst);
-        open.db.flush().map_err(|e| self.db_error(e))?;
+        open.db.flush().map_err(|e| self.db_error(&open, e))?;
         open.synced.sync(&self.shared.dir).map_err(|e| {
             let e = OutboxError::from(e);
-            self.shared.fault.fail(&self.shared.dir, &e.to_string());
+            self.fail_from(&open, &e.to_string());
             e
         })?;
         self.shared.counts.durable.fetch_max(target, Ordering::SeqCst);
@@ -724,7 +734,7 @@ impl Outbox {
         }
         if let Ok(open) = self.handle() {
             // A failure is recorded by `db_error`; the caller heals on its next cycle.
-            let _ = open.db.flush().map_err(|e| self.db_error(e));
+            let _ = open.db.flush().map_err(|e| self.db_error(&open, e));
         }
     }
 
@@ -806,7 +816,7 @@ impl Outbox {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = self.read(item)?;
+            let (k, v) = self.read(&open, item)?;
             match decode_record(id_of(&k), &v) {
                 Ok(r) => out.push(r),
                 Err(e) => self.set_aside(&k, &v, &e)?,
@@ -856,7 +866,7 @@ impl Outbox {
         // Bound the scan: a backlog of other events must not make each batch read the whole queue.
         let durable = self.shared.counts.durable.load(Ordering::SeqCst);
         for item in open.store.scan_prefix([QUEUE]).take(max.saturating_mul(20).max(100)) {
-            let (k, v) = self.read(item)?;
+            let (k, v) = self.read(&open, item)?;
             // Read the few fields the choice needs first; only a record that joins the batch (or must
             // be shown to `skip`) is decoded in full. A record of another event blocks its meter
             // whether or not `skip` would hold it, so `skip` is not needed for it.
@@ -1039,7 +1049,7 @@ impl Outbox {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = self.read(item)?;
+            let (k, v) = self.read(&open, item)?;
             match decode::<DeadLetter>("dead", id_of(&k), &v) {
                 Ok(d) => out.push(d),
                 Err(e) => self.set_aside(&k, &v, &e)?,
@@ -1154,7 +1164,7 @@ impl Outbox {
         let open = self.handle()?;
         let mut out = Vec::new();
         for item in open.store.scan_prefix([ASIDE]).take(limit) {
-            let (k, v) = self.read(item)?;
+            let (k, v) = self.read(&open, item)?;
             let key = k.get(1..).unwrap_or_default();
             let error = match key.first() {
                 Some(&QUEUE) => decode_record(id_of(key), &v).err(),
@@ -1182,21 +1192,34 @@ impl Outbox {
             DamageTarget::State(meter_no) => state_key(meter_no),
         };
         let open = self.handle()?;
-        open.store.insert(key, bytes).map_err(|e| self.db_error(e))?;
+        open.store.insert(key, bytes).map_err(|e| self.db_error(&open, e))?;
         Ok(())
     }
 
-    /// A sled error: the store is failed from now on (module docs).
-    fn db_error(&self, e: sled::Error) -> OutboxError {
+    /// A sled error from `open`: the store is failed from now on (module docs).
+    fn db_error(&self, open: &Open, e: sled::Error) -> OutboxError {
         // sled shows an I/O error in Debug form; the OS's own words read better in health and logs.
         let text = match &e {
             sled::Error::Io(io) => io.to_string(),
             other => other.to_string(),
         };
-        self.shared.fault.fail(&self.shared.dir, &text);
+        self.fail_from(open, &text);
         OutboxError::Db {
             path: self.shared.dir.clone(),
             source: e,
+        }
+    }
+
+    /// Fail the store for an error of `open`, unless `open` was replaced meanwhile (the error is of a
+    /// database already given up, and its replacement may work).
+    fn fail_from(&self, open: &Open, error: &str) {
+        self.fail_for(open.generation, error);
+    }
+
+    /// [`Outbox::fail_from`] for a database opened as `generation`.
+    fn fail_for(&self, generation: u64, error: &str) {
+        if generation == self.shared.generation.load(Ordering::SeqCst) {
+            self.shared.fault.fail(&self.shared.dir, error);
         }
     }
 }
@@ -1299,7 +1322,12 @@ fn open_store(dir: &Path) -> Result<Opened, OutboxError> {
     let synced = Synced::default();
     synced.sync(dir)?;
     Ok(Opened {
-        open: Open { db, store, synced },
+        open: Open {
+            db,
+            store,
+            synced,
+            generation: 0,
+        },
         stored: keep,
         top,
         dead,
@@ -2191,6 +2219,12 @@ mod tests {
         }
         assert_eq!(o.generation(), g + 1);
         assert!(o.fault().is_none());
+        // An operation that began on the failed database and errs now does not fail its replacement.
+        o.fail_for(g, "a late error of the old database");
+        assert!(
+            !o.is_failed(),
+            "an old handle's error fails the database that replaced it"
+        );
         assert_eq!(o.state("M1").unwrap(), Some(state(1)));
         assert_eq!(
             o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
