@@ -38,6 +38,12 @@ pub struct MeterMetrics {
     pub online: bool,
     /// Seconds since the last answer; `None` before the first (the series is left out then).
     pub last_sample_age: Option<f64>,
+    /// The slowest of its recent answer times, seconds (`crate::bus::MeterLink`); `None` before one.
+    pub answer_max: Option<f64>,
+    /// Its requests not answered within the bus timeout.
+    pub timeouts: u64,
+    /// Answers that came after the timeout (seen on RTU only).
+    pub late_answers: u64,
 }
 
 /// Everything `/metrics` shows, copied out of the daemon at one moment.
@@ -77,10 +83,16 @@ pub fn gather(state: &AdminState) -> Metrics {
                 .meters
                 .iter()
                 .zip(live)
-                .map(|(m, v)| MeterMetrics {
-                    meter: m.meter_no.clone(),
-                    online: v.online,
-                    last_sample_age: v.last_sample.map(|t| t.elapsed().as_secs_f64()),
+                .map(|(m, v)| {
+                    let link = field.buses.get(m.bus).and_then(|b| b.meter_link(&m.meter_no));
+                    MeterMetrics {
+                        meter: m.meter_no.clone(),
+                        online: v.online,
+                        last_sample_age: v.last_sample.map(|t| t.elapsed().as_secs_f64()),
+                        answer_max: link.and_then(|l| l.answer_max).map(|d| d.as_secs_f64()),
+                        timeouts: link.map_or(0, |l| l.timeouts),
+                        late_answers: link.map_or(0, |l| l.late_answers),
+                    }
                 })
                 .collect();
             (buses, meters)
@@ -216,6 +228,33 @@ pub fn encode(m: &Metrics) -> String {
         }
     }
     w.family(
+        "fieldgate_meter_answer_max_seconds",
+        Kind::Gauge,
+        "The slowest of the meter's recent answer times (absent before its first answer); compare with the bus timeout.",
+    );
+    for meter in &m.meters {
+        if let Some(t) = meter.answer_max {
+            w.sample("fieldgate_meter_answer_max_seconds", &[("meter", &meter.meter)], t);
+        }
+    }
+    for (name, help, value) in [
+        (
+            "fieldgate_meter_timeouts_total",
+            "Requests to the meter not answered within the bus timeout (since the bus started or was reloaded).",
+            (|x: &MeterMetrics| x.timeouts) as fn(&MeterMetrics) -> u64,
+        ),
+        (
+            "fieldgate_meter_late_answers_total",
+            "Answers of the meter that came after the bus timeout (seen on RTU only): raise the timeout.",
+            |x: &MeterMetrics| x.late_answers,
+        ),
+    ] {
+        w.family(name, Kind::Counter, help);
+        for meter in &m.meters {
+            w.sample(name, &[("meter", &meter.meter)], value(meter) as f64);
+        }
+    }
+    w.family(
         "fieldgate_transitions_total",
         Kind::Counter,
         "Valve transitions detected and committed.",
@@ -342,6 +381,21 @@ pub fn encode(m: &Metrics) -> String {
     for (outcome, n) in HTTP_OUTCOMES.iter().zip(by_outcome) {
         w.sample("fieldgate_http_requests_total", &[("outcome", outcome)], n as f64);
     }
+    w.counter(
+        "fieldgate_http_throttled_total",
+        "Of the transient requests: answers 408, 429 or 503 (the server asked to wait; Retry-After honoured).",
+        s.throttled,
+    );
+    w.counter(
+        "fieldgate_http_redirects_total",
+        "Of the transient requests: 3xx answers, never followed (panda.base_url is wrong).",
+        s.redirects,
+    );
+    w.counter(
+        "fieldgate_http_refused_pages_total",
+        "Of the rejected requests: 400/403/413/422 pages without a Panda code (a proxy or firewall refusing the body).",
+        s.http_refused,
+    );
     w.counter(
         "fieldgate_sender_store_retries_total",
         "Store writes about a server answer that failed and were retried (nothing more was sent meanwhile).",
@@ -471,11 +525,17 @@ mod tests {
                     meter: "M1".into(),
                     online: true,
                     last_sample_age: Some(0.25),
+                    answer_max: Some(0.125),
+                    timeouts: 4,
+                    late_answers: 1,
                 },
                 MeterMetrics {
                     meter: "表\"2\"".into(),
                     online: false,
                     last_sample_age: None,
+                    answer_max: None,
+                    timeouts: 9,
+                    late_answers: 0,
                 },
             ],
             transitions: 2,
@@ -510,6 +570,9 @@ mod tests {
                 transient: 5,
                 token_refreshes: 1,
                 store_retries: 7,
+                throttled: 3,
+                redirects: 1,
+                http_refused: 2,
                 ..SenderSnapshot::default()
             },
         }
@@ -533,6 +596,10 @@ mod tests {
             "fieldgate_meter_online{meter=\"M1\"} 1",
             "fieldgate_meter_online{meter=\"表\\\"2\\\"\"} 0",
             "fieldgate_meter_last_sample_age_seconds{meter=\"M1\"} 0.25",
+            "fieldgate_meter_answer_max_seconds{meter=\"M1\"} 0.125",
+            "fieldgate_meter_timeouts_total{meter=\"M1\"} 4",
+            "fieldgate_meter_late_answers_total{meter=\"M1\"} 1",
+            "fieldgate_meter_timeouts_total{meter=\"表\\\"2\\\"\"} 9",
             "fieldgate_transitions_total 2",
             "fieldgate_records_queued 3",
             "fieldgate_records_delivered_total 2",
@@ -554,6 +621,9 @@ mod tests {
             "fieldgate_dead_letters_max 10000",
             "fieldgate_dead_letters_refused_total 6",
             "fieldgate_sender_store_retries_total 7",
+            "fieldgate_http_throttled_total 3",
+            "fieldgate_http_redirects_total 1",
+            "fieldgate_http_refused_pages_total 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }
