@@ -21,7 +21,7 @@ use fieldgate::simulator::{self, Flaky, Plant};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::util::{mapping_csv, wait_until, Site};
+use crate::util::{mapping_csv, site_config, wait_until, Site};
 
 const GRACE: Duration = Duration::from_secs(10);
 
@@ -51,64 +51,33 @@ fn seed() -> u64 {
         .unwrap_or(SEED)
 }
 
-/// A site with one bus on `transport` and three meters whose valve is holding 3 (one request per read,
-/// so a meter fails exactly the share of reads its unit fails requests).
+/// The test site of `crate::util::site_config` with one bus on `transport` and three meters whose
+/// valve is holding 3 (one request per read, so a meter fails exactly the share of reads its unit fails
+/// requests), a 50 ms timeout, an RTU `guard` and a short `offline_retry`.
 fn config(transport: &str, guard: &str, panda: &str) -> String {
-    let mut s = format!(
-        r#"[site]
-name = "flaky-station"
-state_dir = "state"
-mapping = "mapping.csv"
-timezone = "+08:00"
-
-[panda]
-base_url = "{panda}"
-project = "demo"
-auth = "token"
-username = "0CYKwAUCTLZ4KW6l"
-password = "1vOkb5Ps4XfitL6G"
-user_id = 42
-timeout = "5s"
-max_batch = 50
-retry_min = "20ms"
-retry_max = "200ms"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[bus]]
-name = "line-a"
-{transport}
-poll_interval = "50ms"
-timeout = "50ms"
-guard = "{guard}"
-offline_after = 3
-offline_retry = "1500ms"
-
-[profile.sim]
-valve = {{ table = "holding", address = 3, states = {{ 0 = "关闭", 1 = "开启" }} }}
-readings = [
-  {{ field = "累计流量", table = "holding", address = 0, type = "u32", scale = 0.01 }},
-  {{ field = "电池电压", table = "holding", address = 2, scale = 0.01 }},
-]
-
-[[event]]
-name = "用水户开阀"
-point = "valve"
-to = "开启"
-
-[[event]]
-name = "用水户关阀"
-point = "valve"
-to = "关闭"
-"#
-    );
-    for i in 1..=3 {
-        s.push_str(&format!(
-            "\n[[meter]]\nmeter_no = \"M{i}\"\nbus = \"line-a\"\nunit = {i}\nprofile = \"sim\"\n"
-        ));
-    }
-    s
+    let base = site_config(transport, panda, "token", 3);
+    [
+        (
+            "timeout = \"200ms\"\n",
+            format!("timeout = \"50ms\"\nguard = \"{guard}\"\n"),
+        ),
+        (
+            "offline_after = 2\noffline_retry = \"300ms\"",
+            "offline_after = 3\noffline_retry = \"1500ms\"".into(),
+        ),
+        (
+            r#"valve = { table = "coil", address = 0, states = { 0 = "关闭", 1 = "开启" } }"#,
+            r#"valve = { table = "holding", address = 3, states = { 0 = "关闭", 1 = "开启" } }"#.into(),
+        ),
+    ]
+    .into_iter()
+    .fold(base, |text, (from, to)| {
+        assert!(
+            text.contains(from),
+            "the shared test config changed: update this test ({from:?})"
+        );
+        text.replacen(from, &to, 1)
+    })
 }
 
 /// The simulator on `line`, serving `plant`; the bus lines of the config.

@@ -924,39 +924,12 @@ fn bisection_requests(n: usize, p: usize) -> u64 {
 
 #[tokio::test]
 async fn a_poison_record_in_a_batch_of_50_is_dead_after_dead_after_tries_and_49_are_delivered() {
-    let mock = start_mock(MockOptions {
+    let dead_after = 5;
+    let opts = MockOptions {
         reject_biz: vec![seq_marker(17)],
         ..MockOptions::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = open_outbox(&dir);
-    let mut records = Vec::new();
-    for i in 0..50 {
-        records.push(queue_seq(&outbox, &format!("M{i:02}"), OPEN, i).await);
-    }
-    let dead_after = 5;
-    let mut sender = Running::start_with(
-        &outbox,
-        panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50),
-        dead_after,
-    );
-    wait_until("the outbox to settle", || outbox.is_empty()).await;
-    sender.stop().await;
-
-    let want: Vec<&str> = records
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 17)
-        .map(|(_, r)| r.biz_data.as_str())
-        .collect();
-    let got: Vec<String> = mock.orders().iter().map(|o| o.biz_data.clone()).collect();
-    assert_eq!(got, want, "49 delivered, once each, in detection order");
-    let dead = outbox.dead().unwrap();
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].record.id, records[17].id);
-    assert_eq!(dead[0].record.rejections, dead_after);
-    assert_eq!(dead[0].record.biz_data, records[17].biz_data, "kept as it was queued");
+    };
+    let (mock, _, dead, _) = one_bad_record_in_fifty(opts, 17, dead_after).await;
     assert!(dead[0].reason.contains(&seq_marker(17)), "{}", dead[0].reason);
     assert_eq!(
         mock.requests(),
@@ -1497,10 +1470,12 @@ async fn a_503_with_an_http_date_holds_the_next_request_back_until_then() {
     busy_then_accepted(503, RetryAfter::DateIn(Duration::from_secs(2)), Duration::from_secs(2)).await;
 }
 
-/// 50 records on 50 meters; a proxy answers `status` with an HTML page to any request carrying record
-/// `poison`. Returns the mock, the records, the outbox's dead letters and the sender's counters.
-async fn one_record_refused_by_a_proxy(
-    status: u16,
+/// 50 records on 50 meters, sent against a mock with `opts` that refuses record `poison`. Checks that
+/// the other 49 arrive once each in detection order and `poison` is the one dead letter, kept as it
+/// was queued, after `dead_after` refusals. Returns the mock, the records, the dead letters and the
+/// sender's counters.
+async fn one_bad_record_in_fifty(
+    opts: MockOptions,
     poison: usize,
     dead_after: u32,
 ) -> (
@@ -1509,11 +1484,7 @@ async fn one_record_refused_by_a_proxy(
     Vec<fieldgate::outbox::DeadLetter>,
     fieldgate::sender::SenderSnapshot,
 ) {
-    let mock = start_mock(MockOptions {
-        status_biz: vec![(status, seq_marker(poison))],
-        ..MockOptions::default()
-    })
-    .await;
+    let mock = start_mock(opts).await;
     let dir = tempfile::tempdir().unwrap();
     let outbox = open_outbox(&dir);
     let mut records = Vec::new();
@@ -1544,13 +1515,34 @@ async fn one_record_refused_by_a_proxy(
         dead[0].record.biz_data, records[poison].biz_data,
         "kept as it was queued"
     );
-    assert!(dead[0].reason.contains(&format!("HTTP {status}")), "{}", dead[0].reason);
     let stats = sender.stats.snapshot();
     assert_eq!(stats.dead_lettered, 1);
     assert_eq!(stats.delivered, 49);
     assert_eq!(stats.records_rejected, u64::from(dead_after));
-    assert_eq!(stats.http_refused, stats.rejected, "every refusal was the proxy's page");
     (mock, records, dead, stats)
+}
+
+/// [`one_bad_record_in_fifty`] where a proxy answers `status` with an HTML page to any request carrying
+/// record `poison`.
+async fn one_record_refused_by_a_proxy(
+    status: u16,
+    poison: usize,
+    dead_after: u32,
+) -> (
+    MockPanda,
+    Vec<Record>,
+    Vec<fieldgate::outbox::DeadLetter>,
+    fieldgate::sender::SenderSnapshot,
+) {
+    let opts = MockOptions {
+        status_biz: vec![(status, seq_marker(poison))],
+        ..MockOptions::default()
+    };
+    let out = one_bad_record_in_fifty(opts, poison, dead_after).await;
+    let (_, _, dead, stats) = &out;
+    assert!(dead[0].reason.contains(&format!("HTTP {status}")), "{}", dead[0].reason);
+    assert_eq!(stats.http_refused, stats.rejected, "every refusal was the proxy's page");
+    out
 }
 
 #[tokio::test]
