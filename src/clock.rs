@@ -72,7 +72,7 @@ impl BootStamp {
 }
 
 /// Nanoseconds on `CLOCK_BOOTTIME`.
-fn boot_ns() -> u64 {
+pub fn boot_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     u64::try_from(t.tv_sec)
         .unwrap_or(0)

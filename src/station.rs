@@ -145,6 +145,8 @@ pub struct Station {
     /// Where each meter's current outage began as the bus reported it in this run (label, boot clock):
     /// the start of an outage whose first commit was refused.
     offline_at: Vec<Option<(DateTime<Utc>, BootStamp)>>,
+    /// Wall clock minus boot clock at the last cycle, ms: a jump is a step of the system clock.
+    wall_offset_ms: Option<i64>,
     /// Each meter's state as last committed, by meter index, once read (`None`: not read yet). The
     /// station is the only writer of states, so after the first read of a meter its state comes from
     /// here instead of a store read and JSON decode per sample (BENCHMARKS.md row 2).
@@ -165,6 +167,9 @@ pub struct Station {
     /// Whether the kernel said the system clock was not synchronized when that second was formatted.
     unsynced: std::cell::Cell<bool>,
 }
+
+/// A jump of the wall clock against the boot clock this large between two cycles is a step.
+const CLOCK_STEP_MS: i64 = 2_000;
 
 /// Appended to a detection time labelled while the kernel said the system clock was not synchronized:
 /// such a time may be decades off (a board without a battery-backed clock) and is shown as such.
@@ -219,6 +224,7 @@ impl Station {
             staged: Vec::new(),
             stored: vec![None; n],
             offline_at: vec![None; n],
+            wall_offset_ms: None,
             generation,
             templates: RefCell::default(),
             spare_biz: RefCell::default(),
@@ -256,6 +262,7 @@ impl Station {
     /// once the store works. Each cycle tries to heal the store (at most as often as its backoff lets).
     pub fn apply(&mut self, cycle: Cycle) -> usize {
         let now = self.live.clock.now();
+        self.notice_clock_step(now);
         let mut wrote = false;
         let mut queued = 0;
         for &(meter, online) in &cycle.links {
@@ -322,6 +329,23 @@ impl Station {
             self.outbox.check_blocking();
         }
         queued
+    }
+
+    /// Log a step of the wall clock (NTP setting a board's clock that booted in 1970), once per step:
+    /// the detection times on either side of it are on different clocks. Nothing is decided on it.
+    fn notice_clock_step(&mut self, now: DateTime<Utc>) {
+        let offset = now.timestamp_millis() - (crate::clock::boot_ns() / 1_000_000) as i64;
+        if let Some(before) = self.wall_offset_ms.replace(offset) {
+            let step = offset - before;
+            if step.abs() >= CLOCK_STEP_MS {
+                tracing::warn!(
+                    message = "The system clock stepped; detection times before the step are on the old clock (rules and durations are not affected).",
+                    step_seconds = step / 1000,
+                    now = %now.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    clock = ?crate::clock::sync_state()
+                );
+            }
+        }
     }
 
     /// Whether the store works (healing it when it is failed and its backoff allows). After a reopen
