@@ -539,6 +539,15 @@ fn seq_marker(seq: usize) -> String {
 }
 
 /// Queue a record whose BizData is unique (a sequence number among the readings).
+/// `n` records opening the valves of meters M00, M01, …, record `i` on meter `i` with sequence `i`.
+async fn queue_on_meters(outbox: &Outbox, n: usize) -> Vec<Record> {
+    let mut records = Vec::with_capacity(n);
+    for i in 0..n {
+        records.push(queue_seq(outbox, &format!("M{i:02}"), OPEN, i).await);
+    }
+    records
+}
+
 async fn queue_seq(outbox: &Outbox, meter: &str, event: &str, seq: usize) -> Record {
     let state = if event == CLOSE { "关闭" } else { "开启" };
     let seq = seq.to_string();
@@ -1487,10 +1496,7 @@ async fn one_bad_record_in_fifty(
     let mock = start_mock(opts).await;
     let dir = tempfile::tempdir().unwrap();
     let outbox = open_outbox(&dir);
-    let mut records = Vec::new();
-    for i in 0..50 {
-        records.push(queue_seq(&outbox, &format!("M{i:02}"), OPEN, i).await);
-    }
+    let records = queue_on_meters(&outbox, 50).await;
     let mut sender = Running::start_with(
         &outbox,
         panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50),
@@ -1590,10 +1596,7 @@ async fn a_batch_over_the_proxys_body_limit_is_split_until_it_fits_and_delivered
     .await;
     let dir = tempfile::tempdir().unwrap();
     let outbox = open_outbox(&dir);
-    let mut records = Vec::new();
-    for i in 0..50 {
-        records.push(queue_seq(&outbox, &format!("M{i:02}"), OPEN, i).await);
-    }
+    let records = queue_on_meters(&outbox, 50).await;
     let mut sender = Running::start_with(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50), 1);
     wait_until("every record delivered", || outbox.is_empty()).await;
     sender.stop().await;
@@ -1617,10 +1620,7 @@ async fn a_firewall_refusing_every_record_dead_letters_none_and_delivery_resumes
     .await;
     let dir = tempfile::tempdir().unwrap();
     let outbox = open_outbox(&dir);
-    let mut records = Vec::new();
-    for i in 0..20 {
-        records.push(queue_seq(&outbox, &format!("M{i:02}"), OPEN, i).await);
-    }
+    let records = queue_on_meters(&outbox, 20).await;
     let mut sender = Running::start_with(&outbox, panda_cfg(&mock.base_url(), token_auth(PASSWORD), 50), 1);
     wait_until("several refused rounds", || {
         mock.request_log().iter().filter(|r| r.status == 403).count() >= 30
