@@ -32,7 +32,8 @@
 //! - [`status`]: `fieldgate status`, tables of the running daemon from its admin API.
 //! - [`bus`]: one task per bus: read plan, Modbus polling with timeouts and recovery, offline meters.
 //! - [`notify`]: the systemd notification protocol (READY, STOPPING, WATCHDOG) over `$NOTIFY_SOCKET`.
-//! - [`watchdog`]: liveness of the bus tasks; WATCHDOG=1 only while every bus makes progress.
+//! - [`watchdog`]: liveness of the bus tasks and the station; WATCHDOG=1 only while every bus makes
+//!   progress and the station is not panicking again and again.
 //! - [`simulator`]: simulated Modbus meters with fault injection (`fieldgate simulate`, demo, tests).
 // One exception, read-only `adjtimex` in `clock` (no safe wrapper exists), allowed where it stands.
 #![deny(unsafe_code)]
