@@ -1000,14 +1000,8 @@ async fn post_requeue(State(state): State<AdminState>, body: Result<Json<Requeue
             )
         }
     };
-    // Its sled reads and writes block: on the blocking pool, as every store access of the handlers.
-    let outbox = state.outbox.clone();
-    let requeued = off_the_runtime(move || tokio::runtime::Handle::current().block_on(outbox.requeue(which))).await;
-    let requeued = match requeued {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    match requeued {
+    // `requeue` does its store work on the blocking pool.
+    match state.outbox.requeue(which).await {
         Ok(0) if which.is_some() => error(
             StatusCode::NOT_FOUND,
             format!("no dead letter with id {}", which.unwrap_or_default()),

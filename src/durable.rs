@@ -171,6 +171,12 @@ impl Synced {
             self.seen().folders.insert(folder.to_path_buf(), listing);
         }
         // Taken before the listing: a change since moves the stamp, and the next sync lists again.
+        // The one wall-clock comparison of the crate, and the right clock for it: the folder's mtime is
+        // written by this same clock, and the question is whether the file system's clock has left
+        // that mtime's tick by the time of this listing (so that a later change gets another mtime).
+        // A step backwards makes the age negative (not trusted: listed again); a step forwards trusts
+        // a stamp only with a listing made after the step, and every change after the step gets a
+        // post-step mtime. A monotonic clock cannot answer it: it has no relation to file times.
         let old = meta
             .modified()
             .ok()

@@ -382,10 +382,10 @@ impl Sender {
             let deferred = !self.deferred.is_empty();
             held.extend(self.deferred.drain());
             let max_batch = self.cfg.max_batch;
-            let batch = match off_async(&self.outbox, move |o| {
-                o.next_batch_where(max_batch, |r| held.contains(&r.id))
-            })
-            .await
+            let batch = match self
+                .outbox
+                .off_async(move |o| o.next_batch_where(max_batch, |r| held.contains(&r.id)))
+                .await
             {
                 Ok(b) => b,
                 Err(e) => {
@@ -596,8 +596,7 @@ impl Sender {
         let acked = self
             .until_stored("the removal of delivered records", |o| {
                 let ids = owned.clone();
-                let rt = tokio::runtime::Handle::current();
-                async move { off_async(&o, move |o| rt.block_on(o.ack(&ids))).await }
+                async move { o.off_async(move |o| o.ack_blocking(&ids)).await }
             })
             .await;
         if acked.is_none() {
@@ -628,7 +627,7 @@ impl Sender {
         let noted = self
             .until_stored("a refusal", |o| {
                 let text = text.clone();
-                async move { off_async(&o, move |o| o.note_rejection(id, &text)).await }
+                async move { o.off_async(move |o| o.note_rejection(id, &text)).await }
             })
             .await;
         let updated = match noted {
@@ -647,9 +646,8 @@ impl Sender {
         let buried = self
             .until_stored("a dead letter", |o| {
                 let (reason, died_at) = (reason.clone(), died_at.clone());
-                let rt = tokio::runtime::Handle::current();
                 async move {
-                    match off_async(&o, move |o| rt.block_on(o.bury(id, &reason, &died_at))).await {
+                    match o.off_async(move |o| o.bury_blocking(id, &reason, &died_at)).await {
                         Ok(()) => Ok(true),
                         // At the bound the record stays queued: not a store fault, nothing to retry.
                         Err(OutboxError::DeadFull { .. }) => Ok(false),
@@ -710,7 +708,7 @@ impl Sender {
         let noted = self
             .until_stored("a failed attempt", |o| {
                 let reason = reason.clone();
-                async move { off_async(&o, move |o| o.note_failure(&[id], &reason)).await }
+                async move { o.off_async(move |o| o.note_failure(&[id], &reason)).await }
             })
             .await;
         if noted.is_none() {
@@ -734,7 +732,7 @@ impl Sender {
         let owned = ids.to_vec();
         self.until_stored("a failed attempt", |o| {
             let (ids, reason) = (owned.clone(), reason.clone());
-            async move { off_async(&o, move |o| o.note_failure(&ids, &reason)).await }
+            async move { o.off_async(move |o| o.note_failure(&ids, &reason)).await }
         })
         .await?;
         self.stats.set_last_error(Some(reason.clone()));
@@ -772,24 +770,6 @@ fn alone_if_suspect(mut batch: Vec<Record>, suspect: impl Fn(&Record) -> bool) -
         None => {}
     }
     batch
-}
-
-/// Run a store call on tokio's blocking threads: sled reads and writes block (I/O, locks, fsync) and must
-/// not stall an async worker. An async store call (`ack`, `bury`) is run as `Handle::block_on` inside
-/// it. A call that panicked is an error like a failed write (retried by [`Sender::until_stored`]).
-async fn off_async<T, F>(outbox: &Outbox, f: F) -> Result<T, OutboxError>
-where
-    T: Send + 'static,
-    F: FnOnce(Outbox) -> Result<T, OutboxError> + Send + 'static,
-{
-    let o = outbox.clone();
-    match tokio::task::spawn_blocking(move || f(o)).await {
-        Ok(r) => r,
-        Err(e) => Err(OutboxError::Sync {
-            path: outbox.dir().to_path_buf(),
-            source: std::io::Error::other(format!("the store call did not finish: {e}")),
-        }),
-    }
 }
 
 /// Sleep `delay` unless shutdown comes first; `false` on shutdown.

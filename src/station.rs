@@ -355,12 +355,21 @@ impl Station {
         if !self.outbox.heal_blocking() {
             return false;
         }
+        self.reopened();
+        true
+    }
+
+    /// Whether the store was opened again since the states in memory were read; if so they are
+    /// forgotten (what sat in sled's failed buffer is gone: they are read back) and the sender is woken
+    /// for what the reopen made durable.
+    fn reopened(&mut self) -> bool {
         let generation = self.outbox.generation();
-        if generation != self.generation {
-            self.generation = generation;
-            self.stored.iter_mut().for_each(|s| *s = None);
-            self.sender_wake.notify_one();
+        if generation == self.generation {
+            return false;
         }
+        self.generation = generation;
+        self.stored.iter_mut().for_each(|s| *s = None);
+        self.sender_wake.notify_one();
         true
     }
 
@@ -732,11 +741,10 @@ impl Station {
         if self.staged.is_empty() {
             return (false, 0);
         }
-        if self.outbox.generation() != self.generation {
+        if self.reopened() {
             // The sender reopened the store during this cycle: what it was evaluated against may be
             // gone. Drop it; the next cycle reads the states back and sees the changes again.
             self.staged.clear();
-            self.stored.iter_mut().for_each(|s| *s = None);
             return (false, 0);
         }
         // Taken and given back empty: the list keeps its capacity for the next cycle.

@@ -468,10 +468,23 @@ impl Outbox {
         if !self.shared.fault.is_failed() {
             return true;
         }
+        self.off_async(|o| Ok(o.heal_blocking())).await.unwrap_or(false)
+    }
+
+    /// Run `f` with this store on tokio's blocking threads: sled blocks (I/O, locks, fsync) and must
+    /// not stall an async worker. A call that panicked is an error like a failed write.
+    pub async fn off_async<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Outbox) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.heal_blocking())
-            .await
-            .unwrap_or(false)
+        match tokio::task::spawn_blocking(move || f(&me)).await {
+            Ok(r) => r,
+            Err(e) => Err(OutboxError::Sync {
+                path: self.shared.dir.clone(),
+                source: std::io::Error::other(format!("the store call did not finish: {e}")),
+            }),
+        }
     }
 
     /// Whether the store is failed (waiting to be opened again).
@@ -740,14 +753,7 @@ impl Outbox {
 
     /// [`Outbox::sync_blocking`] off the async threads.
     pub async fn sync(&self) -> Result<(), OutboxError> {
-        let me = self.clone();
-        match tokio::task::spawn_blocking(move || me.sync_blocking()).await {
-            Ok(r) => r,
-            Err(e) => Err(OutboxError::Sync {
-                path: self.shared.dir.clone(),
-                source: std::io::Error::other(e),
-            }),
-        }
+        self.off_async(Outbox::sync_blocking).await
     }
 
     /// Whether records were committed that are not yet durable (a sync is due).
@@ -909,9 +915,15 @@ impl Outbox {
         Ok(batch)
     }
 
-    /// Remove delivered records (the server answered `code: 0`), then sync. An `Err` means the removal
-    /// may not be stored: the caller must not send anything more until it is.
+    /// [`Outbox::ack_blocking`] off the async threads.
     pub async fn ack(&self, ids: &[u64]) -> Result<(), OutboxError> {
+        let ids = ids.to_vec();
+        self.off_async(move |o| o.ack_blocking(&ids)).await
+    }
+
+    /// Remove delivered records (the server answered `code: 0`), then sync. An `Err` means the removal
+    /// may not be stored: the caller must not send anything more until it is. Blocking.
+    pub fn ack_blocking(&self, ids: &[u64]) -> Result<(), OutboxError> {
         let removed = self.write(|open, batch, stored| {
             let mut removed = 0;
             for id in ids.iter().collect::<BTreeSet<_>>() {
@@ -928,7 +940,7 @@ impl Outbox {
         if removed > 0 {
             self.shared.counts.refusing.store(false, Ordering::Relaxed);
         }
-        self.sync().await
+        self.sync_blocking()
     }
 
     /// Count a failed attempt on each record and keep the reason; returns the updated records.
@@ -983,6 +995,12 @@ impl Outbox {
     /// Move a record to the dead letters with the server's reason (one batch), then sync. Refused
     /// with [`OutboxError::DeadFull`] at `max_dead` dead letters: the record stays queued.
     pub async fn bury(&self, id: u64, reason: &str, died_at: &str) -> Result<(), OutboxError> {
+        let (reason, died_at) = (reason.to_string(), died_at.to_string());
+        self.off_async(move |o| o.bury_blocking(id, &reason, &died_at)).await
+    }
+
+    /// [`Outbox::bury`], blocking.
+    pub fn bury_blocking(&self, id: u64, reason: &str, died_at: &str) -> Result<(), OutboxError> {
         let max_dead = self.shared.limits.max_dead;
         let mut bad = None;
         let buried = self.write(|open, batch, stored| {
@@ -1021,7 +1039,7 @@ impl Outbox {
             self.shared.counts.dead.fetch_add(1, Ordering::Relaxed);
             self.shared.counts.refusing.store(false, Ordering::Relaxed);
         }
-        self.sync().await
+        self.sync_blocking()
     }
 
     /// All dead letters, oldest first. Loads every one: for tools on a stopped state directory and
@@ -1064,6 +1082,11 @@ impl Outbox {
     /// The old id puts the record back at its place in detection order, ahead of anything queued
     /// after it; later records of its meter that were delivered meanwhile stay delivered.
     pub async fn requeue(&self, id: Option<u64>) -> Result<usize, OutboxError> {
+        self.off_async(move |o| o.requeue_blocking(id)).await
+    }
+
+    /// [`Outbox::requeue`], blocking.
+    pub fn requeue_blocking(&self, id: Option<u64>) -> Result<usize, OutboxError> {
         let mut moved = 0;
         let mut after = None;
         loop {
@@ -1081,7 +1104,7 @@ impl Outbox {
                 }
             }
         }
-        self.sync().await?;
+        self.sync_blocking()?;
         Ok(moved)
     }
 
