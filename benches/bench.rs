@@ -15,14 +15,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fieldgate::bus::{run_bus, BusStats};
+use fieldgate::config::Limits;
 use fieldgate::config::{self, Config};
-use fieldgate::mock_panda::{MockOptions, MockPanda};
-use fieldgate::outbox::{Draft, Limits, Outbox, StoredState};
-use fieldgate::panda::PandaClient;
-use fieldgate::sender::{run_sender, SenderConfig, SenderStats};
-use fieldgate::simulator::{serve_tcp, Plant};
-use fieldgate::station::{Cycle, Live, Sample, Station};
+use fieldgate::delivery::panda::PandaClient;
+use fieldgate::delivery::sender::{run_sender, SenderConfig, SenderStats};
+use fieldgate::events::record::Draft;
+use fieldgate::modbus::bus::{run_bus, BusStats};
+use fieldgate::modbus::cycle::{Cycle, Sample};
+use fieldgate::recorder::{Live, Recorder};
+use fieldgate::store::{Store, StoredState};
+use fieldgate::tools::mock_panda::{MockOptions, MockPanda};
+use fieldgate::tools::simulator::{serve_tcp, Plant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio_modbus::prelude::*;
@@ -161,7 +164,7 @@ fn load_site(dir: &Path, text: &str, meters: usize) -> Config {
 }
 
 /// Wait until a state directory just created looks like one of a running gateway: its folder
-/// unchanged for 2 s, after which a sync lists it no more (`fieldgate::durable`). The bare loops never
+/// unchanged for 2 s, after which a sync lists it no more (`fieldgate::store::durable`). The bare loops never
 /// list it at all.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -314,7 +317,7 @@ async fn row1(plan: Plan) -> Row {
 
 /// The least a bare loop must do to make a flushed sled database durable: fsync its log file `db`
 /// (one flush of the disk's cache). The gateway does the same plus an fsync of any other file or
-/// folder of the database that changed (`fieldgate::durable`), which in steady state is none.
+/// folder of the database that changed (`fieldgate::store::durable`), which in steady state is none.
 fn sync_dir(dir: &Path) {
     let _ = std::fs::File::open(dir.join("db")).and_then(|f| f.sync_all());
 }
@@ -324,7 +327,7 @@ fn bare_db() -> (tempfile::TempDir, sled::Db) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = sled::Config::new()
         .path(dir.path())
-        .cache_capacity(fieldgate::outbox::CACHE_CAPACITY)
+        .cache_capacity(fieldgate::store::CACHE_CAPACITY)
         .open()
         .expect("sled");
     (dir, db)
@@ -393,12 +396,12 @@ impl BareSled {
     }
 }
 
-/// The product: `Station::apply` of a cycle whose every meter's valve flipped (samples made before
+/// The product: `Recorder::apply` of a cycle whose every meter's valve flipped (samples made before
 /// the clock: they are the bus task's work, row 1).
-struct StationRig {
+struct RecorderRig {
     _dir: tempfile::TempDir,
-    station: Station,
-    outbox: Outbox,
+    station: Recorder,
+    outbox: Store,
     batch: usize,
 }
 
@@ -425,18 +428,18 @@ fn unlimited() -> Limits {
     }
 }
 
-impl StationRig {
-    fn new(batch: usize) -> StationRig {
+impl RecorderRig {
+    fn new(batch: usize) -> RecorderRig {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = Arc::new(load_site(
             dir.path(),
             &site_text(&["127.0.0.1:502".into()], batch, "1s", "http://127.0.0.1:9"),
             batch,
         ));
-        let outbox = Outbox::open(&cfg.site.state_dir, unlimited()).expect("open");
-        let mut station = Station::new(cfg, outbox.clone(), Arc::new(Notify::new()), Live::new(batch));
+        let outbox = Store::open(&cfg.site.state_dir, unlimited()).expect("open");
+        let mut station = Recorder::new(cfg, outbox.clone(), Arc::new(Notify::new()), Live::new(batch));
         station.apply(flipped(batch, 0)); // baselines
-        StationRig {
+        RecorderRig {
             _dir: dir,
             station,
             outbox,
@@ -451,17 +454,17 @@ impl StationRig {
         self.station.apply(flipped(self.batch, 1));
         self.station.apply(flipped(self.batch, 0));
         let first = self.outbox.list(1).expect("list");
-        let record = fieldgate::stored_record::encode(first.first().expect("the flips made records")).len();
+        let record = fieldgate::store::stored_record::encode(first.first().expect("the flips made records")).len();
         let state = self.outbox.state("M1").expect("state").expect("stored");
         (record, serde_json::to_vec(&state).expect("json").len())
     }
 }
 
-/// `Outbox::commit_batch` alone, through the public API: per sample read the stored state (as the
+/// `Store::commit_batch` alone, through the public API: per sample read the stored state (as the
 /// station does), then one `commit_batch` of the cycle's transitions, then one flush + fsync.
 struct BatchRig {
     _dir: tempfile::TempDir,
-    outbox: Outbox,
+    outbox: Store,
     batch: usize,
 }
 
@@ -477,7 +480,7 @@ fn valve_state(raw: i64) -> StoredState {
 impl BatchRig {
     fn new(batch: usize) -> BatchRig {
         let dir = tempfile::tempdir().expect("tempdir");
-        let outbox = Outbox::open(dir.path(), unlimited()).expect("open");
+        let outbox = Store::open(dir.path(), unlimited()).expect("open");
         let base: Vec<_> = (0..batch).map(|m| (format!("M{m}"), valve_state(0), vec![])).collect();
         outbox.commit_batch(base).expect("baselines");
         outbox.sync_blocking().expect("sync");
@@ -512,7 +515,7 @@ impl BatchRig {
 /// cycle timed alone, so a slow spell of this shared disk falls on all alike instead of on whichever
 /// ran during it.
 fn interleaved_rates(batch: usize, cycles: usize) -> ([f64; KINDS], (usize, usize)) {
-    let mut station = StationRig::new(batch);
+    let mut station = RecorderRig::new(batch);
     let sizes = station.sizes();
     let commit = BatchRig::new(batch);
     let bare = BareSled::new(batch, sizes, true);
@@ -540,7 +543,7 @@ fn interleaved_rates(batch: usize, cycles: usize) -> ([f64; KINDS], (usize, usiz
     (std::array::from_fn(|k| done[k] as f64 / spent[k].as_secs_f64()), sizes)
 }
 
-/// Station, commit_batch alone, bare (one batch), bare (single inserts).
+/// Recorder, commit_batch alone, bare (one batch), bare (single inserts).
 const KINDS: usize = 4;
 
 async fn row2(plan: Plan) -> Row {
@@ -566,7 +569,7 @@ async fn row2(plan: Plan) -> Row {
     }
     Row {
         id: "2",
-        what: format!("transitions made durable per second ({batch} per cycle, record {} B, state {} B, one flush + fsync per cycle): `Station::apply`, the whole cycle in ONE atomic batch (`Outbox::commit_batch`); in brackets `commit_batch` alone through the Outbox API; all run cycle by cycle in turn, each cycle timed alone", sizes.0, sizes.1),
+        what: format!("transitions made durable per second ({batch} per cycle, record {} B, state {} B, one flush + fsync per cycle): `Recorder::apply`, the whole cycle in ONE atomic batch (`Store::commit_batch`); in brackets `commit_batch` alone through the Store API; all run cycle by cycle in turn, each cycle timed alone", sizes.0, sizes.1),
         baseline: format!(
             "bare sled: one `sled::Batch` of {batch} state + {batch} record inserts (values of the stored sizes), flush + fsync: {}",
             fmt0(stats(bare), "/s")
@@ -586,7 +589,7 @@ async fn row2(plan: Plan) -> Row {
 // === row 3: records delivered per second vs a bare reqwest loop ===
 
 fn biz(i: usize) -> String {
-    fieldgate::record::render_biz_data(
+    fieldgate::events::record::render_biz_data(
         &[
             ("用户编号", "U00001"),
             ("用户名称", "张三"),
@@ -611,7 +614,7 @@ async fn sender_rate(records: usize) -> f64 {
         &site_text(&["127.0.0.1:502".into()], 1, "1s", &panda.base_url()),
         1,
     );
-    let outbox = Outbox::open(
+    let outbox = Store::open(
         &cfg.site.state_dir,
         Limits {
             max_records: u64::MAX,
@@ -1286,12 +1289,12 @@ async fn row5(plan: Plan) -> Row {
 
 // === row 6: a large backlog queued with the server down, then drained ===
 
-/// `--fill-outbox DIR N`: queue N records through the public Outbox API as a 2,000-meter station
+/// `--fill-outbox DIR N`: queue N records through the public Store API as a 2,000-meter station
 /// would (one `commit_batch` of 2,000 transitions per cycle, then flush + fsync), then exit.
 fn fill_outbox_main(args: &[String]) {
     let dir = PathBuf::from(&args[0]);
     let n: usize = args[1].parse().expect("count");
-    let outbox = Outbox::open(
+    let outbox = Store::open(
         &dir,
         Limits {
             max_records: u64::MAX,

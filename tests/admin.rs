@@ -10,14 +10,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fieldgate::admin::MeterInfo;
 use fieldgate::app::Gateway;
-use fieldgate::mock_panda::{MockOptions, MockPanda};
-use fieldgate::outbox::DamageTarget;
-use fieldgate::outbox_cli::{outbox_run, OutboxArgs, OutboxCommand};
-use fieldgate::probe::{probe_run, ParityArg, ProbeArgs, ProbeCliError, TableArg};
-use fieldgate::simulator::{serve_rtu_over_tcp, serve_tcp, Plant};
-use fieldgate::status::{status_run, StatusArgs};
+use fieldgate::cli::outbox::{outbox_run, OutboxArgs, OutboxCommand};
+use fieldgate::cli::probe::{probe_run, ParityArg, ProbeArgs, ProbeCliError, TableArg};
+use fieldgate::cli::status::{status_run, StatusArgs};
+use fieldgate::ops::admin::MeterInfo;
+use fieldgate::store::DamageTarget;
+use fieldgate::tools::mock_panda::{MockOptions, MockPanda};
+use fieldgate::tools::simulator::{serve_rtu_over_tcp, serve_tcp, Plant};
 use tokio::net::TcpListener;
 
 use crate::e2e::{rig, wait_for_baselines, wait_orders};

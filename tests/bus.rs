@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use fieldgate::bus::{run_bus, BusStats, BusStatsSnapshot, MeterLink};
 use fieldgate::config::Config;
-use fieldgate::simulator::{self, Fault, Plant, FLOW_PER_FLIP};
-use fieldgate::station::{Cycle, Sample};
+use fieldgate::modbus::bus::{run_bus, BusStats, BusStatsSnapshot, MeterLink};
+use fieldgate::modbus::cycle::{Cycle, Sample};
+use fieldgate::tools::simulator::{self, Fault, Plant, FLOW_PER_FLIP};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -364,7 +364,7 @@ impl Rig {
         let holding_valves = cfg
             .meters
             .iter()
-            .filter(|m| m.valve.point.table == fieldgate::point::Table::Holding)
+            .filter(|m| m.valve.point.table == fieldgate::config::point::Table::Holding)
             .map(|m| m.unit)
             .collect();
         let (tx, cycles) = mpsc::channel(64);

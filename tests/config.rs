@@ -3,8 +3,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use fieldgate::config::point::{Table, ValueType, WordOrder};
 use fieldgate::config::{self, ConfigError, Transport};
-use fieldgate::point::{Table, ValueType, WordOrder};
 
 use crate::util::{mapping_csv, site_config, Site};
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use fieldgate::mock_panda::MockOptions;
+use fieldgate::tools::mock_panda::MockOptions;
 use rand::{Rng, SeedableRng};
 
 use crate::e2e::{rig, wait_for_baselines, wait_rounds, Rig};

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use fieldgate::mock_panda::{MockOptions, WorkOrder};
+use fieldgate::tools::mock_panda::{MockOptions, WorkOrder};
 use serde_json::Value;
 
 use crate::e2e::{flow, rig, Rig};
@@ -354,11 +354,11 @@ async fn a_corrupt_record_and_a_corrupt_state_are_set_aside_and_everything_else_
     // A failing card damages one queued record (M2's) and one meter's state (M3's).
     let m2 = queued.iter().find(|r| r.meter_no == "M2").unwrap().id;
     {
-        let o = fieldgate::outbox::Outbox::open(&rig.site.load().site.state_dir, fieldgate::outbox::Limits::DEFAULT)
+        let o =
+            fieldgate::store::Store::open(&rig.site.load().site.state_dir, fieldgate::config::Limits::DEFAULT).unwrap();
+        o.damage(fieldgate::store::DamageTarget::Record(m2), b"\x01\xff\xfe")
             .unwrap();
-        o.damage(fieldgate::outbox::DamageTarget::Record(m2), b"\x01\xff\xfe")
-            .unwrap();
-        o.damage(fieldgate::outbox::DamageTarget::State("M3"), b"{\"raw\":1,\"lab")
+        o.damage(fieldgate::store::DamageTarget::State("M3"), b"{\"raw\":1,\"lab")
             .unwrap();
         o.sync().await.unwrap();
     }
@@ -429,7 +429,7 @@ async fn an_acknowledgement_that_cannot_be_stored_stops_delivery_and_nothing_is_
     // The server applies M1's work order at once but answers only after 8 s; meanwhile the disk dies,
     // so the acknowledgement of that answer cannot be stored.
     rig.panda
-        .push_fault(fieldgate::mock_panda::Fault::SlowAnswer(Duration::from_secs(8)));
+        .push_fault(fieldgate::tools::mock_panda::Fault::SlowAnswer(Duration::from_secs(8)));
     rig.plant.flip_valve(1);
     wait_until("M1's work order applied", || async { rig.panda.orders().len() == 1 }).await;
     fs.shutdown();

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fieldgate::app::{self, Gateway};
-use fieldgate::mock_panda::{MockOptions, MockPanda, WorkOrder};
-use fieldgate::simulator::{serve_tcp, Plant};
+use fieldgate::tools::mock_panda::{MockOptions, MockPanda, WorkOrder};
+use fieldgate::tools::simulator::{serve_tcp, Plant};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -268,7 +268,7 @@ async fn a_dead_unit_goes_offline_and_the_others_still_deliver() {
 /// record does not fit keeps its old state, and its transition is detected again once there is room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cycle_that_overflows_the_outbox_keeps_the_refused_meter_for_later() {
-    let rig = StationRig::new(1);
+    let rig = RecorderRig::new(1);
     let (outbox, mut station, cycle) = (rig.outbox.clone(), rig.station(), two_meter_cycle);
     assert_eq!(station.apply(cycle([0, 0])), 0, "baselines");
     assert_eq!(station.apply(cycle([1, 1])), 1, "room for one record only");
@@ -297,7 +297,7 @@ async fn a_cycle_that_overflows_the_outbox_keeps_the_refused_meter_for_later() {
 async fn an_abandoned_station_applies_no_further_cycle() {
     use tokio_util::sync::CancellationToken;
 
-    let rig = StationRig::new(100);
+    let rig = RecorderRig::new(100);
     let (outbox, station, cycle) = (rig.outbox.clone(), rig.station(), two_meter_cycle);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let abandon = CancellationToken::new();
@@ -325,46 +325,46 @@ async fn an_abandoned_station_applies_no_further_cycle() {
 }
 
 /// A two-meter site (M1, M2) with its outbox, for driving a station by hand.
-struct StationRig {
+struct RecorderRig {
     _site: Site,
     cfg: std::sync::Arc<fieldgate::config::Config>,
-    outbox: fieldgate::outbox::Outbox,
+    outbox: fieldgate::store::Store,
 }
 
-impl StationRig {
-    fn new(max_records: u64) -> StationRig {
+impl RecorderRig {
+    fn new(max_records: u64) -> RecorderRig {
         let text = site_config("tcp = \"127.0.0.1:502\"", "http://127.0.0.1:9", "none", 2);
         let site = Site::new(&text, &mapping_csv(2));
         let cfg = std::sync::Arc::new(site.load());
-        let limits = fieldgate::outbox::Limits {
+        let limits = fieldgate::config::Limits {
             max_records,
             max_bytes: 1 << 20,
-            ..fieldgate::outbox::Limits::DEFAULT
+            ..fieldgate::config::Limits::DEFAULT
         };
-        let outbox = fieldgate::outbox::Outbox::open(&cfg.site.state_dir, limits).unwrap();
-        StationRig {
+        let outbox = fieldgate::store::Store::open(&cfg.site.state_dir, limits).unwrap();
+        RecorderRig {
             _site: site,
             cfg,
             outbox,
         }
     }
 
-    fn station(&self) -> fieldgate::station::Station {
-        fieldgate::station::Station::new(
+    fn station(&self) -> fieldgate::recorder::Recorder {
+        fieldgate::recorder::Recorder::new(
             self.cfg.clone(),
             self.outbox.clone(),
             std::sync::Arc::new(tokio::sync::Notify::new()),
-            fieldgate::station::Live::new(2),
+            fieldgate::recorder::Live::new(2),
         )
     }
 }
 
 /// One cycle of bus 0 with both meters' valve values.
-fn two_meter_cycle(raws: [i64; 2]) -> fieldgate::station::Cycle {
-    fieldgate::station::Cycle {
+fn two_meter_cycle(raws: [i64; 2]) -> fieldgate::modbus::cycle::Cycle {
+    fieldgate::modbus::cycle::Cycle {
         bus: 0,
         samples: (0..2)
-            .map(|m| fieldgate::station::Sample {
+            .map(|m| fieldgate::modbus::cycle::Sample {
                 meter: m,
                 valve_raw: raws[m],
                 readings: vec!["1.00".into(), "3.60".into()],

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fieldgate::app::Gateway;
-use fieldgate::mock_panda::{MockOptions, MockPanda, WorkOrder};
-use fieldgate::simulator::{serve_tcp, Plant};
+use fieldgate::tools::mock_panda::{MockOptions, MockPanda, WorkOrder};
+use fieldgate::tools::simulator::{serve_tcp, Plant};
 use tokio::net::TcpListener;
 
 use crate::e2e::{wait_for_baselines, wait_orders, wait_rounds, Rig};

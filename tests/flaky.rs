@@ -5,7 +5,7 @@
 //! Scaled from the field (1 s poll, 30 s `offline_retry`) to a 50 ms poll and a 1.5 s `offline_retry`
 //! (30 rounds); poll rounds are the clock: a transition is held until the bus has completed 6 more
 //! rounds (so at least 5 whole rounds see it), whatever they take. Failures are drawn from a seeded
-//! generator ([`fieldgate::simulator::Flaky`]): a failing run names its seed, and
+//! generator ([`fieldgate::tools::simulator::Flaky`]): a failing run names its seed, and
 //! `FIELDGATE_FLAKY_SEED=N cargo test flaky` reruns the same failure pattern (up to scheduling).
 //!
 //! With the old rule (an offline meter retried only every `offline_retry`) this loses transitions
@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fieldgate::app::{self, Gateway};
-use fieldgate::mock_panda::{MockOptions, MockPanda};
-use fieldgate::simulator::{self, Flaky, Plant};
+use fieldgate::tools::mock_panda::{MockOptions, MockPanda};
+use fieldgate::tools::simulator::{self, Flaky, Plant};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -194,7 +194,7 @@ async fn every_transition_held_five_rounds_arrives_exactly_once(line: Line) {
 
     // What `/meters` and `fieldgate status` tell the engineer about the flaky meters.
     let admin = format!("http://{}", gw.admin_addr.expect("admin listens"));
-    let meters: Vec<fieldgate::admin::MeterInfo> = reqwest::get(format!("{admin}/meters"))
+    let meters: Vec<fieldgate::ops::admin::MeterInfo> = reqwest::get(format!("{admin}/meters"))
         .await
         .expect("GET /meters")
         .json()
@@ -212,7 +212,7 @@ async fn every_transition_held_five_rounds_arrives_exactly_once(line: Line) {
             assert_eq!(m.late_answers, 0, "{line:?}: {m:?}");
         }
     }
-    let text = fieldgate::status::status_run(fieldgate::status::StatusArgs {
+    let text = fieldgate::cli::status::status_run(fieldgate::cli::status::StatusArgs {
         config: None,
         admin: Some(admin),
         json: false,

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fieldgate::app::{self, Supervision};
-use fieldgate::mock_panda::{MockOptions, MockPanda, WorkOrder};
-use fieldgate::notify::Notifier;
-use fieldgate::outbox::{Limits, Outbox};
+use fieldgate::config::Limits;
+use fieldgate::ops::notify::Notifier;
+use fieldgate::store::Store;
+use fieldgate::tools::mock_panda::{MockOptions, MockPanda, WorkOrder};
 use tokio::net::{TcpListener, UnixDatagram};
 
 use crate::e2e::{rig, wait_for_baselines, wait_orders, wait_rounds, Rig};
@@ -97,8 +98,8 @@ fn write_invalid_mapping(site: &Site, n: usize) {
     std::fs::write(site.path().join("mapping.csv"), csv).unwrap();
 }
 
-fn open_outbox(site: &Site) -> Outbox {
-    Outbox::open(
+fn open_outbox(site: &Site) -> Store {
+    Store::open(
         &site.path().join("state"),
         Limits {
             max_records: 1000,
@@ -356,7 +357,7 @@ async fn a_second_instance_on_the_same_state_dir_fails_with_a_clear_message() {
     first.signal("TERM");
     assert_eq!(first.wait_exit().code(), Some(0), "{}", first.dump());
     wait_until_sync("state dir free again", || {
-        Outbox::open(
+        Store::open(
             &rig.site.path().join("state"),
             Limits {
                 max_records: 10,
@@ -731,7 +732,7 @@ async fn a_station_that_keeps_panicking_is_critical_and_stops_the_watchdog() {
     // (net.unix.max_dgram_qlen), and a ping every 100 ms fills it in a second; a full queue drops the
     // STATUS line the test waits for.
     let mut seen = Vec::new();
-    for n in 1..=fieldgate::watchdog::STATION_PANICS_FAILING as u64 {
+    for n in 1..=fieldgate::ops::watchdog::STATION_PANICS_FAILING as u64 {
         stations.hooks().panic_next();
         wait_until("one more panic", || {
             seen.extend(systemd.drain());

@@ -7,8 +7,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use fieldgate::outbox::{Draft, Limits, Outbox, OutboxError, StoredState};
-use fieldgate::record::Record;
+use fieldgate::config::Limits;
+use fieldgate::events::record::Draft;
+use fieldgate::events::record::Record;
+use fieldgate::store::{Store, StoreError, StoredState};
 use proptest::prelude::*;
 
 const METERS: [&str; 4] = ["M1", "M2", "M3", "M4"];
@@ -111,7 +113,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         .build()
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let open = || Outbox::open(dir.path(), LIMITS).map_err(|e| TestCaseError::fail(format!("open: {e}")));
+    let open = || Store::open(dir.path(), LIMITS).map_err(|e| TestCaseError::fail(format!("open: {e}")));
     let mut store = Some(open()?);
     let mut m = Model::default();
     for (step, op) in ops.into_iter().enumerate() {
@@ -151,7 +153,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         }
                         prop_assert_eq!(o.state(meter).map_err(fail)?, Some(state));
                     }
-                    Err(OutboxError::Full { .. }) => {
+                    Err(StoreError::Full { .. }) => {
                         prop_assert!(!fits, "step {step}: refused with room left");
                         prop_assert_eq!(o.state(meter).map_err(fail)?, before, "refused: state unchanged");
                         prop_assert!(o.is_refusing());
@@ -258,7 +260,7 @@ fn fail(e: impl std::fmt::Display) -> TestCaseError {
 }
 
 /// The store equals the model.
-fn check_store(m: &Model, o: &Outbox, step: usize, op: &Op) -> Result<(), TestCaseError> {
+fn check_store(m: &Model, o: &Store, step: usize, op: &Op) -> Result<(), TestCaseError> {
     let queued = o.list(1000).map_err(fail)?;
     let got: Vec<(u64, Entry)> = queued.iter().map(|r| (r.id, Entry::of(r))).collect();
     let want: Vec<(u64, Entry)> = m.queue.iter().map(|(k, v)| (*k, v.clone())).collect();
@@ -275,7 +277,7 @@ fn check_store(m: &Model, o: &Outbox, step: usize, op: &Op) -> Result<(), TestCa
     prop_assert_eq!(o.dead_len(), m.dead.len() as u64, "step {}: dead_len", step);
     let bytes: u64 = queued
         .iter()
-        .map(|r| fieldgate::stored_record::encode(r).len() as u64)
+        .map(|r| fieldgate::store::stored_record::encode(r).len() as u64)
         .sum();
     prop_assert_eq!(o.bytes(), bytes, "step {} ({:?}): bytes", step, op);
     Ok(())

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::FixedOffset;
+use fieldgate::config::Limits;
 use fieldgate::config::{Auth, PandaConfig};
-use fieldgate::mock_panda::{Fault, MockOptions, MockPanda, RetryAfter};
-use fieldgate::outbox::{Draft, Limits, Outbox, StoredState};
-use fieldgate::panda::{DeliveryError, PandaClient};
-use fieldgate::record::{render_biz_data, Record};
-use fieldgate::sender::{run_sender, SenderConfig, SenderStats, DEFAULT_DEAD_AFTER};
+use fieldgate::delivery::panda::{DeliveryError, PandaClient};
+use fieldgate::delivery::sender::{run_sender, SenderConfig, SenderStats, DEFAULT_DEAD_AFTER};
+use fieldgate::events::record::Draft;
+use fieldgate::events::record::{render_biz_data, Record};
+use fieldgate::store::{Store, StoredState};
+use fieldgate::tools::mock_panda::{Fault, MockOptions, MockPanda, RetryAfter};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -56,8 +58,8 @@ async fn start_mock(opts: MockOptions) -> MockPanda {
     MockPanda::start(listener, opts)
 }
 
-fn open_outbox(dir: &tempfile::TempDir) -> Outbox {
-    Outbox::open(
+fn open_outbox(dir: &tempfile::TempDir) -> Store {
+    Store::open(
         dir.path(),
         Limits {
             max_records: 10_000,
@@ -69,7 +71,7 @@ fn open_outbox(dir: &tempfile::TempDir) -> Outbox {
 }
 
 /// Queue one record for `meter` with `event`; returns it as stored.
-async fn queue(outbox: &Outbox, meter: &str, event: &str) -> Record {
+async fn queue(outbox: &Store, meter: &str, event: &str) -> Record {
     let state = if event == CLOSE { "关闭" } else { "开启" };
     let biz = render_biz_data(
         &[("用户编号", "U-1"), ("用户名称", "张三"), ("用户地址", "东风路12号")],
@@ -115,11 +117,11 @@ struct Running {
 }
 
 impl Running {
-    fn start(outbox: &Outbox, cfg: PandaConfig) -> Running {
+    fn start(outbox: &Store, cfg: PandaConfig) -> Running {
         Running::start_with(outbox, cfg, DEFAULT_DEAD_AFTER)
     }
 
-    fn start_with(outbox: &Outbox, cfg: PandaConfig, dead_after: u32) -> Running {
+    fn start_with(outbox: &Store, cfg: PandaConfig, dead_after: u32) -> Running {
         let client = PandaClient::new(&cfg, cst()).unwrap();
         let cfg = SenderConfig {
             dead_after,
@@ -540,7 +542,7 @@ fn seq_marker(seq: usize) -> String {
 
 /// Queue a record whose BizData is unique (a sequence number among the readings).
 /// `n` records opening the valves of meters M00, M01, …, record `i` on meter `i` with sequence `i`.
-async fn queue_on_meters(outbox: &Outbox, n: usize) -> Vec<Record> {
+async fn queue_on_meters(outbox: &Store, n: usize) -> Vec<Record> {
     let mut records = Vec::with_capacity(n);
     for i in 0..n {
         records.push(queue_seq(outbox, &format!("M{i:02}"), OPEN, i).await);
@@ -548,7 +550,7 @@ async fn queue_on_meters(outbox: &Outbox, n: usize) -> Vec<Record> {
     records
 }
 
-async fn queue_seq(outbox: &Outbox, meter: &str, event: &str, seq: usize) -> Record {
+async fn queue_seq(outbox: &Store, meter: &str, event: &str, seq: usize) -> Record {
     let state = if event == CLOSE { "关闭" } else { "开启" };
     let seq = seq.to_string();
     let biz = render_biz_data(&[("用户编号", "U-1")], meter, state, [("序号", seq.as_str())]);
@@ -953,10 +955,10 @@ async fn a_compressed_hour_long_outage_loses_nothing_and_duplicates_nothing() {
     let mock = start_mock(MockOptions {
         fail_rate: 0.3,
         fault_kinds: vec![
-            fieldgate::mock_panda::FaultKind::Status500,
-            fieldgate::mock_panda::FaultKind::Html,
-            fieldgate::mock_panda::FaultKind::Truncate,
-            fieldgate::mock_panda::FaultKind::Reset,
+            fieldgate::tools::mock_panda::FaultKind::Status500,
+            fieldgate::tools::mock_panda::FaultKind::Html,
+            fieldgate::tools::mock_panda::FaultKind::Truncate,
+            fieldgate::tools::mock_panda::FaultKind::Reset,
         ],
         ..MockOptions::default()
     })
@@ -1094,8 +1096,8 @@ async fn a_truncated_body_and_a_reset_connection_are_transient_and_not_applied()
 
 // === admin API and `fieldgate outbox` ===
 
-use fieldgate::admin::{serve_admin, AdminState, DeadView};
-use fieldgate::outbox_cli::{outbox_run, OutboxArgs, OutboxCliError, OutboxCommand};
+use fieldgate::cli::outbox::{outbox_run, OutboxArgs, OutboxCliError, OutboxCommand};
+use fieldgate::ops::admin::{serve_admin, AdminState, DeadView};
 
 struct Admin {
     url: String,
@@ -1225,7 +1227,7 @@ async fn the_admin_api_shows_health_and_dead_letters_and_requeues_them() {
 #[tokio::test]
 async fn a_full_outbox_is_critical_with_the_refused_commits_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let outbox = Outbox::open(
+    let outbox = Store::open(
         dir.path(),
         Limits {
             max_records: 2,
@@ -1290,7 +1292,7 @@ async fn the_outbox_command_lists_and_requeues_dead_letters_offline_and_through_
     );
     let state_dir = site.path().join("state");
     let (a, b) = {
-        let outbox = Outbox::open(
+        let outbox = Store::open(
             &state_dir,
             Limits {
                 max_records: 100,
@@ -1405,8 +1407,8 @@ async fn the_outbox_command_lists_and_requeues_dead_letters_offline_and_through_
     assert!(!empty.path().join("db").exists(), "never creates a database");
 }
 
-fn open_outbox_at(dir: &std::path::Path) -> Outbox {
-    Outbox::open(
+fn open_outbox_at(dir: &std::path::Path) -> Store {
+    Store::open(
         dir,
         Limits {
             max_records: 100,
@@ -1490,8 +1492,8 @@ async fn one_bad_record_in_fifty(
 ) -> (
     MockPanda,
     Vec<Record>,
-    Vec<fieldgate::outbox::DeadLetter>,
-    fieldgate::sender::SenderSnapshot,
+    Vec<fieldgate::store::DeadLetter>,
+    fieldgate::delivery::sender::SenderSnapshot,
 ) {
     let mock = start_mock(opts).await;
     let dir = tempfile::tempdir().unwrap();
@@ -1537,8 +1539,8 @@ async fn one_record_refused_by_a_proxy(
 ) -> (
     MockPanda,
     Vec<Record>,
-    Vec<fieldgate::outbox::DeadLetter>,
-    fieldgate::sender::SenderSnapshot,
+    Vec<fieldgate::store::DeadLetter>,
+    fieldgate::delivery::sender::SenderSnapshot,
 ) {
     let opts = MockOptions {
         status_biz: vec![(status, seq_marker(poison))],
@@ -1675,13 +1677,13 @@ async fn a_redirect_is_never_followed_keeps_the_records_and_names_its_location_i
     let err = snapshot.last_error.clone().unwrap_or_default();
     assert!(err.contains(&location) && err.contains("panda.base_url"), "{err}");
     assert!(!snapshot.login_failing, "a redirect is not a refused login");
-    let counts = fieldgate::admin::OutboxCounts {
+    let counts = fieldgate::ops::admin::OutboxCounts {
         records: 3,
         max_records: 10_000,
         max_bytes: 1 << 30,
         ..Default::default()
     };
-    let findings = fieldgate::admin::delivery_findings(&counts, &snapshot);
+    let findings = fieldgate::ops::admin::delivery_findings(&counts, &snapshot);
     let failing = findings
         .iter()
         .find(|f| f.code == "delivery_failing")

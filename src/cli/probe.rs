@@ -2,7 +2,7 @@
 //! order a meter uses, and, when it fails, what to check next.
 //!
 //! The line comes from a bus of the configuration (`--config F --bus B`) or from the command line
-//! (`--tcp`, `--serial`, `--rtu-over-tcp`). The read itself is [`crate::bus::read_once`]: the bus task's
+//! (`--tcp`, `--serial`, `--rtu-over-tcp`). The read itself is [`crate::modbus::bus::read_once`]: the bus task's
 //! own open, timeout and answer checks, not a second implementation. This module owns the arguments,
 //! the output ([`render_registers`], [`render_bits`], pure) and the advice for each failure
 //! ([`advice`], pure; the caller lists `/dev/serial/by-id/`).
@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 
-use crate::bus::{read_once, ProbeError, Readout};
+use crate::config::point::{ByteOrder, PointSpec, Table, ValueType, WordOrder};
 use crate::config::{self, ConfigError, Parity, Transport};
-use crate::point::{self, ByteOrder, PointSpec, Raw, Table, ValueType, WordOrder};
+use crate::modbus::bus::{read_once, ProbeError, Readout};
+use crate::modbus::point::{self, Raw};
 
 /// The request timeout when neither `--timeout` nor a bus of the configuration gives one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -368,7 +369,7 @@ pub fn render_registers(address: u16, words: &[u16]) -> String {
         })
         .collect();
     let mut out = format!("{} register(s):\n", words.len());
-    out.push_str(&crate::status::table(
+    out.push_str(&crate::cli::table::table(
         &["ADDR", "HEX", "U16", "I16", "SWAPPED", "U16 (BA)", "I16 (BA)"],
         &rows,
     ));
@@ -403,7 +404,7 @@ pub fn render_registers(address: u16, words: &[u16]) -> String {
         }
     }
     out.push_str("\n32-bit values of each register and the next:\n");
-    out.push_str(&crate::status::table(
+    out.push_str(&crate::cli::table::table(
         &["ADDR", "ORDER", "HEX", "U32", "I32", "F32"],
         &rows,
     ));
@@ -424,7 +425,7 @@ pub fn render_bits(address: u16, bits: &[bool]) -> String {
     format!(
         "{} bit(s):\n{}",
         bits.len(),
-        crate::status::table(&["ADDR", "VALUE"], &rows)
+        crate::cli::table::table(&["ADDR", "VALUE"], &rows)
     )
 }
 

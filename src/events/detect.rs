@@ -12,6 +12,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Side, Threshold};
+
 /// Debounce memory for one meter: a candidate raw value and how many equal samples of it were seen.
 /// Kept in memory only: after a restart a change simply needs `confirm` samples again.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -79,27 +81,6 @@ pub struct RuleMemory {
 
 fn is_false(b: &bool) -> bool {
     !*b
-}
-
-/// Which side of the limit fires a threshold rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Fires when the value is below the limit (`below = …`).
-    Below,
-    /// Fires when the value is above the limit (`above = …`).
-    Above,
-}
-
-/// A reading threshold with hysteresis: fires when the value goes past `limit`, and only again after
-/// it came back to `rearm` (which is `limit` itself when no `rearm` is configured).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Threshold {
-    /// Below or above.
-    pub side: Side,
-    /// The limit, strictly: `below = 3.3` fires at 3.29, not at 3.30.
-    pub limit: f64,
-    /// Re-arm level, inclusive; on the safe side of `limit` or equal to it (config checks).
-    pub rearm: f64,
 }
 
 impl Threshold {

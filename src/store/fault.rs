@@ -1,6 +1,6 @@
 //! The store's failure state. sled is failed for good after one failed write (its global error), and
 //! after a failed fsync the page cache can no longer be trusted, so the first such error marks the
-//! store failed; nothing is read or written until [`super::Outbox::heal`] has opened the database
+//! store failed; nothing is read or written until [`super::Store::heal`] has opened the database
 //! again. Reopen attempts back off from [`REOPEN_MIN`] to [`REOPEN_MAX`] on the monotonic clock.
 //!
 //! Logged once per change of state: the failure (with its error), a reopen that fails with a new

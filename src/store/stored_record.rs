@@ -15,7 +15,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use crate::record::Record;
+use crate::events::record::Record;
 
 /// First byte of a record in this form.
 const FORMAT: u8 = 1;

@@ -58,7 +58,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::config::{Auth, PandaConfig};
-use crate::record::Record;
+use crate::events::record::Record;
 
 /// The header that carries the token on the external URL.
 pub const TOKEN_HEADER: &str = "panda-token";

@@ -6,10 +6,22 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::mapping::METER_COLUMN;
+use crate::config::mapping::{METER_COLUMN, VALVE_STATE_KEY};
 
-/// The BizData key of the valve's new state.
-pub const VALVE_STATE_KEY: &str = "阀门当前状态";
+/// A record before it has an id.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    /// `eventName`.
+    pub event_name: String,
+    /// When detected (RFC 3339).
+    pub detected_at: String,
+    /// Label before.
+    pub from: String,
+    /// Label after.
+    pub to: String,
+    /// Rendered BizData.
+    pub biz_data: String,
+}
 
 /// One work order waiting for delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 //!
 //! Routes (JSON unless said otherwise):
 //! - `GET /healthz`: `ok` / `degraded` / `critical` with the reasons; HTTP 200, or 503 when critical.
-//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]).
+//! - `GET /metrics`: Prometheus text format ([`crate::ops::metrics`]).
 //! - `GET /buses`: each bus: up, requests, errors by kind, reconnects, last round time.
 //! - `GET /meters`: each meter: bus, unit, current state, readings, last change, online, last sample age.
 //! - `GET /outbox[?limit=N]`: counts, bounds, refused commits, free disk space, the state of the store,
@@ -18,12 +18,12 @@
 //!
 //! No request loads an unbounded list: every listing has a bound, and health and `/metrics` take their
 //! numbers from the store's counts (dead letters, set-aside entries) without reading the entries. A
-//! failed store (waiting to be opened again, see [`crate::outbox::fault`]) answers the routes that read
+//! failed store (waiting to be opened again, see [`crate::store::fault`]) answers the routes that read
 //! it with HTTP 503 and the error in words; `/healthz` and `/metrics` still answer (`store_failed`).
 //!
 //! It listens on loopback unless `[admin] allow_remote = true` ([`check_listen`]): there is no
 //! authentication, and requeue changes what is delivered. It never opens the database itself: it works on
-//! the daemon's [`Outbox`] handle, and on the buses' counters and the live meter view ([`FieldView`]) when
+//! the daemon's [`Store`] handle, and on the buses' counters and the live meter view ([`FieldView`]) when
 //! the daemon gives them. [`router`] returns a plain axum `Router` so more views can be merged in;
 //! [`HealthCheck`] lets other parts add health findings.
 
@@ -43,13 +43,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::BusStats;
 use crate::config::{AdminConfig, Config, Transport};
-use crate::outbox::fault::StoreFault;
-use crate::outbox::{CorruptEntry, DeadLetter, Outbox, OutboxError};
-use crate::record::Record;
-use crate::sender::{SenderSnapshot, SenderStats};
-use crate::station::Live;
+use crate::delivery::sender::{SenderSnapshot, SenderStats};
+use crate::events::record::Record;
+use crate::modbus::bus::BusStats;
+use crate::recorder::Live;
+use crate::store::fault::StoreFault;
+use crate::store::{CorruptEntry, DeadLetter, Store, StoreError};
 
 /// How many of the oldest queued records `GET /outbox` shows.
 pub const OLDEST_SHOWN: usize = 20;
@@ -144,7 +144,7 @@ pub struct FieldView {
 #[derive(Clone)]
 pub struct AdminState {
     /// The daemon's store.
-    pub outbox: Outbox,
+    pub outbox: Store,
     /// The sender's counters.
     pub sender: Arc<SenderStats>,
     /// `site.name`.
@@ -162,7 +162,7 @@ pub type SharedField = Arc<std::sync::RwLock<FieldView>>;
 
 impl AdminState {
     /// State with the outbox, the sender's counters and the site name.
-    pub fn new(outbox: Outbox, sender: Arc<SenderStats>, site: impl Into<String>) -> AdminState {
+    pub fn new(outbox: Store, sender: Arc<SenderStats>, site: impl Into<String>) -> AdminState {
         AdminState {
             outbox,
             sender,
@@ -214,7 +214,7 @@ pub struct Health {
     pub site: String,
     /// Every finding, worst first.
     pub reasons: Vec<Finding>,
-    /// Outbox counts.
+    /// Store counts.
     pub outbox: OutboxCounts,
     /// Sender counters.
     pub sender: SenderSnapshot,
@@ -242,7 +242,7 @@ impl Default for ClockView {
     }
 }
 
-/// Outbox counts and bounds, free disk space and the state of the store. Fields added after the first
+/// Store counts and bounds, free disk space and the state of the store. Fields added after the first
 /// release default when absent, so a command line of this release reads an older daemon's answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxCounts {
@@ -479,10 +479,10 @@ pub struct MeterInfo {
     /// Seconds since the latest answer; `None` before the first.
     pub last_sample_age_seconds: Option<f64>,
     /// Answer time of the meter's last answered request, ms: from handing the request to the line to
-    /// its decoded answer (`crate::bus` module doc); `None` before the first answer.
+    /// its decoded answer (`crate::modbus::bus` module doc); `None` before the first answer.
     #[serde(default)]
     pub answer_ms: Option<f64>,
-    /// The slowest of its last `crate::bus::ANSWER_WINDOW` answer times, ms.
+    /// The slowest of its last `crate::modbus::bus::ANSWER_WINDOW` answer times, ms.
     #[serde(default)]
     pub answer_max_ms: Option<f64>,
     /// The bus `timeout`, ms.
@@ -612,7 +612,7 @@ pub fn delivery_findings(counts: &OutboxCounts, sender: &SenderSnapshot) -> Vec<
             format!(
                 "disk almost full: {} free on the state directory's file system, below the reserve outbox.min_free ({}): new valve states are not recorded ({} commits refused); they are detected again once space returns. Deliveries go on. Free space on that disk.",
                 free_text(counts.free_bytes),
-                crate::status::size(counts.min_free),
+                crate::config::format_byte_size(counts.min_free),
                 counts.refused_space
             ),
         );
@@ -773,21 +773,21 @@ fn store_failed_message(f: &StoreFault) -> String {
 
 /// Free bytes in words (`unknown` when the look failed).
 fn free_text(free: Option<u64>) -> String {
-    free.map_or_else(|| "unknown".to_string(), crate::status::size)
+    free.map_or_else(|| "unknown".to_string(), crate::config::format_byte_size)
 }
 
 /// How long the oldest queued record has waited at the head of the queue, in seconds, on the
-/// monotonic clock ([`Outbox::oldest_waiting`]; not its wall-clock detection time, which a clock step
+/// monotonic clock ([`Store::oldest_waiting`]; not its wall-clock detection time, which a clock step
 /// can put decades away); `None` when nothing is queued or the store cannot be read (a failed store
 /// is reported by its own finding, not as an error here).
-fn oldest_age(outbox: &Outbox) -> Option<u64> {
+fn oldest_age(outbox: &Store) -> Option<u64> {
     outbox.oldest_waiting().map(|d| d.as_secs())
 }
 
 /// Counts and bounds of the outbox, free space, the state of the store, and the age of its oldest
 /// record. Reads no dead letter and no set-aside entry (their counts are kept in memory); looks up the
 /// free space at most once a second.
-pub fn outbox_counts(outbox: &Outbox) -> OutboxCounts {
+pub fn outbox_counts(outbox: &Store) -> OutboxCounts {
     let limits = outbox.limits();
     // Looks again when the last look is older than a second: a quiet station (no commits) still shows
     // the disk as it is.
@@ -934,8 +934,8 @@ async fn get_health(State(state): State<AdminState>) -> Response {
 }
 
 async fn get_metrics(State(state): State<AdminState>) -> Response {
-    match off_the_runtime(move || crate::metrics::render(&state)).await {
-        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+    match off_the_runtime(move || crate::ops::metrics::render(&state)).await {
+        Ok(text) => ([(header::CONTENT_TYPE, crate::ops::metrics::CONTENT_TYPE)], text).into_response(),
         Err(r) => r,
     }
 }
@@ -1025,9 +1025,9 @@ async fn post_requeue(State(state): State<AdminState>, body: Result<Json<Requeue
 
 /// A store error as an answer: 503 while the store is failed (it is opened again by itself: ask
 /// again later), 500 otherwise; the error in words either way.
-fn store_error(e: &OutboxError) -> Response {
+fn store_error(e: &StoreError) -> Response {
     match e {
-        OutboxError::Failed { .. } | OutboxError::Db { .. } | OutboxError::Sync { .. } => error(
+        StoreError::Failed { .. } | StoreError::Db { .. } | StoreError::Sync { .. } => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{e}; it is opened again by itself, ask again later (see /healthz, store_failed)"),
         ),
@@ -1061,14 +1061,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_record_waiting_over_an_hour_degrades_health() {
-        use crate::outbox::{Draft, Limits, StoredState};
+        use crate::config::Limits;
+        use crate::events::record::Draft;
+        use crate::store::StoredState;
         let dir = tempfile::tempdir().unwrap();
         let limits = Limits {
             max_records: 100,
             max_bytes: 1 << 20,
             ..Limits::DEFAULT
         };
-        let outbox = Outbox::open(dir.path(), limits).unwrap();
+        let outbox = Store::open(dir.path(), limits).unwrap();
         let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
         assert_eq!(health(&state).outbox.oldest_age_seconds, None);
         let old = (chrono::Utc::now() - chrono::Duration::hours(2)).to_rfc3339();
@@ -1091,11 +1093,11 @@ mod tests {
         assert!(h.outbox.oldest_age_seconds.is_some_and(|a| a >= 7200), "{:?}", h.outbox);
         assert_eq!(h.status, Status::Degraded);
         assert_eq!(h.reasons.first().map(|f| f.code.as_str()), Some("oldest_record_age"));
-        assert!(crate::metrics::render(&state).contains("\nfieldgate_outbox_oldest_age_seconds 72"));
+        assert!(crate::ops::metrics::render(&state).contains("\nfieldgate_outbox_oldest_age_seconds 72"));
     }
 
-    fn limits(max_dead: u64, min_free: u64) -> crate::outbox::Limits {
-        crate::outbox::Limits {
+    fn limits(max_dead: u64, min_free: u64) -> crate::config::Limits {
+        crate::config::Limits {
             max_records: 100,
             max_bytes: 1 << 20,
             min_free,
@@ -1103,14 +1105,14 @@ mod tests {
         }
     }
 
-    fn change(meter: &str) -> (String, crate::outbox::StoredState, Vec<crate::outbox::Draft>) {
-        let state = crate::outbox::StoredState {
+    fn change(meter: &str) -> (String, crate::store::StoredState, Vec<crate::events::record::Draft>) {
+        let state = crate::store::StoredState {
             raw: 1,
             label: "开启".into(),
             since: "2026-01-01T08:00:00+08:00".into(),
-            ..crate::outbox::StoredState::default()
+            ..crate::store::StoredState::default()
         };
-        let draft = crate::outbox::Draft {
+        let draft = crate::events::record::Draft {
             event_name: "用水户开阀".into(),
             detected_at: chrono::Utc::now().to_rfc3339(),
             from: "关闭".into(),
@@ -1132,11 +1134,11 @@ mod tests {
     /// Store reads of one `/metrics` and one `/healthz` answer, with `dead` dead letters kept.
     async fn reads_per_request(dead: usize) -> u64 {
         let dir = tempfile::tempdir().unwrap();
-        let big = crate::outbox::Limits {
+        let big = crate::config::Limits {
             max_records: 10_000,
             ..limits(10_000, 0)
         };
-        let outbox = Outbox::open(dir.path(), big).unwrap();
+        let outbox = Store::open(dir.path(), big).unwrap();
         let mut ids = Vec::new();
         for i in 0..=dead {
             let records = outbox.commit_batch(vec![change(&format!("M{i}"))]).unwrap();
@@ -1149,7 +1151,7 @@ mod tests {
         assert_eq!(outbox.dead_len(), dead as u64);
         let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
         let before = outbox.entries_read();
-        let text = crate::metrics::render(&state);
+        let text = crate::ops::metrics::render(&state);
         let h = health(&state);
         assert!(
             text.lines().any(|l| l == format!("fieldgate_records_dead {dead}")),
@@ -1172,7 +1174,7 @@ mod tests {
     #[test]
     fn a_disk_below_the_reserve_is_critical_disk_low_and_not_outbox_full() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path(), limits(10, u64::MAX)).unwrap();
+        let outbox = Store::open(dir.path(), limits(10, u64::MAX)).unwrap();
         let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
         // Health looks at the disk itself: a quiet station with no commit is reported too.
         let h = health(&state);
@@ -1192,7 +1194,7 @@ mod tests {
             "low space is not reported as a full outbox too: {:?}",
             h.reasons
         );
-        let free = crate::status::size(h.outbox.free_bytes.unwrap());
+        let free = crate::config::format_byte_size(h.outbox.free_bytes.unwrap());
         assert_eq!(
             h.reasons[0].message,
             format!(
@@ -1201,7 +1203,7 @@ mod tests {
         );
         assert_eq!((h.outbox.refused_space, h.outbox.refused), (1, 0));
 
-        let text = crate::metrics::render(&state);
+        let text = crate::ops::metrics::render(&state);
         assert_eq!(series(&text, "fieldgate_health_status").as_deref(), Some("2"));
         assert_eq!(
             series(&text, "fieldgate_outbox_refused_space_total").as_deref(),
@@ -1216,9 +1218,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_entry_that_cannot_be_read_is_reported_as_set_aside() {
-        use crate::outbox::DamageTarget;
+        use crate::store::DamageTarget;
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path(), limits(10, 0)).unwrap();
+        let outbox = Store::open(dir.path(), limits(10, 0)).unwrap();
         let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
         let (meter, st, drafts) = change("M1");
         outbox.commit(&meter, &st, drafts).unwrap();
@@ -1233,7 +1235,7 @@ mod tests {
             "1 entries of the state database could not be read and were set aside: see `fieldgate outbox corrupt` (a record set aside is not delivered; a meter whose state was set aside started again from a baseline)"
         );
         assert_eq!(h.outbox.corrupt, 1);
-        let text = crate::metrics::render(&state);
+        let text = crate::ops::metrics::render(&state);
         assert_eq!(series(&text, "fieldgate_outbox_corrupt_entries").as_deref(), Some("1"));
         assert_eq!(series(&text, "fieldgate_health_status").as_deref(), Some("1"));
     }
@@ -1241,7 +1243,7 @@ mod tests {
     #[tokio::test]
     async fn dead_letters_at_their_bound_degrade_health_with_the_refusals_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(dir.path(), limits(1, 0)).unwrap();
+        let outbox = Store::open(dir.path(), limits(1, 0)).unwrap();
         let state = AdminState::new(outbox.clone(), Arc::new(SenderStats::default()), "s");
         let results = outbox.commit_batch(vec![change("M1"), change("M2")]).unwrap();
         let ids: Vec<u64> = results.into_iter().map(|r| r.unwrap()[0].id).collect();
@@ -1268,7 +1270,7 @@ mod tests {
             ),
             (1, 1, 1, 1)
         );
-        let text = crate::metrics::render(&state);
+        let text = crate::ops::metrics::render(&state);
         assert_eq!(series(&text, "fieldgate_records_dead").as_deref(), Some("1"));
         assert_eq!(series(&text, "fieldgate_dead_letters_max").as_deref(), Some("1"));
         assert_eq!(
@@ -1337,7 +1339,7 @@ mod tests {
 
     #[tokio::test]
     async fn store_errors_answer_503_in_words_while_the_store_is_failed() {
-        let failed = store_error(&OutboxError::Failed {
+        let failed = store_error(&StoreError::Failed {
             error: "No space left on device (os error 28)".into(),
         });
         assert_eq!(failed.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -1347,7 +1349,7 @@ mod tests {
             v["error"],
             "the state database failed (No space left on device (os error 28)) and is not open again yet; nothing was written; it is opened again by itself, ask again later (see /healthz, store_failed)"
         );
-        let other = store_error(&OutboxError::Corrupt {
+        let other = store_error(&StoreError::Corrupt {
             tree: "dead",
             detail: "x".into(),
         });

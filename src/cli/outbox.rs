@@ -12,17 +12,14 @@
 //!
 //! It never creates a state directory: a path without a database is an error, not an empty answer.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::admin::{self, DeadView, Health, OutboxCounts, OutboxView, RecordView, RequeueAnswer, RequeueRequest};
-use crate::admin_client::{AdminClient, AdminClientError};
+use crate::cli::admin_client::{admin_url, AdminClient, AdminClientError, DEFAULT_CONFIG};
+use crate::config::Limits;
 use crate::config::{self, ConfigError};
-use crate::outbox::{CorruptEntry, Limits, Outbox, OutboxError};
-
-/// Where `--config` points by default (as for `fieldgate run`).
-pub const DEFAULT_CONFIG: &str = "/etc/fieldgate/fieldgate.toml";
+use crate::ops::admin::{self, DeadView, Health, OutboxCounts, OutboxView, RecordView, RequeueAnswer, RequeueRequest};
+use crate::store::{CorruptEntry, Store, StoreError};
 
 /// `fieldgate outbox …`.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,7 +90,7 @@ pub enum OutboxCliError {
     },
     /// The store failed.
     #[error(transparent)]
-    Outbox(#[from] OutboxError),
+    Store(#[from] StoreError),
     /// The admin API did not answer usefully.
     #[error("admin API {url}: {reason}")]
     Admin {
@@ -117,7 +114,7 @@ impl OutboxCliError {
             OutboxCliError::Config(_) => "config",
             OutboxCliError::NoDatabase(_) => "no_database",
             OutboxCliError::Locked { .. } => "locked",
-            OutboxCliError::Outbox(_) => "outbox",
+            OutboxCliError::Store(_) => "outbox",
             OutboxCliError::Admin { .. } => "admin",
             OutboxCliError::NotFound(_) => "not_found",
             OutboxCliError::Client(e) => e.error_code(),
@@ -155,17 +152,7 @@ pub async fn outbox_run(args: OutboxArgs) -> Result<String, OutboxCliError> {
     }
 }
 
-/// `http://` URL of a listen address; an unspecified address (0.0.0.0, ::) is asked on loopback.
-pub fn admin_url(listen: SocketAddr) -> String {
-    let ip = match listen.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    format!("http://{}", SocketAddr::new(ip, listen.port()))
-}
-
-async fn open_stopped(dir: &Path) -> Result<Outbox, OutboxCliError> {
+async fn open_stopped(dir: &Path) -> Result<Store, OutboxCliError> {
     if !(dir.join("conf").is_file() || dir.join("db").is_file()) {
         return Err(OutboxCliError::NoDatabase(dir.to_path_buf()));
     }
@@ -178,11 +165,11 @@ async fn open_stopped(dir: &Path) -> Result<Outbox, OutboxCliError> {
         max_dead: u64::MAX,
     };
     let d = dir.to_path_buf();
-    match tokio::task::spawn_blocking(move || Outbox::open(&d, limits)).await {
+    match tokio::task::spawn_blocking(move || Store::open(&d, limits)).await {
         Ok(Ok(o)) => Ok(o),
-        Ok(Err(OutboxError::Locked(dir))) => Err(OutboxCliError::Locked { dir }),
+        Ok(Err(StoreError::Locked(dir))) => Err(OutboxCliError::Locked { dir }),
         Ok(Err(e)) => Err(e.into()),
-        Err(e) => Err(OutboxError::Sync {
+        Err(e) => Err(StoreError::Sync {
             path: dir.to_path_buf(),
             source: std::io::Error::other(e),
         }
@@ -190,7 +177,7 @@ async fn open_stopped(dir: &Path) -> Result<Outbox, OutboxCliError> {
     }
 }
 
-async fn offline(outbox: &Outbox, dir: &Path, args: &OutboxArgs) -> Result<String, OutboxCliError> {
+async fn offline(outbox: &Store, dir: &Path, args: &OutboxArgs) -> Result<String, OutboxCliError> {
     let place = dir.display().to_string();
     match &args.command {
         OutboxCommand::Stats => Ok(render_stats(&admin::outbox_counts(outbox), &place, args.json)),
@@ -366,7 +353,7 @@ pub fn render_corrupt(entries: &[CorruptEntry], limit: usize, place: &str, json:
             ]
         })
         .collect();
-    out.push_str(&crate::status::table(
+    out.push_str(&crate::cli::table::table(
         &["ENTRY", "BYTES", "ERROR", "FIRST BYTES"],
         &rows,
     ));
@@ -409,12 +396,12 @@ pub fn render_stats(c: &OutboxCounts, place: &str, json: bool) -> String {
     out.push_str(&format!(
         "  oldest        {}\n",
         c.oldest_age_seconds
-            .map_or_else(|| "-".to_string(), |s| crate::status::age(s as f64))
+            .map_or_else(|| "-".to_string(), |s| crate::cli::table::age(s as f64))
     ));
     if c.refusing && !c.disk_low && c.refused > 0 {
         out.push_str("  FULL: new valve states are not recorded until deliveries make room.\n");
     }
-    out.push_str(&crate::status::store_lines(c));
+    out.push_str(&crate::cli::status::store_lines(c));
     out
 }
 
@@ -445,7 +432,7 @@ pub fn render_list(records: &[RecordView], total: u64, place: &str, json: bool) 
             ]
         })
         .collect();
-    out.push_str(&crate::status::table(
+    out.push_str(&crate::cli::table::table(
         &["ID", "METER", "EVENT", "DETECTED AT", "ATTEMPTS", "LAST ERROR"],
         &rows,
     ));

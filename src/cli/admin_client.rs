@@ -5,16 +5,27 @@
 //! ([`admin_url_of`]): `status` must work for an operator who may read `fieldgate.toml` but not the
 //! password file or the mapping.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::outbox_cli::admin_url;
+/// Where `--config` points by default (as for `fieldgate run`).
+pub const DEFAULT_CONFIG: &str = "/etc/fieldgate/fieldgate.toml";
+
+/// `http://` URL of a listen address; an unspecified address (0.0.0.0, ::) is asked on loopback.
+pub fn admin_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
 
 /// `[admin] listen` when the configuration does not set it.
-pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9898);
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9898);
 
 /// How long one admin request may take.
 pub const TIMEOUT: Duration = Duration::from_secs(10);

@@ -12,6 +12,9 @@ use crate::config::{read_error, ConfigError, ConfigIssue};
 /// The key column.
 pub const METER_COLUMN: &str = "水表表号";
 
+/// The BizData key of the valve's new state (never a mapping column: the gateway fills it).
+pub const VALVE_STATE_KEY: &str = "阀门当前状态";
+
 /// A loaded mapping: header order is kept, because BizData keys follow it.
 #[derive(Debug, Clone, Default)]
 pub struct Mapping {

@@ -1,6 +1,6 @@
 //! Liveness of the bus tasks and of the station, and the systemd watchdog that depends on them.
 //!
-//! Owns: [`Liveness`], a registry of the running bus tasks, [`StationHealth`], the record of the
+//! Owns: [`Liveness`], a registry of the running bus tasks, [`RecorderHealth`], the record of the
 //! station thread's panics and restarts, and [`run_watchdog`], the task that sends `WATCHDOG=1` every
 //! `WatchdogSec/2` **only while every bus task is making progress and the station is not failing**.
 //! Progress of a bus is a completed poll round (`BusStats::rounds` advancing, bumped by the bus loop
@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Finding, HealthCheck, Status};
-use crate::bus::{plan_reads, BusStats};
 use crate::config::Config;
-use crate::notify::Notifier;
+use crate::modbus::bus::{plan_reads, BusStats};
+use crate::ops::admin::{Finding, HealthCheck, Status};
+use crate::ops::notify::Notifier;
 
 /// Slack added to every stall bound in production: room for the station's fsync on a slow SD card.
 pub const DEFAULT_STALL_SLACK: Duration = Duration::from_secs(10);
@@ -99,12 +99,12 @@ struct Watched {
 
 /// The running bus tasks and when each last completed a round, and the station's panics. Shared by
 /// the gateway (which replaces the set of buses on reload) and the watchdog task (which asks
-/// [`Liveness::stalls`] and [`StationHealth::failing`]).
+/// [`Liveness::stalls`] and [`RecorderHealth::failing`]).
 #[derive(Debug, Default)]
 pub struct Liveness {
     buses: Mutex<Vec<Watched>>,
     /// The station thread's panics; kept across reloads (its counts only grow).
-    station: Arc<StationHealth>,
+    station: Arc<RecorderHealth>,
     /// Watchdog ticks that sent WATCHDOG=1 (a counter, for metrics and tests).
     pings: AtomicU64,
     /// Watchdog ticks that sent nothing because a bus was stalled or the station failing.
@@ -172,7 +172,7 @@ impl Liveness {
     }
 
     /// The station thread's panics and restarts (also a [`HealthCheck`] for `/healthz`).
-    pub fn station(&self) -> &Arc<StationHealth> {
+    pub fn station(&self) -> &Arc<RecorderHealth> {
         &self.station
     }
 
@@ -261,7 +261,7 @@ pub const STATION_PANIC_SHOWN: Duration = Duration::from_secs(60 * 60);
 
 /// The station thread's panics, each followed by a restart in the same process (`crate::app`).
 #[derive(Debug, Default)]
-pub struct StationHealth {
+pub struct RecorderHealth {
     record: Mutex<PanicRecord>,
 }
 
@@ -275,7 +275,7 @@ struct PanicRecord {
     recent: VecDeque<Instant>,
 }
 
-impl StationHealth {
+impl RecorderHealth {
     /// The station panicked with `message` (it is restarted); returns the panics since start.
     pub fn panicked(&self, message: &str) -> u64 {
         self.panicked_at(Instant::now(), message)
@@ -351,7 +351,7 @@ impl StationHealth {
     }
 }
 
-impl HealthCheck for StationHealth {
+impl HealthCheck for RecorderHealth {
     /// `station_failing` (critical) or `station_restarted` (degraded), or nothing.
     fn findings(&self) -> Vec<Finding> {
         self.findings_at(Instant::now())
@@ -410,7 +410,7 @@ mod tests {
 
     #[test]
     fn one_station_panic_degrades_health_for_an_hour_and_keeps_the_pings() {
-        let h = StationHealth::default();
+        let h = RecorderHealth::default();
         let t0 = Instant::now();
         assert!(h.findings_at(t0).is_empty());
         assert_eq!(h.panicked_at(t0, "index out of bounds"), 1);
@@ -453,7 +453,7 @@ mod tests {
         assert_eq!((f[0].status, f[0].code.as_str()), (Status::Critical, "station_failing"));
         assert!(!l.blockers().is_empty(), "the watchdog withholds its pings");
         // Spread over more than the window, the same number of panics is not a failing station.
-        let h = StationHealth::default();
+        let h = RecorderHealth::default();
         for k in 0..STATION_PANICS_FAILING as u32 {
             h.panicked_at(t0 + STATION_PANIC_WINDOW * k, "boom");
         }

@@ -73,9 +73,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument as _};
 
 use crate::backoff::Backoff;
+use crate::config::point::{PointSpec, Table};
 use crate::config::{BusConfig, Config, MeterConfig, Parity, Transport};
-use crate::point::{self, PointSpec, Raw, Table};
-use crate::station::{Cycle, Sample};
+use crate::modbus::cycle::{Cycle, Sample};
+use crate::modbus::point::{self, Raw};
 
 // === read planning ===
 
@@ -1304,7 +1305,7 @@ impl BusTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::point::{ByteOrder, ValueType, WordOrder};
+    use crate::config::point::{ByteOrder, ValueType, WordOrder};
 
     fn p(table: Table, address: u16, kind: ValueType) -> PointSpec {
         PointSpec {
@@ -1507,10 +1508,10 @@ mod tests {
     /// timeout (the timer fires early, is moved, and only this request's deadline counts).
     #[tokio::test]
     async fn a_request_gets_its_whole_timeout_after_earlier_quick_ones() {
-        let plant = crate::simulator::Plant::with_meters(1);
+        let plant = crate::tools::simulator::Plant::with_meters(1);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let _server = crate::simulator::serve_tcp(listener, plant.clone());
+        let _server = crate::tools::simulator::serve_tcp(listener, plant.clone());
         let limit = Duration::from_millis(300);
         let mut link = Link::with(
             "t",

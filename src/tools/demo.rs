@@ -14,11 +14,11 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::config::{self, Transport};
-use crate::mock_panda::{MockOptions, MockPanda, WorkOrder};
-use crate::simulator::{serve_tcp, Plant};
+use crate::tools::mock_panda::{MockOptions, MockPanda, WorkOrder};
+use crate::tools::simulator::{serve_tcp, Plant};
 
-const DEMO_CONFIG: &str = include_str!("../config/demo/fieldgate.toml");
-const DEMO_MAPPING: &str = include_str!("../config/demo/mapping.csv");
+const DEMO_CONFIG: &str = include_str!("../../config/demo/fieldgate.toml");
+const DEMO_MAPPING: &str = include_str!("../../config/demo/mapping.csv");
 
 /// Arguments of `fieldgate demo`.
 #[derive(Debug, Clone, clap::Args)]

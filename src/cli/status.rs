@@ -1,6 +1,6 @@
 //! `fieldgate status`: a readable table of the running daemon (health, buses, meters, outbox), from its
 //! admin API. It never opens the state database and never loads the whole configuration: only
-//! `[admin] listen` is read from it (see [`crate::admin_client::admin_url_of`]).
+//! `[admin] listen` is read from it (see [`crate::cli::admin_client::admin_url_of`]).
 //!
 //! [`status_run`] returns the text, so tests check exactly what a person sees; [`render_status`] is
 //! the pure part. Also home of [`table`], the column layout the CLI uses (aware of double-width CJK
@@ -10,9 +10,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::admin::{BusView, Health, MeterInfo, OutboxCounts, OutboxView, Status};
-use crate::admin_client::{admin_url_of, AdminClient, AdminClientError};
-use crate::outbox_cli::DEFAULT_CONFIG;
+use crate::cli::admin_client::{admin_url_of, AdminClient, AdminClientError, DEFAULT_CONFIG};
+use crate::cli::table::{age, table};
+use crate::config::format_byte_size;
+use crate::ops::admin::{BusView, Health, MeterInfo, OutboxCounts, OutboxView, Status};
 
 /// `fieldgate status`.
 #[derive(Debug, Clone, clap::Args)]
@@ -108,7 +109,7 @@ pub fn render_status(r: &StatusReport) -> String {
         out.push_str(&format!(
             "  System clock NOT synchronized (no NTP yet, or none configured): it shows {}; detection times may be wrong and are marked `{}`. Durations and rules do not depend on it.\n",
             h.clock.now,
-            crate::station::UNSYNCED_MARK.trim()
+            crate::recorder::UNSYNCED_MARK.trim()
         ));
     }
 
@@ -262,15 +263,15 @@ pub fn store_lines(c: &OutboxCounts) -> String {
     }
     // No reserve is known for a stopped state directory opened without its configuration (nor from
     // a daemon of an older release).
-    let reserve = (c.min_free > 0).then(|| size(c.min_free));
+    let reserve = (c.min_free > 0).then(|| format_byte_size(c.min_free));
     match (c.free_bytes, reserve) {
         (Some(free), Some(reserve)) if c.disk_low => out.push_str(&format!(
             "  Disk: {} free, reserve {reserve} — new valve changes are NOT recorded until space is freed ({} refused)\n",
-            size(free),
+            format_byte_size(free),
             c.refused_space
         )),
-        (Some(free), Some(reserve)) => out.push_str(&format!("  Disk: {} free (reserve {reserve})\n", size(free))),
-        (Some(free), None) => out.push_str(&format!("  Disk: {} free\n", size(free))),
+        (Some(free), Some(reserve)) => out.push_str(&format!("  Disk: {} free (reserve {reserve})\n", format_byte_size(free))),
+        (Some(free), None) => out.push_str(&format!("  Disk: {} free\n", format_byte_size(free))),
         (None, Some(reserve)) => out.push_str(&format!("  Disk: free space unknown (reserve {reserve})\n")),
         (None, None) => {}
     }
@@ -327,93 +328,6 @@ fn status_word(s: Status) -> &'static str {
     }
 }
 
-/// A duration in seconds, short and readable: `0.4 s`, `42 s`, `12 min`, `5 h`, `3 d`.
-pub fn age(secs: f64) -> String {
-    if !secs.is_finite() || secs < 0.0 {
-        return "-".into();
-    }
-    if secs < 10.0 {
-        format!("{secs:.1} s")
-    } else if secs < 120.0 {
-        format!("{secs:.0} s")
-    } else if secs < 2.0 * 3600.0 {
-        format!("{:.0} min", secs / 60.0)
-    } else if secs < 48.0 * 3600.0 {
-        format!("{:.0} h", secs / 3600.0)
-    } else {
-        format!("{:.0} d", secs / 86400.0)
-    }
-}
-
-/// A byte count, short and readable in binary units: `512 B`, `12.3 MiB`, `64 MiB`, `3.1 GiB`.
-pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = UNITS[0];
-    for next in &UNITS[1..] {
-        if value < 1024.0 {
-            break;
-        }
-        value /= 1024.0;
-        unit = next;
-    }
-    let text = format!("{value:.1}");
-    format!("{} {unit}", text.strip_suffix(".0").unwrap_or(&text))
-}
-
-/// Columns padded to the widest cell, two spaces apart, each line indented by two; the last column is
-/// not padded. Double-width characters count as two columns.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| width(h)).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            if let Some(w) = widths.get_mut(i) {
-                *w = (*w).max(width(cell));
-            }
-        }
-    }
-    let line = |cells: &mut dyn Iterator<Item = &str>| {
-        let mut s = String::from("  ");
-        let cells: Vec<&str> = cells.collect();
-        for (i, cell) in cells.iter().enumerate() {
-            s.push_str(cell);
-            if i + 1 < cells.len() {
-                let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(width(cell)) + 2;
-                s.push_str(&" ".repeat(pad));
-            }
-        }
-        s.truncate(s.trim_end().len());
-        s.push('\n');
-        s
-    };
-    let mut out = line(&mut headers.iter().copied());
-    for row in rows {
-        out.push_str(&line(&mut row.iter().map(String::as_str)));
-    }
-    out
-}
-
-/// Terminal columns of `s`: East Asian wide characters count two.
-fn width(s: &str) -> usize {
-    s.chars()
-        .map(|c| {
-            let c = u32::from(c);
-            let wide = matches!(c,
-                0x1100..=0x115F | 0x2E80..=0x303E | 0x3041..=0x33FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF
-                | 0xA000..=0xA4CF | 0xAC00..=0xD7A3 | 0xF900..=0xFAFF | 0xFE30..=0xFE4F | 0xFF00..=0xFF60
-                | 0xFFE0..=0xFFE6 | 0x20000..=0x3FFFD);
-            if wide {
-                2
-            } else {
-                1
-            }
-        })
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,15 +345,6 @@ mod tests {
         assert_eq!(lines[0], "  METER  STATE   X");
         assert_eq!(lines[1], "  M1     开启    a");
         assert_eq!(lines[2], "  M22    closed  b");
-    }
-
-    #[test]
-    fn sizes_read_in_binary_units() {
-        assert_eq!(size(512), "512 B");
-        assert_eq!(size(64 << 20), "64 MiB");
-        assert_eq!(size(12_897_485), "12.3 MiB");
-        assert_eq!(size(3_328_599_655), "3.1 GiB");
-        assert_eq!(size(u64::MAX), "16384 PiB");
     }
 
     fn counts() -> OutboxCounts {
@@ -471,7 +376,7 @@ mod tests {
             "  State database: ok\n  Disk: 12.3 MiB free, reserve 64 MiB — new valve changes are NOT recorded until space is freed (7 refused)\n"
         );
         let failed = OutboxCounts {
-            store: Some(crate::outbox::fault::StoreFault {
+            store: Some(crate::store::fault::StoreFault {
                 error: "No space left on device (os error 28)".into(),
                 for_seconds: 120,
                 reopen_attempts: 5,

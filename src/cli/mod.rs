@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config;
 
+pub mod admin_client;
+pub mod outbox;
+pub mod probe;
+pub mod status;
+pub mod table;
+
 /// Exit code for configuration errors (the contract of `fieldgate check`).
 pub const EXIT_CONFIG: u8 = 2;
 
@@ -47,18 +53,18 @@ enum Command {
         config: PathBuf,
     },
     /// Show the whole product in one process: simulated meters, a mock Panda server and the gateway.
-    Demo(crate::demo::DemoArgs),
+    Demo(crate::tools::demo::DemoArgs),
     /// A Modbus slave simulator with N meters (TCP or RTU on a serial device).
-    Simulate(crate::simulator::SimulateArgs),
+    Simulate(crate::tools::simulator::SimulateArgs),
     /// A strict Panda WorkFlow server for tests and commissioning.
-    MockPanda(crate::mock_panda::MockPandaArgs),
+    MockPanda(crate::tools::mock_panda::MockPandaArgs),
     /// The outbox: `stats`, `list` (queued records), `dead` (dead letters), `corrupt` (unreadable entries
     /// set aside), `requeue ID|--all`.
-    Outbox(crate::outbox_cli::OutboxArgs),
+    Outbox(crate::cli::outbox::OutboxArgs),
     /// Buses, meters, outbox and health of the running daemon, from its admin API.
-    Status(crate::status::StatusArgs),
+    Status(crate::cli::status::StatusArgs),
     /// Read registers or bits once and print them in every word and byte order (commissioning).
-    Probe(crate::probe::ProbeArgs),
+    Probe(crate::cli::probe::ProbeArgs),
 }
 
 /// Entry point of the binary.
@@ -83,12 +89,12 @@ async fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config).await,
-        Command::Demo(args) => report(crate::demo::demo_main(args).await),
-        Command::Simulate(args) => report(crate::simulator::simulate_main(args).await),
-        Command::MockPanda(args) => report(crate::mock_panda::mock_panda_main(args).await),
-        Command::Outbox(args) => report(crate::outbox_cli::outbox_main(args).await),
-        Command::Status(args) => report(crate::status::status_main(args).await),
-        Command::Probe(args) => report(crate::probe::probe_main(args).await),
+        Command::Demo(args) => report(crate::tools::demo::demo_main(args).await),
+        Command::Simulate(args) => report(crate::tools::simulator::simulate_main(args).await),
+        Command::MockPanda(args) => report(crate::tools::mock_panda::mock_panda_main(args).await),
+        Command::Outbox(args) => report(crate::cli::outbox::outbox_main(args).await),
+        Command::Status(args) => report(crate::cli::status::status_main(args).await),
+        Command::Probe(args) => report(crate::cli::probe::probe_main(args).await),
     }
 }
 
@@ -165,7 +171,7 @@ fn init_logging(format: LogFormat, default_level: &str) {
 /// The log filter: `RUST_LOG` when it is set and valid, else `default_level`. `RUST_LOG` is a
 /// comma-separated list of `level`, `target` or `target=level` directives (`debug`,
 /// `fieldgate=debug,sled=warn`), a target matching itself and every target below it
-/// (`fieldgate` covers `fieldgate::bus`). An invalid value is ignored as a whole, as before; the span
+/// (`fieldgate` covers `fieldgate::modbus::bus`). An invalid value is ignored as a whole, as before; the span
 /// and field filters of tracing's `EnvFilter` (`target[span{field=value}]=level`) are not supported
 /// and make the value invalid. An empty `RUST_LOG` logs nothing.
 pub fn log_filter(rust_log: Option<&str>, default_level: &str) -> tracing_subscriber::filter::Targets {
@@ -198,24 +204,24 @@ mod tests {
     #[test]
     fn rust_log_is_used_when_valid_else_the_default() {
         let f = log_filter(None, "info");
-        assert!(f.would_enable("fieldgate::bus", &Level::INFO));
-        assert!(!f.would_enable("fieldgate::bus", &Level::DEBUG));
+        assert!(f.would_enable("fieldgate::modbus::bus", &Level::INFO));
+        assert!(!f.would_enable("fieldgate::modbus::bus", &Level::DEBUG));
         assert!(f.would_enable("sled", &Level::WARN));
 
         let f = log_filter(Some("debug"), "info");
-        assert!(f.would_enable("fieldgate::bus", &Level::DEBUG));
-        assert!(!f.would_enable("fieldgate::bus", &Level::TRACE));
+        assert!(f.would_enable("fieldgate::modbus::bus", &Level::DEBUG));
+        assert!(!f.would_enable("fieldgate::modbus::bus", &Level::TRACE));
 
         let f = log_filter(Some("fieldgate=debug,sled=warn"), "info");
-        assert!(f.would_enable("fieldgate::bus", &Level::DEBUG));
+        assert!(f.would_enable("fieldgate::modbus::bus", &Level::DEBUG));
         assert!(f.would_enable("sled::pagecache", &Level::WARN));
         assert!(!f.would_enable("sled::pagecache", &Level::INFO));
         assert!(!f.would_enable("hyper", &Level::ERROR), "only the named targets");
 
-        let f = log_filter(Some("warn,fieldgate::sender=trace"), "info");
-        assert!(f.would_enable("fieldgate::sender", &Level::TRACE));
-        assert!(!f.would_enable("fieldgate::bus", &Level::INFO));
-        assert!(f.would_enable("fieldgate::bus", &Level::WARN));
+        let f = log_filter(Some("warn,fieldgate::delivery::sender=trace"), "info");
+        assert!(f.would_enable("fieldgate::delivery::sender", &Level::TRACE));
+        assert!(!f.would_enable("fieldgate::modbus::bus", &Level::INFO));
+        assert!(f.would_enable("fieldgate::modbus::bus", &Level::WARN));
 
         // Case-insensitive levels, `off`, a trailing comma.
         assert!(log_filter(Some("DEBUG,"), "info").would_enable("x", &Level::DEBUG));

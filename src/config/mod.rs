@@ -16,12 +16,35 @@ use chrono::FixedOffset;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::detect::{Side, Threshold};
-use crate::mapping::Mapping;
-use crate::point::{ByteOrder, PointSpec, Table, ValueType, WordOrder};
+pub mod mapping;
+pub mod point;
+
+use self::mapping::Mapping;
+use self::point::{ByteOrder, PointSpec, Table, ValueType, WordOrder};
 
 /// The name of the environment variable that may carry the Panda password.
 pub const PASSWORD_ENV: &str = "FIELDGATE_PANDA_PASSWORD";
+
+/// Which side of the limit fires a threshold rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Fires when the value is below the limit (`below = …`).
+    Below,
+    /// Fires when the value is above the limit (`above = …`).
+    Above,
+}
+
+/// A reading threshold with hysteresis: fires when the value goes past `limit`, and only again after
+/// it came back to `rearm` (which is `limit` itself when no `rearm` is configured).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Threshold {
+    /// Below or above.
+    pub side: Side,
+    /// The limit, strictly: `below = 3.3` fires at 3.29, not at 3.30.
+    pub limit: f64,
+    /// Re-arm level, inclusive; on the safe side of `limit` or equal to it (config checks).
+    pub rearm: f64,
+}
 
 /// One problem in a config or mapping file, located for a person to fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -429,10 +452,45 @@ pub struct OutboxConfig {
     pub max_dead: u64,
 }
 
+/// Bounds of the store.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most records.
+    pub max_records: u64,
+    /// Most bytes (sum of stored record sizes).
+    pub max_bytes: u64,
+    /// Least free bytes on the state directory's file system for new states and records.
+    pub min_free: u64,
+    /// Most dead letters.
+    pub max_dead: u64,
+}
+
+/// `min_free` when none is configured: room for sled to finish what it has begun (its log grows
+/// in segments of 512 KiB) and for a day of acknowledgements, small next to any SD card.
+pub const DEFAULT_MIN_FREE: u64 = 64 * 1024 * 1024;
+/// `max_dead` when none is configured.
+pub const DEFAULT_MAX_DEAD: u64 = 10_000;
+
+impl Limits {
+    /// The defaults of `[outbox]`.
+    pub const DEFAULT: Limits = Limits {
+        max_records: 100_000,
+        max_bytes: 64 * 1024 * 1024,
+        min_free: DEFAULT_MIN_FREE,
+        max_dead: DEFAULT_MAX_DEAD,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::DEFAULT
+    }
+}
+
 impl OutboxConfig {
     /// The bounds of the store.
-    pub fn limits(&self) -> crate::outbox::Limits {
-        crate::outbox::Limits {
+    pub fn limits(&self) -> Limits {
+        Limits {
             max_records: self.max_records,
             max_bytes: self.max_bytes,
             min_free: self.min_free,
@@ -459,6 +517,25 @@ pub fn parse_byte_size(text: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(factor)
+}
+
+/// A byte count, short and readable in binary units: `512 B`, `12.3 MiB`, `64 MiB`, `3.1 GiB`.
+pub fn format_byte_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for next in &UNITS[1..] {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = next;
+    }
+    let text = format!("{value:.1}");
+    format!("{} {unit}", text.strip_suffix(".0").unwrap_or(&text))
 }
 
 /// Serial line parity.
@@ -1006,13 +1083,13 @@ impl<'a> Validator<'a> {
         // A large station: 2000 meters, each moving its valve 4 times a day, for 7 days = 56,000
         // records; ~1 KiB each with BizData. Defaults leave ~3.5x head room.
         let (records, bytes, dead_after) = (200_000i64, 256 * 1024 * 1024i64, 5i64);
-        let max_dead = crate::outbox::DEFAULT_MAX_DEAD as i64;
+        let max_dead = DEFAULT_MAX_DEAD as i64;
         let Some(o) = o else {
             return OutboxConfig {
                 max_records: records as u64,
                 max_bytes: bytes as u64,
                 dead_after: dead_after as u32,
-                min_free: crate::outbox::DEFAULT_MIN_FREE,
+                min_free: DEFAULT_MIN_FREE,
                 max_dead: max_dead as u64,
             };
         };
@@ -1028,12 +1105,7 @@ impl<'a> Validator<'a> {
                 1,
                 MAX_DEAD_AFTER,
             ) as u32,
-            min_free: self.byte_size(
-                line,
-                "outbox.min_free",
-                r.min_free.as_ref(),
-                crate::outbox::DEFAULT_MIN_FREE,
-            ),
+            min_free: self.byte_size(line, "outbox.min_free", r.min_free.as_ref(), DEFAULT_MIN_FREE),
             max_dead: self.ranged("outbox.max_dead", r.max_dead.as_ref(), max_dead, 1, MAX_DEAD) as u64,
         }
     }
@@ -1764,8 +1836,8 @@ impl<'a> Validator<'a> {
         for (k, v) in table.get_ref() {
             let l = self.at(v);
             let name = format!("event[{i}].fields.{k}");
-            let clash = k == crate::mapping::METER_COLUMN
-                || k == crate::record::VALVE_STATE_KEY
+            let clash = k == crate::config::mapping::METER_COLUMN
+                || k == crate::config::mapping::VALVE_STATE_KEY
                 || mapping.header.iter().any(|h| h == k)
                 || meters.iter().any(|m| m.readings.iter().any(|r| &r.field == k));
             if k.trim().is_empty() {
@@ -1854,6 +1926,15 @@ pub fn parse_offset(s: &str) -> Option<FixedOffset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(format_byte_size(512), "512 B");
+        assert_eq!(format_byte_size(64 << 20), "64 MiB");
+        assert_eq!(format_byte_size(12_897_485), "12.3 MiB");
+        assert_eq!(format_byte_size(3_328_599_655), "3.1 GiB");
+        assert_eq!(format_byte_size(u64::MAX), "16384 PiB");
+    }
 
     #[test]
     fn offsets_parse_in_the_forms_people_write() {

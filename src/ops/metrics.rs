@@ -16,9 +16,9 @@
 
 use std::fmt::Write as _;
 
-use crate::admin::{self, AdminState, OutboxCounts, Status};
-use crate::bus::BusStatsSnapshot;
-use crate::sender::SenderSnapshot;
+use crate::delivery::sender::SenderSnapshot;
+use crate::modbus::bus::BusStatsSnapshot;
+use crate::ops::admin::{self, AdminState, OutboxCounts, Status};
 
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -38,7 +38,7 @@ pub struct MeterMetrics {
     pub online: bool,
     /// Seconds since the last answer; `None` before the first (the series is left out then).
     pub last_sample_age: Option<f64>,
-    /// The slowest of its recent answer times, seconds (`crate::bus::MeterLink`); `None` before one.
+    /// The slowest of its recent answer times, seconds (`crate::modbus::bus::MeterLink`); `None` before one.
     pub answer_max: Option<f64>,
     /// Its requests not answered within the bus timeout.
     pub timeouts: u64,
@@ -499,7 +499,7 @@ fn number(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::fault::StoreFault;
+    use crate::store::fault::StoreFault;
 
     fn sample_metrics() -> Metrics {
         Metrics {

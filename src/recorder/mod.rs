@@ -1,4 +1,4 @@
-//! The station: takes each poll cycle from every bus, applies the rules of [`crate::detect`] to the
+//! The station: takes each poll cycle from every bus, applies the rules of [`crate::events::detect`] to the
 //! stored state of each meter (valve, link, rule memory), turns what fires into records (BizData from
 //! the mapping row, the same poll's readings and the event's fixed fields), commits the meter's new
 //! state + its records in one transaction, and makes each cycle durable (one flush + fsync) before
@@ -33,33 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{BootStamp, WallClock};
 use crate::config::{Config, EventKind, EventRule, OFFLINE, ONLINE};
-use crate::detect::{self, decide, Decision, Pending};
-use crate::outbox::{Draft, Outbox, OutboxError, StoredState};
-use crate::record::{render_event_biz_data, BizTemplate, Record};
-
-/// One successful read of a meter: its valve's raw value and its readings, rendered.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Index into [`Config::meters`].
-    pub meter: usize,
-    /// The valve's raw value.
-    pub valve_raw: i64,
-    /// One rendered string per [`crate::config::MeterConfig::readings`], same order.
-    pub readings: Vec<String>,
-    /// When it was read.
-    pub at: DateTime<Utc>,
-}
-
-/// What one round over a bus produced.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Cycle {
-    /// Index into [`Config::buses`].
-    pub bus: usize,
-    /// Meters read in this round.
-    pub samples: Vec<Sample>,
-    /// Meters whose link changed in this round: (meter index, online now).
-    pub links: Vec<(usize, bool)>,
-}
+use crate::events::detect::{self, decide, Decision, Pending};
+use crate::events::record::{render_event_biz_data, BizTemplate, Draft, Record};
+use crate::modbus::cycle::{Cycle, Sample};
+use crate::store::{Store, StoreError, StoredState};
 
 /// Live view of one meter.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -121,9 +98,9 @@ impl Live {
 }
 
 /// Applies cycles to the store.
-pub struct Station {
+pub struct Recorder {
     cfg: Arc<Config>,
-    outbox: Outbox,
+    outbox: Store,
     pending: Vec<Pending>,
     sender_wake: Arc<Notify>,
     live: Arc<Live>,
@@ -140,7 +117,7 @@ pub struct Station {
     /// Whether any `离线` rule is configured (otherwise `在线` rules report every return).
     offline_rules: bool,
     /// This cycle's changes, one per meter, in the order first touched; committed together by
-    /// [`Station::flush_cycle`] in ONE transaction (one commit per cycle instead of one per meter).
+    /// [`Recorder::flush_cycle`] in ONE transaction (one commit per cycle instead of one per meter).
     staged: Vec<Staged>,
     /// Where each meter's current outage began as the bus reported it in this run (label, boot clock):
     /// the start of an outage whose first commit was refused.
@@ -151,7 +128,7 @@ pub struct Station {
     /// station is the only writer of states, so after the first read of a meter its state comes from
     /// here instead of a store read and JSON decode per sample (BENCHMARKS.md row 2).
     stored: Vec<Option<Option<StoredState>>>,
-    /// [`Outbox::generation`] when `stored` was filled: a reopened store may have lost what sat in
+    /// [`Store::generation`] when `stored` was filled: a reopened store may have lost what sat in
     /// sled's failed buffer, so the states are read from it again.
     generation: u64,
     /// BizData templates by (meter index, rule index), made on a meter's first record for a rule. At
@@ -162,7 +139,7 @@ pub struct Station {
     /// until its commit, too many for the allocator's per-size cache, so each new one cost a slow
     /// allocation (BENCHMARKS.md row 2). At most [`SPARE_BIZ`] are kept (~600 B each).
     spare_biz: RefCell<Vec<String>>,
-    /// The last second [`Station::stamp`] formatted, and its text.
+    /// The last second [`Recorder::stamp`] formatted, and its text.
     last_stamp: RefCell<(Option<i64>, String)>,
     /// Whether the kernel said the system clock was not synchronized when that second was formatted.
     unsynced: std::cell::Cell<bool>,
@@ -190,11 +167,11 @@ struct Staged {
 }
 
 /// What applying something to one meter did: (wrote to the store, records queued).
-type Applied = Result<(bool, usize), OutboxError>;
+type Applied = Result<(bool, usize), StoreError>;
 
-impl Station {
+impl Recorder {
     /// A station over `outbox` that wakes `sender_wake` after each durable cycle with records.
-    pub fn new(cfg: Arc<Config>, outbox: Outbox, sender_wake: Arc<Notify>, live: Arc<Live>) -> Station {
+    pub fn new(cfg: Arc<Config>, outbox: Store, sender_wake: Arc<Notify>, live: Arc<Live>) -> Recorder {
         let n = cfg.meters.len();
         let mut by_bus = vec![Vec::new(); cfg.buses.len()];
         for (i, m) in cfg.meters.iter().enumerate() {
@@ -209,7 +186,7 @@ impl Station {
         };
         let (link_rules, offline_rules) = (link(true) || link(false), link(false));
         let generation = outbox.generation();
-        Station {
+        Recorder {
             pending: vec![Pending::default(); n],
             confirmed_offline: vec![false; n],
             last_readings: vec![None; n],
@@ -244,7 +221,7 @@ impl Station {
         while let Some(cycle) = cycles.blocking_recv() {
             if abandon.is_cancelled() {
                 tracing::warn!(
-                    message = "Station abandoned; the states of cycles not applied are read again by the next polls."
+                    message = "Recorder abandoned; the states of cycles not applied are read again by the next polls."
                 );
                 return;
             }
@@ -379,13 +356,13 @@ impl Station {
                 *wrote |= w;
                 *queued += n;
             }
-            Err(OutboxError::Full { .. }) if self.full_logged => {}
-            Err(e @ OutboxError::Full { .. }) => {
+            Err(StoreError::Full { .. }) if self.full_logged => {}
+            Err(e @ StoreError::Full { .. }) => {
                 self.full_logged = true;
                 tracing::error!(message = "Outbox full: new states are not committed until records are delivered.", error = %e);
             }
             // Logged once per change by the outbox (free space, store failure).
-            Err(OutboxError::NoSpace(_) | OutboxError::Failed { .. }) => {}
+            Err(StoreError::NoSpace(_) | StoreError::Failed { .. }) => {}
             Err(_) if self.outbox.is_failed() => {}
             Err(e) => {
                 tracing::error!(message = "Cannot store a meter state.", meter = %self.meter_no(meter), error = %e)
@@ -474,7 +451,7 @@ impl Station {
         }
     }
 
-    /// One sample (already [`Station::observe`]d): link (back online?), valve (baseline /
+    /// One sample (already [`Recorder::observe`]d): link (back online?), valve (baseline /
     /// transition), then the reading rules.
     fn apply_sample(&mut self, s: &Sample, now: DateTime<Utc>) -> Applied {
         let cfg = Arc::clone(&self.cfg);
@@ -687,7 +664,7 @@ impl Station {
     }
 
     /// The state of a meter as this cycle has left it so far (staged, else committed), if known in
-    /// memory: always after [`Station::state_of`] succeeded for it.
+    /// memory: always after [`Recorder::state_of`] succeeded for it.
     fn current_state(&self, meter: usize) -> Option<&StoredState> {
         match self.staged.iter().find(|c| c.meter == meter) {
             Some(c) => Some(&c.after),
@@ -696,7 +673,7 @@ impl Station {
     }
 
     /// The state of a meter as this cycle has left it so far: staged, else committed.
-    fn state_of(&mut self, meter: usize) -> Result<Option<StoredState>, OutboxError> {
+    fn state_of(&mut self, meter: usize) -> Result<Option<StoredState>, StoreError> {
         let known = self.staged.iter().any(|c| c.meter == meter) || matches!(self.stored.get(meter), Some(Some(_)));
         if !known {
             let st = self.outbox.state(self.meter_no(meter))?;

@@ -5,10 +5,10 @@
 //! that says what the value is:
 //! - `s` + meter number (UTF-8) → [`StoredState`] (JSON): valve state, link and rule memory.
 //! - `q` + record id (big-endian u64, so iteration order is detection order) → [`Record`] in its
-//!   stored form ([`crate::stored_record`]; the JSON of releases before still reads): the outbox.
+//!   stored form ([`crate::store::stored_record`]; the JSON of releases before still reads): the outbox.
 //! - `d` + record id → [`DeadLetter`] (JSON): records the server refused too often.
 //! - `x` + the key of any entry above → its bytes, unchanged: an entry that could not be decoded,
-//!   set aside ([`Outbox::corrupt`]) so that the rest of the queue and the other meters go on.
+//!   set aside ([`Store::corrupt`]) so that the rest of the queue and the other meters go on.
 //! - `m` + `outbox_counts` → records queued, their bytes, and one past the highest record id ever
 //!   committed (three big-endian u64). Written with every change of the queue, so opening the store
 //!   never has to read the whole queue to count it. If a record sits at or past the stored top
@@ -17,7 +17,7 @@
 //!   bounded) and kept in memory.
 //!
 //! Why one tree: a `sled::Batch` applied to one tree is atomic, across a crash too, and costs what its
-//! inserts cost. Every change of the store goes through [`Outbox::write`]: one lock held while the
+//! inserts cost. Every change of the store goes through [`Store::write`]: one lock held while the
 //! change reads what it needs and its batch is applied. That serialises writers (an ack racing a
 //! failure note cannot bring a delivered record back) and keeps the stored counts exact.
 //!
@@ -26,13 +26,13 @@
 //! counted once. A crash in the middle copies again at the next open (same keys, same values).
 //!
 //! Faults of the disk ([`fault`], [`space`]):
-//! - Below `min_free` bytes free on the state directory's file system, [`Outbox::commit_batch`]
-//!   refuses every change ([`OutboxError::NoSpace`]) exactly as when the outbox is full; what empties
+//! - Below `min_free` bytes free on the state directory's file system, [`Store::commit_batch`]
+//!   refuses every change ([`StoreError::NoSpace`]) exactly as when the outbox is full; what empties
 //!   the queue still writes (it uses the reserve).
 //! - The first sled error or failed fsync marks the store failed: sled stays failed after one failed
 //!   write, and after a failed fsync the page cache cannot be trusted. From then on every call
-//!   returns [`OutboxError::Failed`] without touching the database until [`Outbox::heal`] has opened
-//!   it again (with backoff). A reopen bumps [`Outbox::generation`]: whoever keeps what the store
+//!   returns [`StoreError::Failed`] without touching the database until [`Store::heal`] has opened
+//!   it again (with backoff). A reopen bumps [`Store::generation`]: whoever keeps what the store
 //!   held (the station's states) reads it again, because what sat in sled's failed buffer is gone.
 //! - Every open (the first and each reopen) makes the whole database durable before anything found
 //!   on it is handed to the sender: a record that only the page cache held could otherwise be
@@ -40,20 +40,22 @@
 //!
 //! Invariants:
 //! - A meter's new state (valve, link, rule memory) and its records are committed in one atomic batch
-//!   ([`Outbox::commit`]). If a crash loses the commit, it loses the state with it, and the
+//!   ([`Store::commit`]). If a crash loses the commit, it loses the state with it, and the
 //!   transition is detected again: nothing is repeated, nothing forgotten.
-//! - "Stored" means committed *and* [`Outbox::sync`]ed: sled's `flush()` is followed by `fsync` of the
-//!   database's log and of every other file and folder of it that changed ([`crate::durable`]).
+//! - "Stored" means committed *and* [`Store::sync`]ed: sled's `flush()` is followed by `fsync` of the
+//!   database's log and of every other file and folder of it that changed ([`crate::store::durable`]).
 //!   The sender sees only records below the durable mark.
-//! - A record is removed only by [`Outbox::ack`] (the server answered `code: 0`), or moved between
-//!   outbox and dead letters by [`Outbox::bury`] / [`Outbox::requeue`] (each one batch, keeping the
+//! - A record is removed only by [`Store::ack`] (the server answered `code: 0`), or moved between
+//!   outbox and dead letters by [`Store::bury`] / [`Store::requeue`] (each one batch, keeping the
 //!   record's id), or set aside undecodable (kept, listed). Nothing here ever drops a record to make
 //!   room: when a bound is reached, the write is refused and the caller keeps what it had.
 //! - Dead letters do not count against the outbox bounds; they have their own, `max_dead`: at it,
-//!   [`Outbox::bury`] refuses ([`OutboxError::DeadFull`]) and the record stays queued.
+//!   [`Store::bury`] refuses ([`StoreError::DeadFull`]) and the record stays queued.
 
+pub mod durable;
 pub mod fault;
 pub mod space;
+pub mod stored_record;
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -66,10 +68,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::BootStamp;
-use crate::detect::RuleMemory;
-use crate::durable::{SyncFailed, Synced};
-use crate::record::{json_str, Record};
-use crate::stored_record;
+use crate::config::Limits;
+use crate::events::detect::RuleMemory;
+use crate::events::record::{json_str, Draft, Record};
+use crate::store::durable::{SyncFailed, Synced};
 use fault::{Fault, StoreFault};
 use space::{LowSpace, Space};
 
@@ -141,7 +143,7 @@ pub struct CorruptEntry {
 
 /// What can go wrong with the store.
 #[derive(Debug, thiserror::Error)]
-pub enum OutboxError {
+pub enum StoreError {
     /// Another process has the database open.
     #[error("the state directory {0} is in use by another fieldgate process (sled allows one); stop it, or use its admin API")]
     Locked(PathBuf),
@@ -198,69 +200,34 @@ pub enum OutboxError {
     },
 }
 
-impl From<SyncFailed> for OutboxError {
-    fn from(e: SyncFailed) -> OutboxError {
-        OutboxError::Sync {
+impl From<SyncFailed> for StoreError {
+    fn from(e: SyncFailed) -> StoreError {
+        StoreError::Sync {
             path: e.path,
             source: e.source,
         }
     }
 }
 
-impl OutboxError {
+impl StoreError {
     /// A bounded label for metrics.
     pub fn error_code(&self) -> &'static str {
         match self {
-            OutboxError::Locked(_) => "locked",
-            OutboxError::Db { .. } => "db",
-            OutboxError::Sync { .. } => "sync",
-            OutboxError::Failed { .. } => "store_failed",
-            OutboxError::Corrupt { .. } => "corrupt",
-            OutboxError::Full { .. } => "full",
-            OutboxError::NoSpace(_) => "no_space",
-            OutboxError::DeadFull { .. } => "dead_full",
+            StoreError::Locked(_) => "locked",
+            StoreError::Db { .. } => "db",
+            StoreError::Sync { .. } => "sync",
+            StoreError::Failed { .. } => "store_failed",
+            StoreError::Corrupt { .. } => "corrupt",
+            StoreError::Full { .. } => "full",
+            StoreError::NoSpace(_) => "no_space",
+            StoreError::DeadFull { .. } => "dead_full",
         }
     }
 
     /// A refusal for lack of room (outbox bound or disk reserve): nothing was written, the caller
     /// keeps what it had and tries again later.
     pub fn is_no_room(&self) -> bool {
-        matches!(self, OutboxError::Full { .. } | OutboxError::NoSpace(_))
-    }
-}
-
-/// Bounds of the store.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Most records.
-    pub max_records: u64,
-    /// Most bytes (sum of stored record sizes).
-    pub max_bytes: u64,
-    /// Least free bytes on the state directory's file system for new states and records.
-    pub min_free: u64,
-    /// Most dead letters.
-    pub max_dead: u64,
-}
-
-/// `min_free` when none is configured: room for sled to finish what it has begun (its log grows
-/// in segments of 512 KiB) and for a day of acknowledgements, small next to any SD card.
-pub const DEFAULT_MIN_FREE: u64 = 64 * 1024 * 1024;
-/// `max_dead` when none is configured.
-pub const DEFAULT_MAX_DEAD: u64 = 10_000;
-
-impl Limits {
-    /// The defaults of `[outbox]`.
-    pub const DEFAULT: Limits = Limits {
-        max_records: 100_000,
-        max_bytes: 64 * 1024 * 1024,
-        min_free: DEFAULT_MIN_FREE,
-        max_dead: DEFAULT_MAX_DEAD,
-    };
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits::DEFAULT
+        matches!(self, StoreError::Full { .. } | StoreError::NoSpace(_))
     }
 }
 
@@ -293,7 +260,7 @@ struct Counts {
 
 /// Handle to the store; cheap to clone, all clones share one database.
 #[derive(Clone)]
-pub struct Outbox {
+pub struct Store {
     shared: Arc<Shared>,
 }
 
@@ -301,15 +268,15 @@ struct Shared {
     dir: PathBuf,
     limits: Limits,
     counts: Counts,
-    /// The open database; `None` only while [`Outbox::heal`] replaces it.
+    /// The open database; `None` only while [`Store::heal`] replaces it.
     open: RwLock<Option<Arc<Open>>>,
-    /// The stored counts as last written, locked by every writer: see [`Outbox::write`].
+    /// The stored counts as last written, locked by every writer: see [`Store::write`].
     writer: Mutex<Stored>,
     fault: Fault,
     space: Space,
     /// Reopens of the database since start.
     generation: AtomicU64,
-    /// When [`Outbox::check_blocking`] last looked.
+    /// When [`Store::check_blocking`] last looked.
     checked: Mutex<Option<std::time::Instant>>,
     /// The record at the head of the queue and since when this process has seen it there (tokio's
     /// monotonic clock: tests may pause it).
@@ -321,24 +288,9 @@ struct Open {
     db: sled::Db,
     store: sled::Tree,
     synced: Synced,
-    /// [`Outbox::generation`] it was opened as: an error from a handle of an older one (an operation
+    /// [`Store::generation`] it was opened as: an error from a handle of an older one (an operation
     /// that began before a reopen) must not fail the database that replaced it.
     generation: u64,
-}
-
-/// A record before it has an id.
-#[derive(Debug, Clone)]
-pub struct Draft {
-    /// `eventName`.
-    pub event_name: String,
-    /// When detected (RFC 3339).
-    pub detected_at: String,
-    /// Label before.
-    pub from: String,
-    /// Label after.
-    pub to: String,
-    /// Rendered BizData.
-    pub biz_data: String,
 }
 
 /// What [`open_store`] found.
@@ -351,51 +303,51 @@ struct Opened {
     corrupt: u64,
 }
 
-impl Outbox {
+impl Store {
     /// Open (or create) the store in `dir`; a state directory of the layout before is moved into it.
     /// Everything found on disk is made durable before this returns.
-    pub fn open(dir: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
-        std::fs::create_dir_all(dir).map_err(|e| OutboxError::Sync {
+    pub fn open(dir: &Path, limits: Limits) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Sync {
             path: dir.to_path_buf(),
             source: e,
         })?;
         let opened = open_store(dir)?;
-        let outbox = Outbox::unopened(dir, limits, opened.stored);
+        let outbox = Store::unopened(dir, limits, opened.stored);
         outbox.install(opened, 0);
         Ok(outbox)
     }
 
-    /// [`Outbox::open`] for the daemon: a store that cannot be opened for a reason of the disk (full,
+    /// [`Store::open`] for the daemon: a store that cannot be opened for a reason of the disk (full,
     /// I/O error, read-only, sled refusing or panicking on what it found) is returned failed, and
-    /// [`Outbox::heal`] opens it once the cause is gone, so the gateway starts and polls anyway (a
+    /// [`Store::heal`] opens it once the cause is gone, so the gateway starts and polls anyway (a
     /// power cut while the disk is full must not leave it in a restart loop). Only
-    /// [`OutboxError::Locked`] (another instance) is an error.
-    pub fn open_or_failed(dir: &Path, limits: Limits) -> Result<Outbox, OutboxError> {
+    /// [`StoreError::Locked`] (another instance) is an error.
+    pub fn open_or_failed(dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         let opened = std::panic::catch_unwind(|| {
-            std::fs::create_dir_all(dir).map_err(|e| OutboxError::Sync {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Sync {
                 path: dir.to_path_buf(),
                 source: e,
             })?;
             open_store(dir)
         });
         let error = match opened {
-            Ok(Err(e @ OutboxError::Locked(_))) => return Err(e),
+            Ok(Err(e @ StoreError::Locked(_))) => return Err(e),
             Ok(Ok(opened)) => {
-                let outbox = Outbox::unopened(dir, limits, opened.stored);
+                let outbox = Store::unopened(dir, limits, opened.stored);
                 outbox.install(opened, 0);
                 return Ok(outbox);
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "sled panicked while opening the database".to_string(),
         };
-        let outbox = Outbox::unopened(dir, limits, Stored::default());
+        let outbox = Store::unopened(dir, limits, Stored::default());
         outbox.shared.fault.fail(dir, &error);
         Ok(outbox)
     }
 
     /// The handle before a database is installed.
-    fn unopened(dir: &Path, limits: Limits, stored: Stored) -> Outbox {
-        Outbox {
+    fn unopened(dir: &Path, limits: Limits, stored: Stored) -> Store {
+        Store {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
                 limits,
@@ -427,7 +379,7 @@ impl Outbox {
     }
 
     /// If the store failed, open it again once its backoff allows (blocking: call from a blocking
-    /// thread, or use [`Outbox::heal`]). Returns whether the store works now.
+    /// thread, or use [`Store::heal`]). Returns whether the store works now.
     pub fn heal_blocking(&self) -> bool {
         let sh = &self.shared;
         if !sh.fault.is_failed() {
@@ -463,7 +415,7 @@ impl Outbox {
         }
     }
 
-    /// [`Outbox::heal_blocking`] off the async threads.
+    /// [`Store::heal_blocking`] off the async threads.
     pub async fn heal(&self) -> bool {
         if !self.shared.fault.is_failed() {
             return true;
@@ -475,12 +427,12 @@ impl Outbox {
     /// not stall an async worker. A call that panicked is an error like a failed write.
     pub async fn off_async<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Outbox) -> Result<T, OutboxError> + Send + 'static,
-    ) -> Result<T, OutboxError> {
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let me = self.clone();
         match tokio::task::spawn_blocking(move || f(&me)).await {
             Ok(r) => r,
-            Err(e) => Err(OutboxError::Sync {
+            Err(e) => Err(StoreError::Sync {
                 path: self.shared.dir.clone(),
                 source: std::io::Error::other(format!("the store call did not finish: {e}")),
             }),
@@ -519,9 +471,9 @@ impl Outbox {
         (s.free(), s.reserve(), s.is_low())
     }
 
-    /// The open database, or [`OutboxError::Failed`].
-    fn handle(&self) -> Result<Arc<Open>, OutboxError> {
-        let failed = || OutboxError::Failed {
+    /// The open database, or [`StoreError::Failed`].
+    fn handle(&self) -> Result<Arc<Open>, StoreError> {
+        let failed = || StoreError::Failed {
             error: self.shared.fault.error().unwrap_or_else(|| "being opened again".into()),
         };
         if self.shared.fault.is_failed() {
@@ -541,8 +493,8 @@ impl Outbox {
     }
 
     /// The last accepted state of a meter. A state that does not decode is set aside (listed by
-    /// [`Outbox::corrupt`]) and the meter starts again from no state: its next sample is a baseline.
-    pub fn state(&self, meter_no: &str) -> Result<Option<StoredState>, OutboxError> {
+    /// [`Store::corrupt`]) and the meter starts again from no state: its next sample is a baseline.
+    pub fn state(&self, meter_no: &str) -> Result<Option<StoredState>, StoreError> {
         let key = state_key(meter_no);
         let open = self.handle()?;
         let Some(v) = open.store.get(&key).map_err(|e| self.db_error(&open, e))? else {
@@ -562,8 +514,8 @@ impl Outbox {
     /// counts go into the same batch when they changed. An `Err` from `change` writes nothing.
     fn write<T>(
         &self,
-        change: impl FnOnce(&Open, &mut sled::Batch, &mut Stored) -> Result<T, OutboxError>,
-    ) -> Result<T, OutboxError> {
+        change: impl FnOnce(&Open, &mut sled::Batch, &mut Stored) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut stored = self.shared.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let open = self.handle()?;
         let mut next = *stored;
@@ -579,12 +531,12 @@ impl Outbox {
         Ok(out)
     }
 
-    /// One entry of a scan, counted ([`Outbox::entries_read`]).
+    /// One entry of a scan, counted ([`Store::entries_read`]).
     fn read(
         &self,
         open: &Open,
         item: sled::Result<(sled::IVec, sled::IVec)>,
-    ) -> Result<(sled::IVec, sled::IVec), OutboxError> {
+    ) -> Result<(sled::IVec, sled::IVec), StoreError> {
         self.shared.counts.entries_read.fetch_add(1, Ordering::Relaxed);
         item.map_err(|e| self.db_error(open, e))
     }
@@ -596,27 +548,27 @@ impl Outbox {
     }
 
     /// A stored value, read under the writer's lock.
-    fn get(&self, open: &Open, key: &[u8]) -> Result<Option<sled::IVec>, OutboxError> {
+    fn get(&self, open: &Open, key: &[u8]) -> Result<Option<sled::IVec>, StoreError> {
         open.store.get(key).map_err(|e| self.db_error(open, e))
     }
 
     /// Commit a meter's new state and its records atomically. Returns the records with their ids.
-    /// Refuses with [`OutboxError::Full`] or [`OutboxError::NoSpace`] (committing nothing) when a
-    /// bound would be passed. Not durable until [`Outbox::sync`].
-    pub fn commit(&self, meter_no: &str, state: &StoredState, drafts: Vec<Draft>) -> Result<Vec<Record>, OutboxError> {
+    /// Refuses with [`StoreError::Full`] or [`StoreError::NoSpace`] (committing nothing) when a
+    /// bound would be passed. Not durable until [`Store::sync`].
+    pub fn commit(&self, meter_no: &str, state: &StoredState, drafts: Vec<Draft>) -> Result<Vec<Record>, StoreError> {
         let mut results = self.commit_batch(vec![(meter_no.to_string(), state.clone(), drafts)])?;
         results.pop().unwrap_or_else(|| Ok(Vec::new()))
     }
 
     /// Commit the changes of a whole poll cycle — each a meter's new state and its records — in ONE
     /// atomic batch, so a cycle costs one commit instead of one per meter. Returns one result per
-    /// change, in order: its records with their ids, or [`OutboxError::Full`] for a change that would
+    /// change, in order: its records with their ids, or [`StoreError::Full`] for a change that would
     /// pass the bounds (that change alone is not committed: its state stays old, so the transition is
-    /// seen again; the changes that fit are committed, exactly as with one [`Outbox::commit`] each in
-    /// this order). Below `min_free` every change is refused with [`OutboxError::NoSpace`]. An `Err`
+    /// seen again; the changes that fit are committed, exactly as with one [`Store::commit`] each in
+    /// this order). Below `min_free` every change is refused with [`StoreError::NoSpace`]. An `Err`
     /// of the whole call is a storage error: the changes of the failed chunk (below) and after it
     /// were not committed, earlier chunks may have been, so read states back. Not durable until
-    /// [`Outbox::sync`]. A meter listed twice ends with its last state; its records keep order.
+    /// [`Store::sync`]. A meter listed twice ends with its last state; its records keep order.
     ///
     /// Each change is atomic; the changes are applied in chunks of [`CHUNK`]: one sled batch of
     /// thousands of writes keeps every node version it replaces until it ends. A bus cycle is below
@@ -625,11 +577,11 @@ impl Outbox {
     pub fn commit_batch<M: AsRef<str>, S: Borrow<StoredState>>(
         &self,
         mut changes: Vec<(M, S, Vec<Draft>)>,
-    ) -> Result<Vec<Result<Vec<Record>, OutboxError>>, OutboxError> {
+    ) -> Result<Vec<Result<Vec<Record>, StoreError>>, StoreError> {
         if let Some(low) = self.low_space() {
             self.shared.counts.refused_space.fetch_add(1, Ordering::Relaxed);
             self.shared.counts.refusing.store(true, Ordering::Relaxed);
-            return Ok(changes.iter().map(|_| Err(OutboxError::NoSpace(low))).collect());
+            return Ok(changes.iter().map(|_| Err(StoreError::NoSpace(low))).collect());
         }
         let mut results = Vec::with_capacity(changes.len());
         while !changes.is_empty() {
@@ -640,12 +592,12 @@ impl Outbox {
         Ok(results)
     }
 
-    /// One chunk of [`Outbox::commit_batch`], in one atomic batch.
+    /// One chunk of [`Store::commit_batch`], in one atomic batch.
     #[allow(clippy::type_complexity)]
     fn commit_chunk<M: AsRef<str>, S: Borrow<StoredState>>(
         &self,
         changes: Vec<(M, S, Vec<Draft>)>,
-    ) -> Result<Vec<Result<Vec<Record>, OutboxError>>, OutboxError> {
+    ) -> Result<Vec<Result<Vec<Record>, StoreError>>, StoreError> {
         let mut last_refused = None;
         let (results, top) = self.write(|open, batch, stored| {
             let mut results = Vec::with_capacity(changes.len());
@@ -701,12 +653,12 @@ impl Outbox {
 
     /// Whether `records` more records of `bytes` fit next to the `stored` counts; a refusal is
     /// counted and sets the refusing flag.
-    fn check_room(&self, stored: &Stored, records: u64, bytes: u64) -> Result<(), OutboxError> {
+    fn check_room(&self, stored: &Stored, records: u64, bytes: u64) -> Result<(), StoreError> {
         let limits = &self.shared.limits;
         if records > 0 && (stored.records + records > limits.max_records || stored.bytes + bytes > limits.max_bytes) {
             self.shared.counts.refused.fetch_add(1, Ordering::Relaxed);
             self.shared.counts.refusing.store(true, Ordering::Relaxed);
-            return Err(OutboxError::Full {
+            return Err(StoreError::Full {
                 records: stored.records,
                 bytes: stored.bytes,
                 max_records: limits.max_records,
@@ -717,15 +669,15 @@ impl Outbox {
     }
 
     /// Make everything committed so far durable: sled flush, then fsync of its log and of whatever
-    /// else of the database changed ([`crate::durable`]). A failure fails the store (module docs):
+    /// else of the database changed ([`crate::store::durable`]). A failure fails the store (module docs):
     /// the records of this sync stay invisible to the sender until a reopen has synced them.
-    /// Blocking; call from `spawn_blocking` in async code (or use [`Outbox::sync`]).
-    pub fn sync_blocking(&self) -> Result<(), OutboxError> {
+    /// Blocking; call from `spawn_blocking` in async code (or use [`Store::sync`]).
+    pub fn sync_blocking(&self) -> Result<(), StoreError> {
         let open = self.handle()?;
         let target = self.shared.counts.committed.load(Ordering::SeqCst);
         open.db.flush().map_err(|e| self.db_error(&open, e))?;
         open.synced.sync(&self.shared.dir).map_err(|e| {
-            let e = OutboxError::from(e);
+            let e = StoreError::from(e);
             self.fail_from(&open, &e.to_string());
             e
         })?;
@@ -751,9 +703,9 @@ impl Outbox {
         }
     }
 
-    /// [`Outbox::sync_blocking`] off the async threads.
-    pub async fn sync(&self) -> Result<(), OutboxError> {
-        self.off_async(Outbox::sync_blocking).await
+    /// [`Store::sync_blocking`] off the async threads.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.off_async(Store::sync_blocking).await
     }
 
     /// Whether records were committed that are not yet durable (a sync is due).
@@ -815,7 +767,7 @@ impl Outbox {
 
     /// Queued records, oldest first, at most `limit` (for the admin API and tests). Undecodable ones
     /// are set aside.
-    pub fn list(&self, limit: usize) -> Result<Vec<Record>, OutboxError> {
+    pub fn list(&self, limit: usize) -> Result<Vec<Record>, StoreError> {
         let open = self.handle()?;
         let mut out = Vec::new();
         for item in open.store.scan_prefix([QUEUE]) {
@@ -834,7 +786,7 @@ impl Outbox {
     /// How long the record now at the head of the queue has waited there, as this process saw it (a
     /// monotonic clock: a record's wall-clock detection time can be decades off on a board whose clock
     /// was stepped). Counted from when this process first saw it at the head (by this call or by
-    /// [`Outbox::next_batch_where`]), so after a restart a backlog's wait counts from the start.
+    /// [`Store::next_batch_where`]), so after a restart a backlog's wait counts from the start.
     /// `None` when nothing is queued or the store cannot be read.
     pub fn oldest_waiting(&self) -> Option<std::time::Duration> {
         let head = self.list(1).ok()?.first()?.id;
@@ -857,15 +809,15 @@ impl Outbox {
     /// The next batch to send: the oldest record, plus later records with the same `eventName`, up
     /// to `max`, among records already synced to disk. A meter whose older record has another event is skipped from then on, so records of
     /// one meter are always sent in detection order.
-    pub fn next_batch(&self, max: usize) -> Result<Vec<Record>, OutboxError> {
+    pub fn next_batch(&self, max: usize) -> Result<Vec<Record>, StoreError> {
         self.next_batch_where(max, |_| false)
     }
 
-    /// [`Outbox::next_batch`], passing over records for which `skip` is true (the sender's records on
+    /// [`Store::next_batch`], passing over records for which `skip` is true (the sender's records on
     /// hold after a rejection). A skipped record blocks the later records of its meter like a record of
     /// another event does, so skipping never reorders a meter's records. A record that does not
     /// decode is set aside and blocks nothing.
-    pub fn next_batch_where(&self, max: usize, skip: impl Fn(&Record) -> bool) -> Result<Vec<Record>, OutboxError> {
+    pub fn next_batch_where(&self, max: usize, skip: impl Fn(&Record) -> bool) -> Result<Vec<Record>, StoreError> {
         let open = self.handle()?;
         let mut batch: Vec<Record> = Vec::new();
         let mut blocked: HashSet<String> = HashSet::new();
@@ -915,15 +867,15 @@ impl Outbox {
         Ok(batch)
     }
 
-    /// [`Outbox::ack_blocking`] off the async threads.
-    pub async fn ack(&self, ids: &[u64]) -> Result<(), OutboxError> {
+    /// [`Store::ack_blocking`] off the async threads.
+    pub async fn ack(&self, ids: &[u64]) -> Result<(), StoreError> {
         let ids = ids.to_vec();
         self.off_async(move |o| o.ack_blocking(&ids)).await
     }
 
     /// Remove delivered records (the server answered `code: 0`), then sync. An `Err` means the removal
     /// may not be stored: the caller must not send anything more until it is. Blocking.
-    pub fn ack_blocking(&self, ids: &[u64]) -> Result<(), OutboxError> {
+    pub fn ack_blocking(&self, ids: &[u64]) -> Result<(), StoreError> {
         let removed = self.write(|open, batch, stored| {
             let mut removed = 0;
             for id in ids.iter().collect::<BTreeSet<_>>() {
@@ -944,18 +896,18 @@ impl Outbox {
     }
 
     /// Count a failed attempt on each record and keep the reason; returns the updated records.
-    pub fn note_failure(&self, ids: &[u64], error: &str) -> Result<Vec<Record>, OutboxError> {
+    pub fn note_failure(&self, ids: &[u64], error: &str) -> Result<Vec<Record>, StoreError> {
         self.update_failed(ids, error, false)
     }
 
     /// The server refused this record alone (`code != 0` for a request carrying only it): count an
     /// attempt *and* a rejection, keep the server's msg. Returns the updated record (`None` if it is no
     /// longer queued). The caller buries it once `rejections` reaches its limit.
-    pub fn note_rejection(&self, id: u64, msg: &str) -> Result<Option<Record>, OutboxError> {
+    pub fn note_rejection(&self, id: u64, msg: &str) -> Result<Option<Record>, StoreError> {
         Ok(self.update_failed(&[id], msg, true)?.pop())
     }
 
-    fn update_failed(&self, ids: &[u64], error: &str, rejected: bool) -> Result<Vec<Record>, OutboxError> {
+    fn update_failed(&self, ids: &[u64], error: &str, rejected: bool) -> Result<Vec<Record>, StoreError> {
         let last_error: String = error.chars().take(500).collect();
         let mut bad = Vec::new();
         // Under the writer's lock, so an ack that raced this update is not undone (a record acked
@@ -993,14 +945,14 @@ impl Outbox {
     }
 
     /// Move a record to the dead letters with the server's reason (one batch), then sync. Refused
-    /// with [`OutboxError::DeadFull`] at `max_dead` dead letters: the record stays queued.
-    pub async fn bury(&self, id: u64, reason: &str, died_at: &str) -> Result<(), OutboxError> {
+    /// with [`StoreError::DeadFull`] at `max_dead` dead letters: the record stays queued.
+    pub async fn bury(&self, id: u64, reason: &str, died_at: &str) -> Result<(), StoreError> {
         let (reason, died_at) = (reason.to_string(), died_at.to_string());
         self.off_async(move |o| o.bury_blocking(id, &reason, &died_at)).await
     }
 
-    /// [`Outbox::bury`], blocking.
-    pub fn bury_blocking(&self, id: u64, reason: &str, died_at: &str) -> Result<(), OutboxError> {
+    /// [`Store::bury`], blocking.
+    pub fn bury_blocking(&self, id: u64, reason: &str, died_at: &str) -> Result<(), StoreError> {
         let max_dead = self.shared.limits.max_dead;
         let mut bad = None;
         let buried = self.write(|open, batch, stored| {
@@ -1019,7 +971,7 @@ impl Outbox {
             let dead = self.shared.counts.dead.load(Ordering::Relaxed);
             if dead >= max_dead {
                 self.shared.counts.dead_refused.fetch_add(1, Ordering::Relaxed);
-                return Err(OutboxError::DeadFull { dead });
+                return Err(StoreError::DeadFull { dead });
             }
             let dead = DeadLetter {
                 record,
@@ -1043,8 +995,8 @@ impl Outbox {
     }
 
     /// All dead letters, oldest first. Loads every one: for tools on a stopped state directory and
-    /// tests; the admin API pages with [`Outbox::dead_page`].
-    pub fn dead(&self) -> Result<Vec<DeadLetter>, OutboxError> {
+    /// tests; the admin API pages with [`Store::dead_page`].
+    pub fn dead(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let mut out = Vec::new();
         let mut after = None;
         loop {
@@ -1059,7 +1011,7 @@ impl Outbox {
 
     /// At most `limit` dead letters with ids after `after` (all when `None`), oldest first.
     /// Undecodable ones are set aside.
-    pub fn dead_page(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, OutboxError> {
+    pub fn dead_page(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let open = self.handle()?;
         let from = id_key(DEAD, after.map_or(0, |a| a.saturating_add(1)));
         let mut out = Vec::new();
@@ -1081,12 +1033,12 @@ impl Outbox {
     ///
     /// The old id puts the record back at its place in detection order, ahead of anything queued
     /// after it; later records of its meter that were delivered meanwhile stay delivered.
-    pub async fn requeue(&self, id: Option<u64>) -> Result<usize, OutboxError> {
+    pub async fn requeue(&self, id: Option<u64>) -> Result<usize, StoreError> {
         self.off_async(move |o| o.requeue_blocking(id)).await
     }
 
-    /// [`Outbox::requeue`], blocking.
-    pub fn requeue_blocking(&self, id: Option<u64>) -> Result<usize, OutboxError> {
+    /// [`Store::requeue`], blocking.
+    pub fn requeue_blocking(&self, id: Option<u64>) -> Result<usize, StoreError> {
         let mut moved = 0;
         let mut after = None;
         loop {
@@ -1108,7 +1060,7 @@ impl Outbox {
         Ok(moved)
     }
 
-    fn requeue_one(&self, id: u64) -> Result<bool, OutboxError> {
+    fn requeue_one(&self, id: u64) -> Result<bool, StoreError> {
         let mut bad = None;
         let requeued = self.write(|open, batch, stored| {
             let key = id_key(DEAD, id);
@@ -1150,7 +1102,7 @@ impl Outbox {
 
     /// Move an undecodable entry aside (one batch: kept under `x` + its key, removed from where it
     /// was, the counts mended), unless it changed meanwhile. Logged once per entry.
-    fn set_aside(&self, key: &[u8], value: &[u8], why: &OutboxError) -> Result<(), OutboxError> {
+    fn set_aside(&self, key: &[u8], value: &[u8], why: &StoreError) -> Result<(), StoreError> {
         let moved = self.write(|open, batch, stored| {
             if self.get(open, key)?.as_deref() != Some(value) {
                 return Ok(false);
@@ -1183,7 +1135,7 @@ impl Outbox {
     }
 
     /// Entries set aside as undecodable, at most `limit`.
-    pub fn corrupt(&self, limit: usize) -> Result<Vec<CorruptEntry>, OutboxError> {
+    pub fn corrupt(&self, limit: usize) -> Result<Vec<CorruptEntry>, StoreError> {
         let open = self.handle()?;
         let mut out = Vec::new();
         for item in open.store.scan_prefix([ASIDE]).take(limit) {
@@ -1209,7 +1161,7 @@ impl Outbox {
     /// Write raw bytes under a queued record's or a state's key, bypassing every check: for tests
     /// that damage an entry as a failing disk would.
     #[doc(hidden)]
-    pub fn damage(&self, entry: DamageTarget<'_>, bytes: &[u8]) -> Result<(), OutboxError> {
+    pub fn damage(&self, entry: DamageTarget<'_>, bytes: &[u8]) -> Result<(), StoreError> {
         let key = match entry {
             DamageTarget::Record(id) => id_key(QUEUE, id).to_vec(),
             DamageTarget::State(meter_no) => state_key(meter_no),
@@ -1220,14 +1172,14 @@ impl Outbox {
     }
 
     /// A sled error from `open`: the store is failed from now on (module docs).
-    fn db_error(&self, open: &Open, e: sled::Error) -> OutboxError {
+    fn db_error(&self, open: &Open, e: sled::Error) -> StoreError {
         // sled shows an I/O error in Debug form; the OS's own words read better in health and logs.
         let text = match &e {
             sled::Error::Io(io) => io.to_string(),
             other => other.to_string(),
         };
         self.fail_from(open, &text);
-        OutboxError::Db {
+        StoreError::Db {
             path: self.shared.dir.clone(),
             source: e,
         }
@@ -1239,7 +1191,7 @@ impl Outbox {
         self.fail_for(open.generation, error);
     }
 
-    /// [`Outbox::fail_from`] for a database opened as `generation`.
+    /// [`Store::fail_from`] for a database opened as `generation`.
     fn fail_for(&self, generation: u64, error: &str) {
         if generation == self.shared.generation.load(Ordering::SeqCst) {
             self.shared.fault.fail(&self.shared.dir, error);
@@ -1247,7 +1199,7 @@ impl Outbox {
     }
 }
 
-/// Which entry [`Outbox::damage`] overwrites.
+/// Which entry [`Store::damage`] overwrites.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy)]
 pub enum DamageTarget<'a> {
@@ -1269,7 +1221,7 @@ fn describe_key(key: &[u8]) -> String {
 
 /// Open the database in `dir` (moving a layout before), read or rebuild its counts, and make it
 /// durable (module docs) before anything on it is handed out.
-fn open_store(dir: &Path) -> Result<Opened, OutboxError> {
+fn open_store(dir: &Path) -> Result<Opened, StoreError> {
     let db = open_db(dir)?;
     let store = db.open_tree(STORE).map_err(|e| open_error(dir, e))?;
     let moved = migrate(&db, &store, dir)?;
@@ -1358,12 +1310,12 @@ fn open_store(dir: &Path) -> Result<Opened, OutboxError> {
     })
 }
 
-/// How often [`Outbox::check_blocking`] looks at most.
+/// How often [`Store::check_blocking`] looks at most.
 pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The one tree of the store (module docs).
 const STORE: &str = "store";
-/// Most changes (meters) applied in one sled batch by [`Outbox::commit_batch`]; a Modbus line has at
+/// Most changes (meters) applied in one sled batch by [`Store::commit_batch`]; a Modbus line has at
 /// most 247 units.
 const CHUNK: usize = 256;
 /// First byte of a key: a meter's state.
@@ -1410,7 +1362,7 @@ const OLD_TREES: [(&str, Option<u8>); 4] = [
 
 /// Move a state directory of the layout before into `store` (module docs). Returns whether one was
 /// found; the caller then counts the queue.
-fn migrate(db: &sled::Db, store: &sled::Tree, dir: &Path) -> Result<bool, OutboxError> {
+fn migrate(db: &sled::Db, store: &sled::Tree, dir: &Path) -> Result<bool, StoreError> {
     let err = |e| open_error(dir, e);
     let names = db.tree_names();
     let old: Vec<_> = OLD_TREES
@@ -1489,25 +1441,25 @@ impl Stored {
     }
 }
 
-/// Read back a queued record; a value that does not parse is a typed, located [`OutboxError::Corrupt`].
-fn decode_record(id: u64, v: &[u8]) -> Result<Record, OutboxError> {
+/// Read back a queued record; a value that does not parse is a typed, located [`StoreError::Corrupt`].
+fn decode_record(id: u64, v: &[u8]) -> Result<Record, StoreError> {
     stored_record::decode(v).map_err(|e| corrupt_record(id, e))
 }
 
-fn corrupt_record(id: u64, e: stored_record::Malformed) -> OutboxError {
-    OutboxError::Corrupt {
+fn corrupt_record(id: u64, e: stored_record::Malformed) -> StoreError {
+    StoreError::Corrupt {
         tree: "outbox",
         detail: format!("{id}: {e}"),
     }
 }
 
-/// Read back a stored value; a value that does not parse is a typed, located [`OutboxError::Corrupt`].
+/// Read back a stored value; a value that does not parse is a typed, located [`StoreError::Corrupt`].
 fn decode<'de, T: Deserialize<'de>>(
     tree: &'static str,
     key: impl std::fmt::Display,
     v: &'de [u8],
-) -> Result<T, OutboxError> {
-    serde_json::from_slice(v).map_err(|e| OutboxError::Corrupt {
+) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
         tree,
         detail: format!("{key}: {e}"),
     })
@@ -1548,21 +1500,21 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-/// How long [`Outbox::open`] waits for a lock to be released. sled releases its file lock only when its
+/// How long [`Store::open`] waits for a lock to be released. sled releases its file lock only when its
 /// background flusher has let go of the last handle, which can lag a moment behind the drop of our own
 /// previous handle (a restart in the same process, a test reopening). A real second instance still
-/// holds it after this and gets [`OutboxError::Locked`].
+/// holds it after this and gets [`StoreError::Locked`].
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// sled's page cache of the outbox database, in bytes .
 pub const CACHE_CAPACITY: u64 = 16 * 1024 * 1024;
 
-fn open_db(dir: &Path) -> Result<sled::Db, OutboxError> {
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
     let start = std::time::Instant::now();
     loop {
         let opened = sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY).open();
         match opened.map_err(|e| open_error(dir, e)) {
-            Err(OutboxError::Locked(_)) if start.elapsed() < LOCK_WAIT => {
+            Err(StoreError::Locked(_)) if start.elapsed() < LOCK_WAIT => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             other => return other,
@@ -1570,12 +1522,12 @@ fn open_db(dir: &Path) -> Result<sled::Db, OutboxError> {
     }
 }
 
-fn open_error(dir: &Path, e: sled::Error) -> OutboxError {
+fn open_error(dir: &Path, e: sled::Error) -> StoreError {
     let text = e.to_string();
     if text.contains("lock") || text.contains("WouldBlock") || text.contains("temporarily unavailable") {
-        OutboxError::Locked(dir.to_path_buf())
+        StoreError::Locked(dir.to_path_buf())
     } else {
-        OutboxError::Db {
+        StoreError::Db {
             path: dir.to_path_buf(),
             source: e,
         }
@@ -1615,13 +1567,13 @@ mod tests {
     async fn commit_survives_reopen_and_ack_removes() {
         let dir = tempfile::tempdir().unwrap();
         let ids: Vec<u64> = {
-            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let o = Store::open(dir.path(), BIG).unwrap();
             let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap();
             let b = o.commit("M2", &state(0), vec![draft("关")]).unwrap();
             o.sync().await.unwrap();
             vec![a[0].id, b[0].id]
         };
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!(o.len(), 2);
         assert_eq!(o.state("M1").unwrap(), Some(state(1)));
         assert_eq!(o.list(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), ids);
@@ -1633,7 +1585,7 @@ mod tests {
     #[tokio::test]
     async fn batches_group_one_event_and_keep_each_meters_order() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
         let b = o.commit("M2", &state(0), vec![draft("关")]).unwrap()[0].id;
         let c = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
@@ -1665,7 +1617,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_outbox_refuses_and_commits_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(
+        let o = Store::open(
             dir.path(),
             Limits {
                 max_records: 1,
@@ -1676,7 +1628,7 @@ mod tests {
         .unwrap();
         o.commit("M1", &state(1), vec![draft("开")]).unwrap();
         let err = o.commit("M1", &state(0), vec![draft("关")]).unwrap_err();
-        assert!(matches!(err, OutboxError::Full { records: 1, .. }), "{err}");
+        assert!(matches!(err, StoreError::Full { records: 1, .. }), "{err}");
         assert_eq!(
             o.state("M1").unwrap(),
             Some(state(1)),
@@ -1688,7 +1640,7 @@ mod tests {
     #[tokio::test]
     async fn failures_count_and_dead_letters_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let id = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
         let r = o.note_failure(&[id], "事件【开】不存在").unwrap();
         assert_eq!(r[0].attempts, 1);
@@ -1706,12 +1658,12 @@ mod tests {
         // into an empty queue after a restart stayed invisible to the sender.
         let dir = tempfile::tempdir().unwrap();
         let id = {
-            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let o = Store::open(dir.path(), BIG).unwrap();
             let id = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
             o.bury(id, "x", "t").await.unwrap();
             id
         };
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!(o.requeue(None).await.unwrap(), 1);
         assert_eq!(
             o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
@@ -1723,13 +1675,13 @@ mod tests {
     async fn ids_go_on_after_a_reopen_past_the_highest_in_the_queue_or_the_dead_letters() {
         let dir = tempfile::tempdir().unwrap();
         let reopen_and_commit = || async {
-            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let o = Store::open(dir.path(), BIG).unwrap();
             let id = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
             o.sync().await.unwrap();
             (o, id)
         };
         // More than 256 ids, so the order of the big-endian keys matters.
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let mut ids = Vec::new();
         for _ in 0..300 {
             ids.push(o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id);
@@ -1757,7 +1709,7 @@ mod tests {
     #[tokio::test]
     async fn held_records_are_skipped_and_block_their_meter() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
         let b = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
         let c = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
@@ -1784,7 +1736,7 @@ mod tests {
     async fn a_cycle_committed_in_one_batch_survives_reopen_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let ids: Vec<u64> = {
-            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let o = Store::open(dir.path(), BIG).unwrap();
             let results = o
                 .commit_batch(vec![
                     ("M1", state(1), vec![draft("开")]),
@@ -1801,7 +1753,7 @@ mod tests {
             o.sync().await.unwrap();
             results.into_iter().flat_map(|r| r.unwrap()).map(|r| r.id).collect()
         };
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!(o.list(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(), ids);
         assert_eq!(o.list(10).unwrap()[2].meter_no, "M3");
         assert_eq!(o.state("M2").unwrap(), Some(state(0)));
@@ -1812,7 +1764,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_past_the_bounds_commits_what_fits_like_one_commit_each() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(
+        let o = Store::open(
             dir.path(),
             Limits {
                 max_records: 2,
@@ -1830,7 +1782,7 @@ mod tests {
             ])
             .unwrap();
         assert!(results[0].is_ok() && results[1].is_ok());
-        assert!(matches!(results[2], Err(OutboxError::Full { records: 2, .. })));
+        assert!(matches!(results[2], Err(StoreError::Full { records: 2, .. })));
         assert!(results[3].is_ok(), "a baseline needs no room");
         assert_eq!(o.state("M3").unwrap(), None, "a refused change keeps its old state");
         assert_eq!(o.state("M4").unwrap(), Some(state(1)));
@@ -1846,7 +1798,7 @@ mod tests {
         // The scan borrows meter and event from the stored JSON; an escaped string cannot be borrowed
         // and must still be read (and compared) correctly.
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let a = o.commit("M\"1\\", &state(1), vec![draft("开\t")]).unwrap()[0].id;
         let b = o.commit("M\"1\\", &state(0), vec![draft("关")]).unwrap()[0].id;
         let c = o.commit("M2", &state(1), vec![draft("开\t")]).unwrap()[0].id;
@@ -1893,7 +1845,7 @@ mod tests {
         }
     }
 
-    fn stored(o: &Outbox) -> Option<Stored> {
+    fn stored(o: &Store) -> Option<Stored> {
         o.handle()
             .unwrap()
             .store
@@ -1906,7 +1858,7 @@ mod tests {
     async fn counts_are_stored_with_the_records_and_read_back_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let (len, bytes) = {
-            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let o = Store::open(dir.path(), BIG).unwrap();
             assert_eq!(stored(&o), Some(Stored::default()), "a new store writes zero counts");
             let ids: Vec<u64> = (0..5)
                 .map(|i| o.commit("M1", &state(i), vec![draft("开")]).unwrap()[0].id)
@@ -1918,7 +1870,7 @@ mod tests {
             assert_eq!((s.records, s.bytes, s.top), (o.len(), o.bytes(), ids[4] + 1));
             (o.len(), o.bytes())
         };
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!((o.len(), o.bytes()), (len, bytes));
         assert_eq!(o.requeue(None).await.unwrap(), 1);
         assert_eq!(o.len(), 4);
@@ -1932,7 +1884,7 @@ mod tests {
         // A state directory from before the counts were kept.
         write_raw(dir.path(), &[3, 5, 9]);
         let bytes = {
-            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let o = Store::open(dir.path(), BIG).unwrap();
             assert_eq!(o.len(), 3);
             assert_eq!(stored(&o).map(|s| (s.records, s.bytes)), Some((3, o.bytes())));
             assert!(
@@ -1947,13 +1899,13 @@ mod tests {
             o.bytes()
         };
         // Opened again: the stored counts, no second count.
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!((o.len(), o.bytes()), (3, bytes));
         let top = stored(&o).map_or(0, |s| s.top);
         drop(o);
         // Another version that does not keep the counts adds records: their ids are past the stored top.
         write_raw(dir.path(), &[top, top + 1]);
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!(o.len(), 5);
         assert!(o.bytes() > bytes);
         let ids: Vec<u64> = o.list(10).unwrap().iter().map(|r| r.id).collect();
@@ -1965,7 +1917,7 @@ mod tests {
     async fn stored_counts_left_wrong_by_another_version_mend_when_the_queue_is_empty() {
         let dir = tempfile::tempdir().unwrap();
         let id = {
-            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let o = Store::open(dir.path(), BIG).unwrap();
             o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id
         };
         // Something that does not keep the counts removes the record.
@@ -1974,7 +1926,7 @@ mod tests {
             db.open_tree(STORE).unwrap().remove(id_key(QUEUE, id)).unwrap();
             db.flush().unwrap();
         }
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!((o.len(), o.bytes()), (0, 0));
         assert_eq!(stored(&o).map(|s| (s.records, s.bytes)), Some((0, 0)));
     }
@@ -2003,7 +1955,7 @@ mod tests {
             tree("meta").insert(b"outbox_counts", &[0u8; 24][..]).unwrap();
             db.flush().unwrap();
         }
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!(o.state("M1").unwrap(), Some(state(1)));
         assert_eq!(o.state("M2").unwrap(), Some(state(0)));
         let ids: Vec<u64> = o.list(10).unwrap().iter().map(|r| r.id).collect();
@@ -2032,7 +1984,7 @@ mod tests {
         assert!(new > 3000, "ids go on past the moved ones: {new}");
         o.sync().await.unwrap();
         drop(o);
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let names: Vec<String> = o
             .handle()
             .unwrap()
@@ -2058,19 +2010,17 @@ mod tests {
             max_bytes: 1 << 30,
             ..Limits::DEFAULT
         };
-        let o = Outbox::open(dir.path(), limits).unwrap();
+        let o = Store::open(dir.path(), limits).unwrap();
         let n = 2 * CHUNK + 88;
         let changes = (0..n).map(|i| (format!("M{i}"), state(1), vec![draft("开")])).collect();
         let results = o.commit_batch(changes).unwrap();
         assert_eq!(results.len(), n);
         assert!(results[..300].iter().all(|r| r.as_ref().is_ok_and(|v| v.len() == 1)));
-        assert!(results[300..]
-            .iter()
-            .all(|r| matches!(r, Err(OutboxError::Full { .. }))));
+        assert!(results[300..].iter().all(|r| matches!(r, Err(StoreError::Full { .. }))));
         assert!(o.is_refusing());
         o.sync().await.unwrap();
         drop(o);
-        let o = Outbox::open(dir.path(), limits).unwrap();
+        let o = Store::open(dir.path(), limits).unwrap();
         assert_eq!(o.len(), 300);
         let meters: Vec<String> = o.list(1000).unwrap().into_iter().map(|r| r.meter_no).collect();
         assert_eq!(
@@ -2086,7 +2036,7 @@ mod tests {
     async fn records_written_past_the_stored_top_by_other_means_are_counted_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let top = {
-            let o = Outbox::open(dir.path(), BIG).unwrap();
+            let o = Store::open(dir.path(), BIG).unwrap();
             o.commit("M1", &state(1), vec![draft("开")]).unwrap();
             o.sync().await.unwrap();
             stored(&o).unwrap().top
@@ -2099,7 +2049,7 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!(o.len(), 2);
         assert_eq!(stored(&o).map(|s| (s.records, s.top >= top + 6)), Some((2, true)));
     }
@@ -2107,7 +2057,7 @@ mod tests {
     #[tokio::test]
     async fn an_id_given_twice_is_acked_and_noted_once() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let ids: Vec<u64> = (0..2)
             .map(|i| o.commit("M1", &state(i), vec![draft("开")]).unwrap()[0].id)
             .collect();
@@ -2141,7 +2091,7 @@ mod tests {
     #[tokio::test]
     async fn a_corrupt_record_is_set_aside_and_the_queue_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
         let b = o.commit("M2", &state(1), vec![draft("开")]).unwrap()[0].id;
         let c = o.commit("M3", &state(1), vec![draft("开")]).unwrap()[0].id;
@@ -2157,7 +2107,7 @@ mod tests {
         assert!(!aside[0].error.is_empty());
         o.ack(&[a, c]).await.unwrap();
         drop(o);
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert_eq!(
             (o.len(), o.corrupt_len()),
             (0, 1),
@@ -2169,7 +2119,7 @@ mod tests {
     #[tokio::test]
     async fn a_corrupt_state_is_set_aside_and_the_meter_starts_from_a_baseline() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         o.commit("M1", &state(1), vec![]).unwrap();
         o.commit("M2", &state(0), vec![]).unwrap();
         o.damage(DamageTarget::State("M1"), b"{\"raw\":").unwrap();
@@ -2186,7 +2136,7 @@ mod tests {
     async fn dead_letters_are_counted_bounded_and_paged() {
         let dir = tempfile::tempdir().unwrap();
         let limits = Limits { max_dead: 3, ..BIG };
-        let o = Outbox::open(dir.path(), limits).unwrap();
+        let o = Store::open(dir.path(), limits).unwrap();
         let mut ids = Vec::new();
         for i in 0..5 {
             ids.push(o.commit(&format!("M{i}"), &state(1), vec![draft("开")]).unwrap()[0].id);
@@ -2197,7 +2147,7 @@ mod tests {
         }
         assert_eq!(o.dead_len(), 3);
         let e = o.bury(ids[3], "bad", "t").await.unwrap_err();
-        assert!(matches!(e, OutboxError::DeadFull { dead: 3 }), "{e}");
+        assert!(matches!(e, StoreError::DeadFull { dead: 3 }), "{e}");
         assert_eq!((o.len(), o.dead_refused()), (2, 1), "the refused record stays queued");
         let first: Vec<u64> = o.dead_page(None, 2).unwrap().iter().map(|d| d.record.id).collect();
         assert_eq!(first, ids[..2]);
@@ -2209,7 +2159,7 @@ mod tests {
             .collect();
         assert_eq!(rest, ids[2..3]);
         drop(o);
-        let o = Outbox::open(dir.path(), limits).unwrap();
+        let o = Store::open(dir.path(), limits).unwrap();
         assert_eq!(o.dead_len(), 3, "counted at open");
         assert_eq!(o.requeue(None).await.unwrap(), 3);
         assert_eq!((o.dead_len(), o.len()), (0, 5));
@@ -2220,17 +2170,17 @@ mod tests {
     #[tokio::test]
     async fn a_failed_store_refuses_everything_until_it_is_opened_again() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
         o.sync().await.unwrap();
         let g = o.generation();
         o.shared.fault.fail(dir.path(), "No space left on device (os error 28)");
         assert!(o.is_failed());
-        assert!(matches!(o.next_batch(10), Err(OutboxError::Failed { .. })));
-        assert!(matches!(o.ack(&[a]).await, Err(OutboxError::Failed { .. })));
+        assert!(matches!(o.next_batch(10), Err(StoreError::Failed { .. })));
+        assert!(matches!(o.ack(&[a]).await, Err(StoreError::Failed { .. })));
         assert!(matches!(
             o.commit("M1", &state(0), vec![]),
-            Err(OutboxError::Failed { .. })
+            Err(StoreError::Failed { .. })
         ));
         let f = o.fault().unwrap();
         assert!(f.error.contains("os error 28"), "{f:?}");
@@ -2261,11 +2211,11 @@ mod tests {
     #[tokio::test]
     async fn below_the_reserve_nothing_is_committed_but_acks_still_are() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
         o.sync().await.unwrap();
         drop(o);
-        let o = Outbox::open(
+        let o = Store::open(
             dir.path(),
             Limits {
                 min_free: u64::MAX,
@@ -2276,7 +2226,7 @@ mod tests {
         let r = o
             .commit_batch(vec![("M1", state(0), vec![draft("关")]), ("M2", state(1), vec![])])
             .unwrap();
-        assert!(r.iter().all(|r| matches!(r, Err(OutboxError::NoSpace(_)))), "{r:?}");
+        assert!(r.iter().all(|r| matches!(r, Err(StoreError::NoSpace(_)))), "{r:?}");
         assert!(o.is_refusing() && o.refused_space() == 1);
         assert_eq!(o.state("M1").unwrap(), Some(state(1)), "the old state stays");
         assert_eq!(o.state("M2").unwrap(), None);
@@ -2289,7 +2239,7 @@ mod tests {
     #[test]
     fn the_open_makes_what_it_found_durable_first() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path(), BIG).unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
         assert!(
             o.handle().unwrap().synced.fsyncs() >= 2,
             "the log and the folder were fsynced at open"
@@ -2299,9 +2249,9 @@ mod tests {
     #[test]
     fn a_second_open_says_the_directory_is_in_use() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Outbox::open(dir.path(), BIG).unwrap();
-        let err = Outbox::open(dir.path(), BIG).err().unwrap();
-        assert!(matches!(err, OutboxError::Locked(_)), "{err}");
+        let _first = Store::open(dir.path(), BIG).unwrap();
+        let err = Store::open(dir.path(), BIG).err().unwrap();
+        assert!(matches!(err, StoreError::Locked(_)), "{err}");
     }
 
     proptest::proptest! {

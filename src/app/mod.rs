@@ -5,9 +5,9 @@
 //! applies every cycle still in the channel and syncs; last the sender stops (an in-flight request
 //! may finish; if abandoned, its records stay queued and are sent again next start).
 //!
-//! Under systemd (`Type=notify`, see [`crate::notify`]): READY=1 once the state dir is open and every
+//! Under systemd (`Type=notify`, see [`crate::ops::notify`]): READY=1 once the state dir is open and every
 //! task runs, STOPPING=1 when shutdown begins, and WATCHDOG=1 pings only while every bus task makes
-//! progress ([`crate::watchdog`]).
+//! progress ([`crate::ops::watchdog`]).
 //!
 //! Reload (SIGHUP, [`Gateway::reload`]): the new config and mapping are loaded and validated first;
 //! an invalid one is refused (every issue logged) and the running one stays. A valid one replaces the
@@ -23,10 +23,10 @@
 //! that does not finish within the grace period (a slow disk) therefore applies no further cycle, and
 //! the one it is applying completes before its successor starts: no cycle is applied by two stations
 //! and no state is written by an old station after a new one (checked on every cycle:
-//! [`Stations::violations`]). A cycle left in an abandoned channel is not lost: it was not
+//! [`Recorders::violations`]). A cycle left in an abandoned channel is not lost: it was not
 //! committed, so the next polls see the same values and the new station detects them.
 //!
-//! The station thread ([`Station`] on a blocking thread): a panic in it (a bug) is caught; whatever
+//! The station thread ([`Recorder`] on a blocking thread): a panic in it (a bug) is caught; whatever
 //! the failed cycle had committed is synced, the station is dropped and, after a pause, a new one is
 //! started on the **same channel**, so the buses never see the station gone (they would stop polling).
 //! What the old one kept in memory is gone: its states are read back from the store (the only copy
@@ -35,7 +35,7 @@
 //! `离线` rule's `for` runs on. The cycle that panicked is dropped (applying it again could panic again);
 //! what it would have committed is detected again by the next polls. `/healthz` shows
 //! `station_restarted` (degraded), or `station_failing` (critical) after a burst of panics, when the
-//! watchdog also stops pinging ([`crate::watchdog::StationHealth`]).
+//! watchdog also stops pinging ([`crate::ops::watchdog::RecorderHealth`]).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -47,22 +47,23 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{AdminError, AdminState};
-use crate::bus::{run_bus, BusStats};
 use crate::config::{Config, ConfigError};
-use crate::notify::Notifier;
-use crate::outbox::{Outbox, OutboxError};
-use crate::panda::{PandaClient, PandaError};
-use crate::sender::{run_sender, SenderConfig, SenderStats};
-use crate::station::{Cycle, Live, Station};
-use crate::watchdog::{run_watchdog, stall_bound, Liveness, StationHealth, DEFAULT_STALL_SLACK};
+use crate::delivery::panda::{PandaClient, PandaError};
+use crate::delivery::sender::{run_sender, SenderConfig, SenderStats};
+use crate::modbus::bus::{run_bus, BusStats};
+use crate::modbus::cycle::Cycle;
+use crate::ops::admin::{AdminError, AdminState};
+use crate::ops::notify::Notifier;
+use crate::ops::watchdog::{run_watchdog, stall_bound, Liveness, RecorderHealth, DEFAULT_STALL_SLACK};
+use crate::recorder::{Live, Recorder};
+use crate::store::{Store, StoreError};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The state database.
     #[error(transparent)]
-    Outbox(#[from] OutboxError),
+    Store(#[from] StoreError),
     /// The Panda client.
     #[error(transparent)]
     Panda(#[from] PandaError),
@@ -76,7 +77,7 @@ pub struct Gateway {
     /// The validated configuration it runs with.
     pub cfg: Arc<Config>,
     /// The store (shared with the tasks).
-    pub outbox: Outbox,
+    pub outbox: Store,
     /// Live view of the meters.
     pub live: Arc<Live>,
     /// Per-bus counters, indexed like `cfg.buses`.
@@ -90,7 +91,7 @@ pub struct Gateway {
     notifier: Notifier,
     liveness: Arc<Liveness>,
     /// What the admin API shows of buses and meters; replaced on reload.
-    admin_field: crate::admin::SharedField,
+    admin_field: crate::ops::admin::SharedField,
     stall_slack: Duration,
     /// Wakes the sender; the station of every generation gets it.
     wake: Arc<Notify>,
@@ -101,7 +102,7 @@ pub struct Gateway {
     /// `None` only while a reload swaps it.
     field: Option<Field>,
     /// The station threads of every generation of the field side.
-    stations: Arc<Stations>,
+    stations: Arc<Recorders>,
     stop_sender: CancellationToken,
     sender: JoinHandle<()>,
 }
@@ -110,10 +111,10 @@ pub struct Gateway {
 struct Field {
     stop_buses: CancellationToken,
     buses: Vec<JoinHandle<()>>,
-    /// The station's thread ([`StationThread::run`]) and the gate it applies cycles through.
+    /// The station's thread ([`RecorderThread::run`]) and the gate it applies cycles through.
     station: JoinHandle<()>,
     gate: Arc<Gate>,
-    stations: Arc<Stations>,
+    stations: Arc<Recorders>,
 }
 
 /// How the gateway reports to its supervisor (systemd).
@@ -121,7 +122,7 @@ struct Field {
 pub struct Supervision {
     /// Where READY/STOPPING/WATCHDOG go; disabled outside systemd.
     pub notifier: Notifier,
-    /// Added to every bus's stall bound ([`crate::watchdog::stall_bound`]).
+    /// Added to every bus's stall bound ([`crate::ops::watchdog::stall_bound`]).
     pub stall_slack: Duration,
 }
 
@@ -156,15 +157,15 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
     let cfg = Arc::new(cfg);
     let limits = cfg.outbox.limits();
     let dir = cfg.site.state_dir.clone();
-    let outbox = tokio::task::spawn_blocking(move || Outbox::open_or_failed(&dir, limits))
+    let outbox = tokio::task::spawn_blocking(move || Store::open_or_failed(&dir, limits))
         .await
-        .map_err(|e| OutboxError::Sync {
+        .map_err(|e| StoreError::Sync {
             path: cfg.site.state_dir.clone(),
             source: std::io::Error::other(e),
         })??;
     let client = PandaClient::new(&cfg.panda, cfg.site.timezone)?;
     // Bound before any task starts, so a bad [admin] listen fails the start cleanly.
-    let admin_listener = crate::admin::bind(&cfg.admin).await?;
+    let admin_listener = crate::ops::admin::bind(&cfg.admin).await?;
     let admin_addr = admin_listener.local_addr().ok();
     let live = Live::new(cfg.meters.len());
     let wake = Arc::new(Notify::new());
@@ -173,12 +174,12 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
     let bus_stats: Vec<Arc<BusStats>> = cfg.buses.iter().map(|_| Arc::new(BusStats::default())).collect();
     let liveness = Liveness::new();
     liveness.watch(watch_list(&cfg, &bus_stats, sup.stall_slack));
-    let stations = Arc::new(Stations::default());
+    let stations = Arc::new(Recorders::default());
     let field = spawn_field(&cfg, &outbox, &wake, &live, &bus_stats, &stations, liveness.station());
 
     let sender_stats = Arc::new(SenderStats::default());
     let stop_admin = CancellationToken::new();
-    let admin_field: crate::admin::SharedField = Arc::new(std::sync::RwLock::new(crate::admin::FieldView {
+    let admin_field: crate::ops::admin::SharedField = Arc::new(std::sync::RwLock::new(crate::ops::admin::FieldView {
         cfg: cfg.clone(),
         live: live.clone(),
         buses: bus_stats.clone(),
@@ -190,7 +191,7 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
     let admin = tokio::spawn({
         let stop = stop_admin.clone();
         async move {
-            if let Err(e) = crate::admin::serve_admin(admin_listener, admin_state, stop).await {
+            if let Err(e) = crate::ops::admin::serve_admin(admin_listener, admin_state, stop).await {
                 tracing::error!(message = "Admin API failed.", error = %e);
             }
         }
@@ -245,7 +246,7 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
 }
 
 /// The STATUS= line while running.
-fn running_status(cfg: &Config, outbox: &Outbox) -> String {
+fn running_status(cfg: &Config, outbox: &Store) -> String {
     format!(
         "Polling {} bus(es), {} meter(s); {} record(s) queued.",
         cfg.buses.len(),
@@ -268,18 +269,18 @@ fn watch_list(cfg: &Config, stats: &[Arc<BusStats>], slack: Duration) -> Vec<(St
 /// `cfg.buses`. The previous generation must have been stopped ([`Field::stop`]).
 fn spawn_field(
     cfg: &Arc<Config>,
-    outbox: &Outbox,
+    outbox: &Store,
     wake: &Arc<Notify>,
     live: &Arc<Live>,
     stats: &[Arc<BusStats>],
-    stations: &Arc<Stations>,
-    health: &Arc<StationHealth>,
+    stations: &Arc<Recorders>,
+    health: &Arc<RecorderHealth>,
 ) -> Field {
     let stop_buses = CancellationToken::new();
     // Bounded: a slow disk makes bus tasks wait instead of piling up samples.
     let (tx, rx) = mpsc::channel(4 * cfg.buses.len().max(1));
     let gate = Arc::new(Gate::default());
-    let thread = StationThread {
+    let thread = RecorderThread {
         generation: stations.next_generation(),
         cfg: cfg.clone(),
         outbox: outbox.clone(),
@@ -371,7 +372,7 @@ impl Gate {
     }
 }
 
-/// How many generations [`Stations::applied`] remembers.
+/// How many generations [`Recorders::applied`] remembers.
 const GENERATIONS_KEPT: usize = 64;
 
 /// Pause before a station that panicked is started again (as for a bus task).
@@ -382,7 +383,7 @@ pub const STATION_RESTART_PAUSE: Duration = Duration::from_secs(1);
 /// at once or an old one after a newer one, and test hooks. Shared by the gateway and its station
 /// threads.
 #[derive(Debug, Default)]
-pub struct Stations {
+pub struct Recorders {
     /// The last generation started.
     generation: AtomicU64,
     /// The generation applying a cycle now (0: none).
@@ -395,10 +396,10 @@ pub struct Stations {
     applied: Mutex<VecDeque<(u64, u64)>>,
     /// A stop or reload waits for a station that overran its grace period to finish its cycle.
     waiting: AtomicBool,
-    hooks: StationHooks,
+    hooks: RecorderHooks,
 }
 
-impl Stations {
+impl Recorders {
     fn next_generation(&self) -> u64 {
         self.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
@@ -431,7 +432,7 @@ impl Stations {
     }
 
     /// The test hooks.
-    pub fn hooks(&self) -> &StationHooks {
+    pub fn hooks(&self) -> &RecorderHooks {
         &self.hooks
     }
 
@@ -469,7 +470,7 @@ impl Stations {
 /// **Test hooks** into the station threads, inert unless a test arms them (like
 /// [`Liveness::freeze`]): a station cannot be made to panic or to stall from outside otherwise.
 #[derive(Debug, Default)]
-pub struct StationHooks {
+pub struct RecorderHooks {
     panic_next: AtomicBool,
     hold: Mutex<Hold>,
     hold_changed: Condvar,
@@ -481,24 +482,24 @@ struct Hold {
     holding: bool,
 }
 
-impl StationHooks {
+impl RecorderHooks {
     /// The station panics on its next cycle, before applying it (as a bug in a rule would).
     pub fn panic_next(&self) {
         self.panic_next.store(true, Ordering::SeqCst);
     }
 
-    /// Whether an armed [`StationHooks::panic_next`] has not fired yet.
+    /// Whether an armed [`RecorderHooks::panic_next`] has not fired yet.
     pub fn panic_pending(&self) -> bool {
         self.panic_next.load(Ordering::SeqCst)
     }
 
     /// The station stops in its next cycle, holding its gate (as in a commit or fsync on a very slow
-    /// disk), until [`StationHooks::release`].
+    /// disk), until [`RecorderHooks::release`].
     pub fn hold(&self) {
         self.hold.lock().unwrap_or_else(|e| e.into_inner()).armed = true;
     }
 
-    /// Whether a station is stopped by [`StationHooks::hold`] now.
+    /// Whether a station is stopped by [`RecorderHooks::hold`] now.
     pub fn holding(&self) -> bool {
         self.hold.lock().unwrap_or_else(|e| e.into_inner()).holding
     }
@@ -526,20 +527,20 @@ impl StationHooks {
 }
 
 /// One generation's station thread: what it needs besides its channel.
-struct StationThread {
+struct RecorderThread {
     generation: u64,
     cfg: Arc<Config>,
-    outbox: Outbox,
+    outbox: Store,
     wake: Arc<Notify>,
     live: Arc<Live>,
     gate: Arc<Gate>,
-    stations: Arc<Stations>,
-    health: Arc<StationHealth>,
+    stations: Arc<Recorders>,
+    health: Arc<RecorderHealth>,
 }
 
-impl StationThread {
-    fn station(&self) -> Station {
-        Station::new(
+impl RecorderThread {
+    fn station(&self) -> Recorder {
+        Recorder::new(
             self.cfg.clone(),
             self.outbox.clone(),
             self.wake.clone(),
@@ -555,7 +556,7 @@ impl StationThread {
         while let Some(cycle) = cycles.blocking_recv() {
             let Some(open) = self.gate.enter() else {
                 tracing::warn!(
-                    message = "Station stopped by a reload or shutdown; the states of cycles not applied are read again by the next polls."
+                    message = "Recorder stopped by a reload or shutdown; the states of cycles not applied are read again by the next polls."
                 );
                 return;
             };
@@ -574,7 +575,7 @@ impl StationThread {
 
     /// Apply `cycles` in order (the gate held); the message of a panic, if one happened (the cycles
     /// after it are dropped).
-    fn apply(&self, station: &mut Station, cycles: Vec<Cycle>) -> Result<(), String> {
+    fn apply(&self, station: &mut Recorder, cycles: Vec<Cycle>) -> Result<(), String> {
         let n = cycles.len() as u64;
         self.stations.begin(self.generation);
         // The station is dropped after a panic, so no broken invariant of it survives the unwind.
@@ -590,7 +591,7 @@ impl StationThread {
 
     /// After a panic: sync what the failed cycle committed, pause, start a new station on the same
     /// channel and tell it the meters that are offline. Returns false if the gate was closed meanwhile.
-    fn restart(&self, station: &mut Station, mut message: String) -> bool {
+    fn restart(&self, station: &mut Recorder, mut message: String) -> bool {
         loop {
             let restarts = self.health.panicked(&message);
             tracing::error!(
@@ -690,8 +691,8 @@ impl Gateway {
     }
 
     /// The station threads: cycles applied per generation, the one-station-at-a-time check, and the
-    /// test hooks ([`StationHooks`]).
-    pub fn stations(&self) -> &Arc<Stations> {
+    /// test hooks ([`RecorderHooks`]).
+    pub fn stations(&self) -> &Arc<Recorders> {
         &self.stations
     }
 
@@ -788,7 +789,7 @@ impl Gateway {
             &self.stations,
             self.liveness.station(),
         ));
-        *self.admin_field.write().unwrap_or_else(|e| e.into_inner()) = crate::admin::FieldView {
+        *self.admin_field.write().unwrap_or_else(|e| e.into_inner()) = crate::ops::admin::FieldView {
             cfg: new.clone(),
             live: live.clone(),
             buses: bus_stats.clone(),
@@ -856,7 +857,7 @@ fn panda_differs(a: &crate::config::PandaConfig, b: &crate::config::PandaConfig)
 async fn supervise_bus(
     cfg: Arc<Config>,
     bus: usize,
-    cycles: mpsc::Sender<crate::station::Cycle>,
+    cycles: mpsc::Sender<crate::modbus::cycle::Cycle>,
     shutdown: CancellationToken,
     stats: Arc<BusStats>,
 ) {

@@ -6,12 +6,12 @@
 //!
 //! | answer | what the sender does |
 //! |---|---|
-//! | `code: 0` | [`Outbox::ack`] the request's records (removes them, flush + fsync), count them delivered |
+//! | `code: 0` | [`Store::ack`] the request's records (removes them, flush + fsync), count them delivered |
 //! | `code != 0` for a request of several records | split it in halves, and the halves again, until single records: deliver what the server accepts, find what it refuses |
-//! | `code != 0` for a single record | [`Outbox::note_rejection`]; hold it (backoff `retry_min·2^(n-1)` up to `max_backoff`, half-jittered) while other records go on; at `dead_after` rejections [`Outbox::bury`] it with the server's msg |
+//! | `code != 0` for a single record | [`Store::note_rejection`]; hold it (backoff `retry_min·2^(n-1)` up to `max_backoff`, half-jittered) while other records go on; at `dead_after` rejections [`Store::bury`] it with the server's msg |
 //! | 400, 403, 413, 422 without a Panda `code` ([`DeliveryError::Refused`]: nginx's 1 MB body limit, a web application firewall, a body the server cannot take) for several records | split like `code != 0` |
-//! | the same for a single record | a refusal like `code != 0` for a single record (held, dead after `dead_after`) **if Panda has answered some request (`code: 0`, or any `code`) since the start of the round in which this record was first refused so**. Otherwise nothing shows that the path to Panda works at all (a firewall rule against the gateway, a body limit below every record): only a failed attempt ([`Outbox::note_failure`]); the record is held past the next backoff, sent alone from then on, and the round ends so that other records go first and can prove the path. A proxy rule that refuses everything never dead-letters the queue |
-//! | 408, 429, 503 ([`DeliveryError::Busy`]) | transient: records kept; the next request waits the longer of the normal backoff and the server's `Retry-After` (seconds or HTTP date, turned into a delay once when the answer arrives, bounded by `max(max_backoff, 5 min)`, see [`crate::panda::retry_after`]) |
+//! | the same for a single record | a refusal like `code != 0` for a single record (held, dead after `dead_after`) **if Panda has answered some request (`code: 0`, or any `code`) since the start of the round in which this record was first refused so**. Otherwise nothing shows that the path to Panda works at all (a firewall rule against the gateway, a body limit below every record): only a failed attempt ([`Store::note_failure`]); the record is held past the next backoff, sent alone from then on, and the round ends so that other records go first and can prove the path. A proxy rule that refuses everything never dead-letters the queue |
+//! | 408, 429, 503 ([`DeliveryError::Busy`]) | transient: records kept; the next request waits the longer of the normal backoff and the server's `Retry-After` (seconds or HTTP date, turned into a delay once when the answer arrives, bounded by `max(max_backoff, 5 min)`, see [`crate::delivery::panda::retry_after`]) |
 //! | 3xx ([`DeliveryError::Redirect`]) | never followed (no request goes to the `Location`); transient: records kept, backoff; [`SenderStats::last_error`] (health `delivery_failing`) and the log name the `Location` and say to fix `panda.base_url` |
 //! | 404, 405 and every other 4xx without a `code` | transient (the URL or request does not fit the server: `panda.base_url`, `panda.project`): records kept, never counted as a refusal |
 //! | 401 | the client fetches one token for all waiters and resends once; a second 401 is a failure like a transient one |
@@ -30,8 +30,8 @@
 //! While the store is failed, nothing is sent at all.
 //!
 //! Invariants:
-//! - A record leaves the outbox only through [`Outbox::ack`] right after a `code: 0` for a request that
-//!   carried it, or [`Outbox::bury`] after `dead_after` refusals of it alone. Nothing is deleted otherwise.
+//! - A record leaves the outbox only through [`Store::ack`] right after a `code: 0` for a request that
+//!   carried it, or [`Store::bury`] after `dead_after` refusals of it alone. Nothing is deleted otherwise.
 //! - Records of one meter go out in detection order: a held record blocks the later records of its meter
 //!   (the outbox skips them), and within a split batch a refused record blocks its meter for the rest of
 //!   the round. Once buried it blocks nothing.
@@ -61,9 +61,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OutboxConfig, PandaConfig, LOGIN_BACKOFF_MAX};
-use crate::outbox::{Outbox, OutboxError};
-use crate::panda::{DeliveryError, PandaClient};
-use crate::record::Record;
+use crate::delivery::panda::{DeliveryError, PandaClient};
+use crate::events::record::Record;
+use crate::store::{Store, StoreError};
 
 /// How often an idle sender looks at the outbox without being woken.
 pub const IDLE_TICK: Duration = Duration::from_secs(5);
@@ -288,7 +288,7 @@ impl SenderStats {
 /// Deliver the outbox to Panda until `shutdown`. `wake` is notified when new records were committed (or
 /// dead letters requeued). `cfg` is a [`SenderConfig`], or a [`PandaConfig`] alone (default `dead_after`).
 pub async fn run_sender(
-    outbox: Outbox,
+    outbox: Store,
     client: PandaClient,
     cfg: impl Into<SenderConfig>,
     wake: Arc<Notify>,
@@ -327,7 +327,7 @@ enum Flow {
 }
 
 struct Sender {
-    outbox: Outbox,
+    outbox: Store,
     client: PandaClient,
     cfg: SenderConfig,
     shutdown: CancellationToken,
@@ -554,8 +554,8 @@ impl Sender {
     /// again at the next start).
     async fn until_stored<T, F, Fut>(&mut self, what: &'static str, mut op: F) -> Option<T>
     where
-        F: FnMut(Outbox) -> Fut,
-        Fut: std::future::Future<Output = Result<T, crate::outbox::OutboxError>>,
+        F: FnMut(Store) -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
     {
         let mut backoff = Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX);
         let mut failures = 0u64;
@@ -650,7 +650,7 @@ impl Sender {
                     match o.off_async(move |o| o.bury_blocking(id, &reason, &died_at)).await {
                         Ok(()) => Ok(true),
                         // At the bound the record stays queued: not a store fault, nothing to retry.
-                        Err(OutboxError::DeadFull { .. }) => Ok(false),
+                        Err(StoreError::DeadFull { .. }) => Ok(false),
                         Err(e) => Err(e),
                     }
                 }
