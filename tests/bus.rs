@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fieldgate::config::Config;
-use fieldgate::modbus::bus::{run_bus, BusStats, BusStatsSnapshot, MeterLink};
+use fieldgate::modbus::bus::run_bus;
 use fieldgate::modbus::cycle::{Cycle, Sample};
+use fieldgate::modbus::stats::{BusStats, BusStatsSnapshot, MeterLink};
 use fieldgate::tools::simulator::{self, Fault, Plant, FLOW_PER_FLIP};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;

@@ -354,7 +354,7 @@ impl RecorderRig {
             self.cfg.clone(),
             self.outbox.clone(),
             std::sync::Arc::new(tokio::sync::Notify::new()),
-            fieldgate::recorder::Live::new(2),
+            fieldgate::recorder::live::Live::new(2),
         )
     }
 }

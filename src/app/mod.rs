@@ -50,12 +50,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError};
 use crate::delivery::panda::{PandaClient, PandaError};
 use crate::delivery::sender::{run_sender, SenderConfig, SenderStats};
-use crate::modbus::bus::{run_bus, BusStats};
+use crate::modbus::bus::run_bus;
 use crate::modbus::cycle::Cycle;
+use crate::modbus::stats::BusStats;
 use crate::ops::admin::{AdminError, AdminState};
 use crate::ops::notify::Notifier;
 use crate::ops::watchdog::{run_watchdog, stall_bound, Liveness, RecorderHealth, DEFAULT_STALL_SLACK};
-use crate::recorder::{Live, Recorder};
+use crate::recorder::live::Live;
+use crate::recorder::Recorder;
 use crate::store::{Store, StoreError};
 
 /// Why the gateway could not start.

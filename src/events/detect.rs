@@ -4,7 +4,7 @@
 //! Every function here takes the rule, its persisted memory ([`RuleMemory`]) and the facts of the
 //! moment (`now` is passed in), changes the memory and says whether a work order fires. Nothing here
 //! does I/O or reads the clock, so every rule is unit- and property-tested below. The caller (the
-//! station) stores the memory with the meter's state in the same transaction as the records a firing
+//! recorder) stores the memory with the meter's state in the same transaction as the records a firing
 //! produces: a restart neither repeats nor forgets a work order.
 
 use std::time::Duration;
@@ -17,13 +17,13 @@ use crate::config::{Side, Threshold};
 /// Debounce memory for one meter: a candidate raw value and how many equal samples of it were seen.
 /// Kept in memory only: after a restart a change simply needs `confirm` samples again.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Pending {
+pub(crate) struct Pending {
     candidate: Option<(i64, u32)>,
 }
 
 /// What one sample means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// First sample ever seen for this meter: store it, no event.
     Baseline,
     /// Equal to the stored state.
@@ -36,7 +36,7 @@ pub enum Decision {
 
 /// Decide on a sample `raw` against the stored raw value (`None` = never seen) with `confirm` equal
 /// consecutive samples required.
-pub fn decide(stored: Option<i64>, pending: &mut Pending, raw: i64, confirm: u32) -> Decision {
+pub(crate) fn decide(stored: Option<i64>, pending: &mut Pending, raw: i64, confirm: u32) -> Decision {
     let Some(stored) = stored else {
         *pending = Pending::default();
         return Decision::Baseline;
@@ -69,11 +69,11 @@ pub struct RuleMemory {
     /// Threshold and `rises_by`: fired, and not yet re-armed (threshold: the value has not gone back
     /// past `rearm`; `rises_by`: the valve has not left the state since).
     #[serde(default, skip_serializing_if = "is_false")]
-    pub fired: bool,
+    pub(crate) fired: bool,
     /// Link rules: the start of the stretch (outage or return) this rule last fired for; a stretch
     /// fires at most once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fired_for: Option<DateTime<Utc>>,
+    pub(crate) fired_for: Option<DateTime<Utc>>,
     /// `rises_by`: the reading when the valve (last) reached the state; `None` outside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<f64>,
@@ -85,7 +85,7 @@ fn is_false(b: &bool) -> bool {
 
 impl Threshold {
     /// Whether `v` is past the limit.
-    pub fn tripped(&self, v: f64) -> bool {
+    fn tripped(&self, v: f64) -> bool {
         match self.side {
             Side::Below => v < self.limit,
             Side::Above => v > self.limit,
@@ -93,7 +93,7 @@ impl Threshold {
     }
 
     /// Whether `v` is back at or beyond the re-arm level.
-    pub fn rearmed(&self, v: f64) -> bool {
+    fn rearmed(&self, v: f64) -> bool {
         match self.side {
             Side::Below => v >= self.rearm,
             Side::Above => v <= self.rearm,
@@ -103,13 +103,13 @@ impl Threshold {
 
 /// A rendered reading as a number for the rules: `None` when it is not a finite decimal (a float
 /// register holding NaN or infinity, an empty string): such a reading never fires anything.
-pub fn reading_value(rendered: &str) -> Option<f64> {
+pub(crate) fn reading_value(rendered: &str) -> Option<f64> {
     rendered.trim().parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
 /// Apply one reading to a threshold rule; true when it fires. `None` (undecodable) changes nothing.
 /// Armed (not `fired`) and past the limit: fire. Fired and back at `rearm`: re-arm.
-pub fn threshold(rule: &Threshold, mem: &mut RuleMemory, value: Option<f64>) -> bool {
+pub(crate) fn threshold(rule: &Threshold, mem: &mut RuleMemory, value: Option<f64>) -> bool {
     let Some(v) = value.filter(|v| v.is_finite()) else {
         return false;
     };
@@ -133,7 +133,7 @@ pub fn threshold(rule: &Threshold, mem: &mut RuleMemory, value: Option<f64>) -> 
 /// once when the value has grown by at least `by` since, and not again until the valve has left the
 /// state and come back. A value below the baseline (a counter reset or a replaced meter) becomes the
 /// new baseline, so it neither fires nor hides a later rise.
-pub fn rises_by(by: f64, mem: &mut RuleMemory, in_state: bool, value: Option<f64>) -> bool {
+pub(crate) fn rises_by(by: f64, mem: &mut RuleMemory, in_state: bool, value: Option<f64>) -> bool {
     if !in_state {
         mem.baseline = None;
         mem.fired = false;
@@ -168,7 +168,7 @@ pub fn rises_by(by: f64, mem: &mut RuleMemory, in_state: bool, value: Option<f64
 /// qualify). Fires once per stretch, when it has lasted `after`; the stretch's start is remembered,
 /// so a stretch already reported (before a restart, too) never fires again, and a stretch shorter
 /// than `after` never fires at all, whatever the wall clock does meanwhile.
-pub fn link(after: Duration, mem: &mut RuleMemory, since: Option<(DateTime<Utc>, Duration)>) -> bool {
+pub(crate) fn link(after: Duration, mem: &mut RuleMemory, since: Option<(DateTime<Utc>, Duration)>) -> bool {
     let Some((start, lasted)) = since else {
         return false;
     };

@@ -1,8 +1,14 @@
-//! A queued work order: what the outbox stores and the sender delivers.
+//! A work order: its draft as the recorder makes it ([`Draft`]), the queued record the store keeps and
+//! the sender delivers ([`Record`]), and its BizData.
 //!
 //! BizData is rendered once, when the event is detected, and stored with the record, so a later
 //! mapping change never rewrites a record already queued. A record's id is fixed at detection and
-//! follows it through logs, the admin API and dead letters.
+//! follows it through logs, the admin API and dead letters. Pure: no I/O.
+//!
+//! BizData is rendered for every record at the rate transitions are detected, so it is written by
+//! hand, from a template prepared once per meter and rule ([`BizTemplate`]), and strings that need no
+//! escaping are copied as they are (serde_json's escaper goes byte by byte). The
+//! property tests check every rendering against a serde_json map.
 
 use serde::{Deserialize, Serialize};
 
@@ -66,7 +72,7 @@ pub fn render_biz_data<'a>(
 
 /// [`render_biz_data`], then the event's fixed `fields` (config keeps them from clashing with the
 /// keys before).
-pub fn render_event_biz_data<'a>(
+pub(crate) fn render_event_biz_data<'a>(
     row: &[(&'a str, &'a str)],
     meter_no: &'a str,
     state: &'a str,
@@ -82,10 +88,10 @@ pub fn render_event_biz_data<'a>(
 
 /// The BizData of one meter and one event rule, prepared once: every key's place decided, keys and
 /// fixed values (mapping cells, meter number, the rule's fields) already written as JSON. A record
-/// then only adds its valve state and readings; the station keeps one per meter and rule
-/// (BENCHMARKS.md row 2), and [`render_event_biz_data`] is a template used once.
+/// then only adds its valve state and readings; the recorder keeps one per meter and rule, and
+/// [`render_event_biz_data`] is a template used once.
 #[derive(Debug, Clone)]
-pub struct BizTemplate {
+pub(crate) struct BizTemplate {
     parts: Vec<Part>,
     readings: usize,
     /// Bytes of the fixed text.
@@ -105,7 +111,12 @@ enum Part {
 impl BizTemplate {
     /// The template of [`render_event_biz_data`] for this `row`, `meter_no`, reading `fields` (in the
     /// order their values will come) and the rule's `extra` fields.
-    pub fn new(row: &[(&str, &str)], meter_no: &str, fields: &[&str], extra: &[(String, String)]) -> BizTemplate {
+    pub(crate) fn new(
+        row: &[(&str, &str)],
+        meter_no: &str,
+        fields: &[&str],
+        extra: &[(String, String)],
+    ) -> BizTemplate {
         enum Value<'a> {
             Fixed(&'a str),
             Valve,
@@ -159,14 +170,14 @@ impl BizTemplate {
 
     /// The BizData with `valve_state` and one value per reading field; `None` if `readings` has another
     /// length.
-    pub fn render(&self, valve_state: &str, readings: &[impl AsRef<str>]) -> Option<String> {
+    fn render(&self, valve_state: &str, readings: &[impl AsRef<str>]) -> Option<String> {
         let mut out = String::new();
         self.render_into(&mut out, valve_state, readings).then_some(out)
     }
 
     /// [`BizTemplate::render`] into `out` (emptied first, its capacity kept); false if `readings` has
     /// another length.
-    pub fn render_into(&self, out: &mut String, valve_state: &str, readings: &[impl AsRef<str>]) -> bool {
+    pub(crate) fn render_into(&self, out: &mut String, valve_state: &str, readings: &[impl AsRef<str>]) -> bool {
         out.clear();
         if readings.len() != self.readings {
             return false;
@@ -191,7 +202,7 @@ impl BizTemplate {
 /// Append `s` as a JSON string, escaped exactly as serde_json escapes it.
 pub(crate) fn json_str(out: &mut String, s: &str) {
     // Mapping cells, meter numbers and readings almost never need escaping: copy those as they are
-    // (serde_json's escaper, byte by byte, was half of rendering BizData: BENCHMARKS.md row 2).
+    // (module doc).
     if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
         out.reserve(s.len() + 2);
         out.push('"');

@@ -46,8 +46,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AdminConfig, Config, Transport};
 use crate::delivery::sender::{SenderSnapshot, SenderStats};
 use crate::events::record::Record;
-use crate::modbus::bus::BusStats;
-use crate::recorder::Live;
+use crate::modbus::stats::BusStats;
+use crate::recorder::live::Live;
 use crate::store::fault::StoreFault;
 use crate::store::{CorruptEntry, DeadLetter, Store, StoreError};
 
@@ -479,10 +479,10 @@ pub struct MeterInfo {
     /// Seconds since the latest answer; `None` before the first.
     pub last_sample_age_seconds: Option<f64>,
     /// Answer time of the meter's last answered request, ms: from handing the request to the line to
-    /// its decoded answer (`crate::modbus::bus` module doc); `None` before the first answer.
+    /// its decoded answer (`crate::modbus::stats` module doc); `None` before the first answer.
     #[serde(default)]
     pub answer_ms: Option<f64>,
-    /// The slowest of its last `crate::modbus::bus::ANSWER_WINDOW` answer times, ms.
+    /// The slowest of its last `crate::modbus::stats::ANSWER_WINDOW` answer times, ms.
     #[serde(default)]
     pub answer_max_ms: Option<f64>,
     /// The bus `timeout`, ms.

@@ -17,7 +17,7 @@
 use std::fmt::Write as _;
 
 use crate::delivery::sender::SenderSnapshot;
-use crate::modbus::bus::BusStatsSnapshot;
+use crate::modbus::stats::BusStatsSnapshot;
 use crate::ops::admin::{self, AdminState, OutboxCounts, Status};
 
 /// The `Content-Type` of the text format.
@@ -38,7 +38,7 @@ pub struct MeterMetrics {
     pub online: bool,
     /// Seconds since the last answer; `None` before the first (the series is left out then).
     pub last_sample_age: Option<f64>,
-    /// The slowest of its recent answer times, seconds (`crate::modbus::bus::MeterLink`); `None` before one.
+    /// The slowest of its recent answer times, seconds (`crate::modbus::stats::MeterLink`); `None` before one.
     pub answer_max: Option<f64>,
     /// Its requests not answered within the bus timeout.
     pub timeouts: u64,

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::modbus::bus::{plan_reads, BusStats};
+use crate::modbus::plan::plan_reads;
+use crate::modbus::stats::BusStats;
 use crate::ops::admin::{Finding, HealthCheck, Status};
 use crate::ops::notify::Notifier;
 
