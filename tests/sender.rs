@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use chrono::FixedOffset;
 use fieldgate::config::Limits;
 use fieldgate::config::{Auth, PandaConfig};
-use fieldgate::delivery::panda::{DeliveryError, PandaClient};
-use fieldgate::delivery::sender::{run_sender, SenderConfig, SenderStats, DEFAULT_DEAD_AFTER};
+use fieldgate::delivery::panda::{answer::DeliveryError, PandaClient};
+use fieldgate::delivery::sender::stats::SenderStats;
+use fieldgate::delivery::sender::{run_sender, SenderConfig, DEFAULT_DEAD_AFTER};
 use fieldgate::events::record::Draft;
 use fieldgate::events::record::{render_biz_data, Record};
 use fieldgate::store::{Store, StoredState};
@@ -1493,7 +1494,7 @@ async fn one_bad_record_in_fifty(
     MockPanda,
     Vec<Record>,
     Vec<fieldgate::store::DeadLetter>,
-    fieldgate::delivery::sender::SenderSnapshot,
+    fieldgate::delivery::sender::stats::SenderSnapshot,
 ) {
     let mock = start_mock(opts).await;
     let dir = tempfile::tempdir().unwrap();
@@ -1540,7 +1541,7 @@ async fn one_record_refused_by_a_proxy(
     MockPanda,
     Vec<Record>,
     Vec<fieldgate::store::DeadLetter>,
-    fieldgate::delivery::sender::SenderSnapshot,
+    fieldgate::delivery::sender::stats::SenderSnapshot,
 ) {
     let opts = MockOptions {
         status_biz: vec![(status, seq_marker(poison))],

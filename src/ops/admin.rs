@@ -44,7 +44,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AdminConfig, Config, Transport};
-use crate::delivery::sender::{SenderSnapshot, SenderStats};
+use crate::delivery::sender::stats::{SenderSnapshot, SenderStats};
 use crate::events::record::Record;
 use crate::modbus::stats::BusStats;
 use crate::recorder::live::Live;

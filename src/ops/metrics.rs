@@ -16,7 +16,7 @@
 
 use std::fmt::Write as _;
 
-use crate::delivery::sender::SenderSnapshot;
+use crate::delivery::sender::stats::SenderSnapshot;
 use crate::modbus::stats::BusStatsSnapshot;
 use crate::ops::admin::{self, AdminState, OutboxCounts, Status};
 

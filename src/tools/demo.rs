@@ -111,7 +111,7 @@ async fn demo_in(dir: &std::path::Path, args: &DemoArgs) -> anyhow::Result<()> {
     let mut poll = tokio::time::interval(Duration::from_millis(100));
     let mut shown = 0usize;
     let mut step = 0usize;
-    let stop = crate::app::shutdown_signal();
+    let stop = crate::app::signals::shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {

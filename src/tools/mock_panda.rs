@@ -1494,18 +1494,18 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
-        assert_eq!(crate::delivery::panda::parse_http_date(&http_date(t)), Some(t));
+        assert_eq!(crate::delivery::panda::answer::parse_http_date(&http_date(t)), Some(t));
     }
 
     #[test]
     fn minted_tokens_carry_a_float_exp_the_client_can_read() {
         let (token, expires, expiration_time) = mint(Duration::from_secs(60));
         assert_eq!(token.split('.').count(), 3);
-        let exp = crate::delivery::panda::jwt_exp(&token).unwrap();
+        let exp = crate::delivery::panda::token::jwt_exp(&token).unwrap();
         let want = chrono::DateTime::<Utc>::from(expires);
         assert!((exp - want).num_milliseconds().abs() < 2, "{exp} vs {want}");
         let cst = FixedOffset::east_opt(8 * 3600).unwrap();
-        let by_time = crate::delivery::panda::expiration_in_zone(&expiration_time, cst).unwrap();
+        let by_time = crate::delivery::panda::token::expiration_in_zone(&expiration_time, cst).unwrap();
         assert!((by_time - want).num_seconds().abs() <= 1);
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(token.split('.').nth(1).unwrap())
