@@ -5,7 +5,8 @@
 //! meter answers again, a valve reports a fault; then valves flip round robin), and each work order
 //! that reaches the server is printed in a readable form.
 //!
-//! The state directory is a fresh temporary folder, removed at the end.
+//! The state directory is a fresh temporary folder, removed at the end. Never: touches a real site's
+//! config, state or devices; everything runs on loopback and in that folder.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,17 +23,16 @@ const DEMO_MAPPING: &str = include_str!("../../config/demo/mapping.csv");
 
 /// Arguments of `fieldgate demo`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Stop after this long (e.g. `30s`); default: run until Ctrl-C.
     #[arg(long = "for", value_parser = humantime::parse_duration)]
-    pub run_for: Option<Duration>,
+    run_for: Option<Duration>,
     /// How often something happens in the simulated field (the script, then valve flips).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    pub flip_every: Duration,
+    flip_every: Duration,
 }
 
-/// Run the demo.
-pub async fn demo_main(args: DemoArgs) -> anyhow::Result<()> {
+pub(crate) async fn demo_main(args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("fieldgate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let result = demo_in(&dir, &args).await;
