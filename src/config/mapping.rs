@@ -5,29 +5,27 @@
 //! trimmed. Every problem is reported with file, line and column.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::config::{read_error, ConfigError, ConfigIssue};
+use super::error::{read_error, ConfigError, ConfigIssue};
 
 /// The key column.
-pub const METER_COLUMN: &str = "水表表号";
+pub(crate) const METER_COLUMN: &str = "水表表号";
 
 /// The BizData key of the valve's new state (never a mapping column: the gateway fills it).
-pub const VALVE_STATE_KEY: &str = "阀门当前状态";
+pub(crate) const VALVE_STATE_KEY: &str = "阀门当前状态";
 
 /// A loaded mapping: header order is kept, because BizData keys follow it.
 #[derive(Debug, Clone, Default)]
 pub struct Mapping {
-    /// The file it came from.
-    pub path: PathBuf,
     /// The header, trimmed.
-    pub header: Vec<String>,
+    pub(crate) header: Vec<String>,
     rows: HashMap<String, Vec<String>>,
 }
 
 impl Mapping {
     /// Load and check a mapping file.
-    pub fn load(path: &Path) -> Result<Mapping, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Mapping, ConfigError> {
         let bytes = std::fs::read(path).map_err(|e| ConfigError {
             issues: vec![issue(path, None, "", read_error(&e))],
         })?;
@@ -35,7 +33,7 @@ impl Mapping {
     }
 
     /// Parse mapping bytes as if read from `path`.
-    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Mapping, ConfigError> {
+    fn parse(path: &Path, bytes: &[u8]) -> Result<Mapping, ConfigError> {
         let text = decode(bytes);
         let mut issues = Vec::new();
         let mut reader = csv::ReaderBuilder::new()
@@ -106,11 +104,7 @@ impl Mapping {
         if !issues.is_empty() {
             return Err(ConfigError { issues });
         }
-        Ok(Mapping {
-            path: path.to_path_buf(),
-            header,
-            rows,
-        })
+        Ok(Mapping { header, rows })
     }
 
     /// Whether no meter is mapped (also the state after a failed load).

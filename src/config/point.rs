@@ -18,12 +18,12 @@ pub enum Table {
 
 impl Table {
     /// Coils and discrete inputs hold bits, the others 16-bit registers.
-    pub fn is_bit(self) -> bool {
+    pub(crate) fn is_bit(self) -> bool {
         matches!(self, Table::Coil | Table::Discrete)
     }
 
     /// The most items one read request may ask for (Modbus application protocol limits).
-    pub fn max_count(self) -> u16 {
+    pub(crate) fn max_count(self) -> u16 {
         if self.is_bit() {
             2000
         } else {
@@ -64,7 +64,7 @@ pub enum ValueType {
 
 impl ValueType {
     /// Registers the type spans.
-    pub fn registers(self) -> u16 {
+    pub(crate) fn registers(self) -> u16 {
         match self {
             ValueType::U16 | ValueType::I16 => 1,
             ValueType::U32 | ValueType::I32 | ValueType::F32 => 2,
@@ -97,22 +97,22 @@ pub struct PointSpec {
     /// The table.
     pub table: Table,
     /// First address (0-based protocol address).
-    pub address: u16,
+    pub(crate) address: u16,
     /// Register type (ignored for bit tables).
     pub kind: ValueType,
     /// Word order for multi-register types.
     pub word_order: WordOrder,
     /// Byte order within each register.
-    pub byte_order: ByteOrder,
+    pub(crate) byte_order: ByteOrder,
     /// Multiplier applied to the raw value.
     pub scale: Option<f64>,
     /// Decimals in the rendered string; default: as many as `scale` has.
-    pub decimals: Option<u32>,
+    pub(crate) decimals: Option<u32>,
 }
 
 impl PointSpec {
     /// Items (bits or registers) the point spans.
-    pub fn count(&self) -> u16 {
+    pub(crate) fn count(&self) -> u16 {
         if self.table.is_bit() {
             1
         } else {
@@ -120,14 +120,13 @@ impl PointSpec {
         }
     }
 
-    /// Decimals to render with.
-    pub fn render_decimals(&self) -> Option<u32> {
+    pub(crate) fn render_decimals(&self) -> Option<u32> {
         self.decimals.or_else(|| self.scale.map(decimals_of))
     }
 }
 
 /// Decimals a scale implies: 0.01 → 2, 0.5 → 1, 10 → 0.
-pub fn decimals_of(scale: f64) -> u32 {
+pub(crate) fn decimals_of(scale: f64) -> u32 {
     let s = format!("{}", scale.abs());
     match s.split_once('.') {
         Some((_, frac)) => frac.len().min(12) as u32,
