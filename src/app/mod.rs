@@ -52,8 +52,9 @@ use crate::delivery::panda::{PandaClient, PandaError};
 use crate::delivery::sender::{run_sender, SenderConfig, SenderStats};
 use crate::modbus::bus::{run_bus, BusStats};
 use crate::modbus::cycle::Cycle;
-use crate::ops::admin::{AdminError, AdminState};
+use crate::ops::admin::AdminError;
 use crate::ops::notify::Notifier;
+use crate::ops::sources::{AdminState, FieldView, SharedField};
 use crate::ops::watchdog::{run_watchdog, stall_bound, Liveness, RecorderHealth, DEFAULT_STALL_SLACK};
 use crate::recorder::{Live, Recorder};
 use crate::store::{Store, StoreError};
@@ -91,7 +92,7 @@ pub struct Gateway {
     notifier: Notifier,
     liveness: Arc<Liveness>,
     /// What the admin API shows of buses and meters; replaced on reload.
-    admin_field: crate::ops::admin::SharedField,
+    admin_field: SharedField,
     stall_slack: Duration,
     /// Wakes the sender; the station of every generation gets it.
     wake: Arc<Notify>,
@@ -179,7 +180,7 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
 
     let sender_stats = Arc::new(SenderStats::default());
     let stop_admin = CancellationToken::new();
-    let admin_field: crate::ops::admin::SharedField = Arc::new(std::sync::RwLock::new(crate::ops::admin::FieldView {
+    let admin_field: SharedField = Arc::new(std::sync::RwLock::new(FieldView {
         cfg: cfg.clone(),
         live: live.clone(),
         buses: bus_stats.clone(),
@@ -789,7 +790,7 @@ impl Gateway {
             &self.stations,
             self.liveness.station(),
         ));
-        *self.admin_field.write().unwrap_or_else(|e| e.into_inner()) = crate::ops::admin::FieldView {
+        *self.admin_field.write().unwrap_or_else(|e| e.into_inner()) = FieldView {
             cfg: new.clone(),
             live: live.clone(),
             buses: bus_stats.clone(),
