@@ -14,7 +14,7 @@ use fieldgate::app::Gateway;
 use fieldgate::cli::outbox::{outbox_run, OutboxArgs, OutboxCommand};
 use fieldgate::cli::probe::{probe_run, ParityArg, ProbeArgs, ProbeCliError, TableArg};
 use fieldgate::cli::status::{status_run, StatusArgs};
-use fieldgate::ops::admin::MeterInfo;
+use fieldgate::ops::api::MeterInfo;
 use fieldgate::store::DamageTarget;
 use fieldgate::tools::mock_panda::{MockOptions, MockPanda};
 use fieldgate::tools::simulator::{serve_rtu_over_tcp, serve_tcp, Plant};

@@ -194,7 +194,7 @@ async fn every_transition_held_five_rounds_arrives_exactly_once(line: Line) {
 
     // What `/meters` and `fieldgate status` tell the engineer about the flaky meters.
     let admin = format!("http://{}", gw.admin_addr.expect("admin listens"));
-    let meters: Vec<fieldgate::ops::admin::MeterInfo> = reqwest::get(format!("{admin}/meters"))
+    let meters: Vec<fieldgate::ops::api::MeterInfo> = reqwest::get(format!("{admin}/meters"))
         .await
         .expect("GET /meters")
         .json()

@@ -1098,7 +1098,9 @@ async fn a_truncated_body_and_a_reset_connection_are_transient_and_not_applied()
 // === admin API and `fieldgate outbox` ===
 
 use fieldgate::cli::outbox::{outbox_run, OutboxArgs, OutboxCliError, OutboxCommand};
-use fieldgate::ops::admin::{serve_admin, AdminState, DeadView};
+use fieldgate::ops::admin::serve_admin;
+use fieldgate::ops::api::DeadView;
+use fieldgate::ops::sources::AdminState;
 
 struct Admin {
     url: String,
@@ -1678,13 +1680,13 @@ async fn a_redirect_is_never_followed_keeps_the_records_and_names_its_location_i
     let err = snapshot.last_error.clone().unwrap_or_default();
     assert!(err.contains(&location) && err.contains("panda.base_url"), "{err}");
     assert!(!snapshot.login_failing, "a redirect is not a refused login");
-    let counts = fieldgate::ops::admin::OutboxCounts {
+    let counts = fieldgate::ops::api::OutboxCounts {
         records: 3,
         max_records: 10_000,
         max_bytes: 1 << 30,
         ..Default::default()
     };
-    let findings = fieldgate::ops::admin::delivery_findings(&counts, &snapshot);
+    let findings = fieldgate::ops::health::delivery_findings(&counts, &snapshot);
     let failing = findings
         .iter()
         .find(|f| f.code == "delivery_failing")

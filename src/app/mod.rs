@@ -38,8 +38,9 @@ use crate::delivery::panda::{PandaClient, PandaError};
 use crate::delivery::sender::stats::SenderStats;
 use crate::delivery::sender::{run_sender, SenderConfig};
 use crate::modbus::stats::BusStats;
-use crate::ops::admin::{AdminError, AdminState};
+use crate::ops::admin::AdminError;
 use crate::ops::notify::Notifier;
+use crate::ops::sources::AdminState;
 use crate::ops::watchdog::{run_watchdog, stall_bound, Liveness, DEFAULT_STALL_SLACK};
 use crate::recorder::live::Live;
 use crate::store::{Store, StoreError};
@@ -86,7 +87,7 @@ pub struct Gateway {
     notifier: Notifier,
     liveness: Arc<Liveness>,
     /// What the admin API shows of buses and meters; replaced on reload.
-    admin_field: crate::ops::admin::SharedField,
+    admin_field: crate::ops::sources::SharedField,
     stall_slack: Duration,
     /// Wakes the sender; the recorder of every generation gets it.
     wake: Arc<Notify>,
@@ -164,11 +165,12 @@ pub async fn start_with(cfg: Config, sup: Supervision) -> Result<Gateway, StartE
 
     let sender_stats = Arc::new(SenderStats::default());
     let stop_admin = CancellationToken::new();
-    let admin_field: crate::ops::admin::SharedField = Arc::new(std::sync::RwLock::new(crate::ops::admin::FieldView {
-        cfg: cfg.clone(),
-        live: live.clone(),
-        buses: bus_stats.clone(),
-    }));
+    let admin_field: crate::ops::sources::SharedField =
+        Arc::new(std::sync::RwLock::new(crate::ops::sources::FieldView {
+            cfg: cfg.clone(),
+            live: live.clone(),
+            buses: bus_stats.clone(),
+        }));
     let admin_state = AdminState::new(outbox.clone(), sender_stats.clone(), cfg.site.name.clone())
         .with_wake(wake.clone())
         .with_shared_field(admin_field.clone())

@@ -112,7 +112,7 @@ impl Gateway {
             &self.recorders,
             self.liveness.station(),
         ));
-        *self.admin_field.write().unwrap_or_else(|e| e.into_inner()) = crate::ops::admin::FieldView {
+        *self.admin_field.write().unwrap_or_else(|e| e.into_inner()) = crate::ops::sources::FieldView {
             cfg: new.clone(),
             live: live.clone(),
             buses: bus_stats.clone(),

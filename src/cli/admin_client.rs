@@ -2,7 +2,7 @@
 //! JSON with a timeout, and errors that say plainly whether the daemon is there at all.
 //!
 //! Also finds the API's address from a configuration file without loading the whole configuration
-//! ([`admin_url_of`]): `status` must work for an operator who may read `fieldgate.toml` but not the
+//! (`admin_url_of`): `status` must work for an operator who may read `fieldgate.toml` but not the
 //! password file or the mapping.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -12,10 +12,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 /// Where `--config` points by default (as for `fieldgate run`).
-pub const DEFAULT_CONFIG: &str = "/etc/fieldgate/fieldgate.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/fieldgate/fieldgate.toml";
 
 /// `http://` URL of a listen address; an unspecified address (0.0.0.0, ::) is asked on loopback.
-pub fn admin_url(listen: SocketAddr) -> String {
+pub(crate) fn admin_url(listen: SocketAddr) -> String {
     let ip = match listen.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -25,10 +25,10 @@ pub fn admin_url(listen: SocketAddr) -> String {
 }
 
 /// `[admin] listen` when the configuration does not set it.
-pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9898);
+const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9898);
 
 /// How long one admin request may take.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the admin API could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +83,14 @@ impl AdminClientError {
 
 /// The admin API of a running daemon.
 #[derive(Debug, Clone)]
-pub struct AdminClient {
+pub(crate) struct AdminClient {
     base: String,
     http: reqwest::Client,
 }
 
 impl AdminClient {
     /// A client for `base`, e.g. `http://127.0.0.1:9898` (a trailing `/` is ignored).
-    pub fn new(base: &str) -> Result<AdminClient, AdminClientError> {
+    pub(crate) fn new(base: &str) -> Result<AdminClient, AdminClientError> {
         let base = base.trim_end_matches('/').to_string();
         let http = reqwest::Client::builder()
             .timeout(TIMEOUT)
@@ -102,19 +102,18 @@ impl AdminClient {
         Ok(AdminClient { base, http })
     }
 
-    /// The base URL.
-    pub fn base(&self) -> &str {
+    pub(crate) fn base(&self) -> &str {
         &self.base
     }
 
     /// `GET {base}{path}` answered 200, as JSON.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, AdminClientError> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, AdminClientError> {
         self.get_accepting(path, &[200]).await
     }
 
     /// `GET {base}{path}` answered with one of `statuses` (e.g. `/healthz` answers 503 when critical),
     /// as JSON.
-    pub async fn get_accepting<T: DeserializeOwned>(
+    pub(crate) async fn get_accepting<T: DeserializeOwned>(
         &self,
         path: &str,
         statuses: &[u16],
@@ -151,7 +150,7 @@ impl AdminClient {
 
 /// The admin URL from `[admin] listen` of the configuration at `path` (default [`DEFAULT_LISTEN`]),
 /// reading only that key: the rest of the file is not validated here.
-pub fn admin_url_of(path: &Path) -> Result<String, AdminClientError> {
+pub(crate) fn admin_url_of(path: &Path) -> Result<String, AdminClientError> {
     let fail = |reason: String| AdminClientError::Config {
         path: path.to_path_buf(),
         reason,
@@ -187,5 +186,12 @@ mod tests {
         let e = admin_url_of(&dir.path().join("missing.toml")).unwrap_err();
         assert_eq!(e.error_code(), "config");
         assert!(e.to_string().contains("--admin"), "{e}");
+    }
+
+    #[test]
+    fn unspecified_admin_addresses_are_asked_on_loopback() {
+        assert_eq!(admin_url("0.0.0.0:9898".parse().unwrap()), "http://127.0.0.1:9898");
+        assert_eq!(admin_url("[::]:9898".parse().unwrap()), "http://[::1]:9898");
+        assert_eq!(admin_url("127.0.0.1:1".parse().unwrap()), "http://127.0.0.1:1");
     }
 }

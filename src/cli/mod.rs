@@ -1,6 +1,23 @@
-//! The command line: `run`, `check`, `status`, `probe`, `outbox`, `demo`, `simulate`, `mock-panda`. Thin: each subcommand parses
-//! its arguments and calls the library. Exit codes: 0 done, 1 failed at run time, 2 bad configuration
-//! or arguments.
+//! The command line: `run`, `check`, `status`, `probe`, `outbox`, `demo`, `simulate`, `mock-panda`. Thin:
+//! each subcommand parses its arguments and calls the library. Exit codes: 0 done, 1 failed at run time,
+//! 2 bad configuration or arguments.
+//!
+//! What lives where:
+//! - this file: the clap commands, the dispatch to each subcommand, `run` and `check`, and the logging
+//!   setup ([`log_filter`]).
+//! - [`admin_client`]: the client of the running daemon's admin API (GET JSON with a timeout, plain
+//!   errors when the daemon is not there) and the API's address from `[admin] listen`.
+//! - [`status`]: `fieldgate status`, the daemon's health, buses, meters and outbox as tables.
+//! - [`outbox`]: `fieldgate outbox …`, on a stopped daemon's state directory or through the admin API.
+//! - [`probe`]: `fieldgate probe`, one Modbus read printed in every word and byte order.
+//! - `table`: the text layout they share (aligned columns, short durations).
+//!
+//! Imports run one way: `table` ← `status` ← `outbox`, `table` ← `probe`, and `admin_client` ← `status`
+//! and `outbox`. The admin API's answers are read as [`crate::ops::api`] types; the server
+//! ([`crate::ops::admin`]) is never imported.
+//!
+//! Never: opens the state database while the daemon holds it (sled allows one process: the admin API is
+//! the way in then).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,10 +30,10 @@ pub mod admin_client;
 pub mod outbox;
 pub mod probe;
 pub mod status;
-pub mod table;
+pub(crate) mod table;
 
 /// Exit code for configuration errors (the contract of `fieldgate check`).
-pub const EXIT_CONFIG: u8 = 2;
+const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -170,10 +187,10 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 /// The log filter: `RUST_LOG` when it is set and valid, else `default_level`. `RUST_LOG` is a
 /// comma-separated list of `level`, `target` or `target=level` directives (`debug`,
-/// `fieldgate=debug,sled=warn`), a target matching itself and every target below it
-/// (`fieldgate` covers `fieldgate::modbus::bus`). An invalid value is ignored as a whole, as before; the span
-/// and field filters of tracing's `EnvFilter` (`target[span{field=value}]=level`) are not supported
-/// and make the value invalid. An empty `RUST_LOG` logs nothing.
+/// `fieldgate=debug,sled=warn`), a target matching itself and every target below it (`fieldgate` covers
+/// `fieldgate::modbus::bus`). An invalid value is ignored as a whole; the span and field filters of
+/// tracing's `EnvFilter` (`target[span{field=value}]=level`) are not supported and make the value
+/// invalid. An empty `RUST_LOG` logs nothing.
 pub fn log_filter(rust_log: Option<&str>, default_level: &str) -> tracing_subscriber::filter::Targets {
     rust_log
         .and_then(parse_log_filter)

@@ -6,7 +6,7 @@
 //!   `--config F`);
 //! - the daemon is running (the database is locked): its admin API, `GET {admin}/healthz` (stats),
 //!   `GET {admin}/outbox[?limit=N]`, `GET {admin}/outbox/dead?limit=N&after=ID` (page by page: `dead`
-//!   asks for pages of [`admin::PAGE_MAX`] until a short one), `GET {admin}/outbox/corrupt?limit=N` and
+//!   asks for pages of `PAGE_MAX` until a short one), `GET {admin}/outbox/corrupt?limit=N` and
 //!   `POST {admin}/outbox/requeue`. Used with `--admin URL`, or found through `[admin] listen` of
 //!   `--config` when the database turns out to be locked. Without either, the error says so plainly.
 //!
@@ -18,7 +18,11 @@ use std::time::Duration;
 use crate::cli::admin_client::{admin_url, AdminClient, AdminClientError, DEFAULT_CONFIG};
 use crate::config::Limits;
 use crate::config::{self, ConfigError};
-use crate::ops::admin::{self, DeadView, Health, OutboxCounts, OutboxView, RecordView, RequeueAnswer, RequeueRequest};
+use crate::ops::api::{
+    DeadView, Health, OutboxCounts, OutboxView, RecordView, RequeueAnswer, RequeueRequest, LIST_MAX, PAGE_DEFAULT,
+    PAGE_MAX,
+};
+use crate::ops::health::outbox_counts;
 use crate::store::{CorruptEntry, Store, StoreError};
 
 /// `fieldgate outbox …`.
@@ -59,7 +63,7 @@ pub enum OutboxCommand {
     /// what each was, its size, why it does not read, and its first bytes.
     Corrupt {
         /// How many at most.
-        #[arg(long, default_value_t = admin::PAGE_DEFAULT)]
+        #[arg(long, default_value_t = PAGE_DEFAULT)]
         limit: usize,
     },
     /// Put dead letters back into the outbox (e.g. after the event was created on the server).
@@ -123,7 +127,7 @@ impl OutboxCliError {
 }
 
 /// Run the command and print its output.
-pub async fn outbox_main(args: OutboxArgs) -> anyhow::Result<()> {
+pub(crate) async fn outbox_main(args: OutboxArgs) -> anyhow::Result<()> {
     let text = outbox_run(args).await?;
     print!("{text}");
     Ok(())
@@ -180,7 +184,7 @@ async fn open_stopped(dir: &Path) -> Result<Store, OutboxCliError> {
 async fn offline(outbox: &Store, dir: &Path, args: &OutboxArgs) -> Result<String, OutboxCliError> {
     let place = dir.display().to_string();
     match &args.command {
-        OutboxCommand::Stats => Ok(render_stats(&admin::outbox_counts(outbox), &place, args.json)),
+        OutboxCommand::Stats => Ok(render_stats(&outbox_counts(outbox), &place, args.json)),
         OutboxCommand::List { limit } => {
             let records: Vec<RecordView> = outbox.list(*limit)?.iter().map(RecordView::from).collect();
             Ok(render_list(&records, outbox.len(), &place, args.json))
@@ -227,7 +231,7 @@ async fn via_admin(base: &str, args: &OutboxArgs) -> Result<String, OutboxCliErr
             Ok(render_stats(&health.outbox, &place, args.json))
         }
         OutboxCommand::List { limit } => {
-            let limit = (*limit).min(admin::LIST_MAX);
+            let limit = (*limit).min(LIST_MAX);
             let view: OutboxView = AdminClient::new(base)?.get(&format!("/outbox?limit={limit}")).await?;
             Ok(render_list(&view.oldest, view.counts.records, &place, args.json))
         }
@@ -237,11 +241,11 @@ async fn via_admin(base: &str, args: &OutboxArgs) -> Result<String, OutboxCliErr
             let mut after: Option<u64> = None;
             loop {
                 let path = match after {
-                    Some(id) => format!("/outbox/dead?limit={}&after={id}", admin::PAGE_MAX),
-                    None => format!("/outbox/dead?limit={}", admin::PAGE_MAX),
+                    Some(id) => format!("/outbox/dead?limit={}&after={id}", PAGE_MAX),
+                    None => format!("/outbox/dead?limit={}", PAGE_MAX),
                 };
                 let mut page: Vec<DeadView> = client.get(&path).await?;
-                let full = page.len() >= admin::PAGE_MAX;
+                let full = page.len() >= PAGE_MAX;
                 // A daemon that does not page answers everything every time: keep only what is new.
                 page.retain(|d| after.is_none_or(|a| d.id > a));
                 let Some(last) = page.last().map(|d| d.id) else { break };
@@ -254,7 +258,7 @@ async fn via_admin(base: &str, args: &OutboxArgs) -> Result<String, OutboxCliErr
             Ok(render_dead(&letters, &place, args.json))
         }
         OutboxCommand::Corrupt { limit } => {
-            let limit = (*limit).min(admin::PAGE_MAX);
+            let limit = (*limit).min(PAGE_MAX);
             let entries: Vec<CorruptEntry> = AdminClient::new(base)?
                 .get(&format!("/outbox/corrupt?limit={limit}"))
                 .await?;
@@ -299,7 +303,7 @@ fn unreachable(e: &reqwest::Error) -> String {
 }
 
 /// The dead letters as a table (or JSON).
-pub fn render_dead(letters: &[DeadView], place: &str, json: bool) -> String {
+fn render_dead(letters: &[DeadView], place: &str, json: bool) -> String {
     if json {
         return serde_json::to_string_pretty(letters).unwrap_or_default() + "\n";
     }
@@ -326,7 +330,7 @@ pub fn render_dead(letters: &[DeadView], place: &str, json: bool) -> String {
 
 /// Entries set aside as a table (or JSON). `limit` is how many were asked for: a full answer says
 /// there may be more.
-pub fn render_corrupt(entries: &[CorruptEntry], limit: usize, place: &str, json: bool) -> String {
+fn render_corrupt(entries: &[CorruptEntry], limit: usize, place: &str, json: bool) -> String {
     if json {
         return serde_json::to_string_pretty(entries).unwrap_or_default() + "\n";
     }
@@ -374,7 +378,7 @@ fn one_line(s: &str) -> String {
 
 /// Counts of the outbox as lines (or JSON). Bounds are shown when known (a stopped state directory
 /// opened without a configuration has none).
-pub fn render_stats(c: &OutboxCounts, place: &str, json: bool) -> String {
+fn render_stats(c: &OutboxCounts, place: &str, json: bool) -> String {
     if json {
         return serde_json::to_string_pretty(c).unwrap_or_default() + "\n";
     }
@@ -406,7 +410,7 @@ pub fn render_stats(c: &OutboxCounts, place: &str, json: bool) -> String {
 }
 
 /// Queued records as a table (or JSON). `total` is how many are queued in all.
-pub fn render_list(records: &[RecordView], total: u64, place: &str, json: bool) -> String {
+fn render_list(records: &[RecordView], total: u64, place: &str, json: bool) -> String {
     if json {
         return serde_json::to_string_pretty(records).unwrap_or_default() + "\n";
     }
@@ -533,12 +537,5 @@ mod tests {
         let json: Vec<CorruptEntry> =
             serde_json::from_str(&render_corrupt(std::slice::from_ref(&e), 100, "/s", true)).unwrap();
         assert_eq!(json, [e]);
-    }
-
-    #[test]
-    fn unspecified_admin_addresses_are_asked_on_loopback() {
-        assert_eq!(admin_url("0.0.0.0:9898".parse().unwrap()), "http://127.0.0.1:9898");
-        assert_eq!(admin_url("[::]:9898".parse().unwrap()), "http://[::1]:9898");
-        assert_eq!(admin_url("127.0.0.1:1".parse().unwrap()), "http://127.0.0.1:1");
     }
 }

@@ -4,8 +4,8 @@
 //! The line comes from a bus of the configuration (`--config F --bus B`) or from the command line
 //! (`--tcp`, `--serial`, `--rtu-over-tcp`). The read itself is [`crate::modbus::probe::read_once`]: the bus task's
 //! own open, timeout and answer checks, not a second implementation. This module owns the arguments,
-//! the output ([`render_registers`], [`render_bits`], pure) and the advice for each failure
-//! ([`advice`], pure; the caller lists `/dev/serial/by-id/`).
+//! the output (`render_registers`, `render_bits`, pure) and the advice for each failure
+//! (`advice`, pure; the caller lists `/dev/serial/by-id/`).
 //!
 //! Never run it against a line the daemon is polling: a serial port has one user, and stop the service
 //! first (`systemctl stop fieldgate`).
@@ -21,13 +21,13 @@ use crate::modbus::point::{self, Raw};
 use crate::modbus::probe::{read_once, ProbeError, Readout};
 
 /// The request timeout when neither `--timeout` nor a bus of the configuration gives one.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The advice for a slow meter, part of every timeout's advice.
 const SLOW: &str = "A slow meter answers after the timeout: try again with --timeout 5s; if it answers then, set the bus `timeout` well above the answer time printed.";
 
 /// Where serial adapters appear under stable names.
-pub const SERIAL_BY_ID: &str = "/dev/serial/by-id";
+const SERIAL_BY_ID: &str = "/dev/serial/by-id";
 
 /// `fieldgate probe`.
 #[derive(Debug, Clone, clap::Args)]
@@ -157,7 +157,7 @@ impl ProbeCliError {
 }
 
 /// Run `probe` and print its output.
-pub async fn probe_main(args: ProbeArgs) -> anyhow::Result<()> {
+pub(crate) async fn probe_main(args: ProbeArgs) -> anyhow::Result<()> {
     print!("{}", probe_run(args).await?);
     Ok(())
 }
@@ -282,7 +282,7 @@ fn span(address: u16, count: u16) -> String {
 }
 
 /// Entries of `/dev/serial/by-id/`, sorted; empty when there are none (or no such folder).
-pub fn serial_by_id() -> Vec<String> {
+fn serial_by_id() -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(SERIAL_BY_ID)
         .map(|dir| {
             dir.filter_map(Result::ok)
@@ -295,7 +295,7 @@ pub fn serial_by_id() -> Vec<String> {
 }
 
 /// What to check next after `e`, in plain words. `by_id` lists `/dev/serial/by-id/` (for a missing device).
-pub fn advice(e: &ProbeError, transport: &Transport, unit: u8, by_id: &[String]) -> String {
+fn advice(e: &ProbeError, transport: &Transport, unit: u8, by_id: &[String]) -> String {
     let serial = matches!(transport, Transport::Serial { .. });
     match e {
         ProbeError::Range { .. } => "Ask for 1..125 registers or 1..2000 bits, within addresses 0..65535.".into(),
@@ -341,7 +341,7 @@ pub fn advice(e: &ProbeError, transport: &Transport, unit: u8, by_id: &[String])
 }
 
 /// The four orders of a 32-bit value over two registers: name, word order, byte order.
-pub const ORDERS: [(&str, WordOrder, ByteOrder); 4] = [
+const ORDERS: [(&str, WordOrder, ByteOrder); 4] = [
     ("ABCD", WordOrder::Big, ByteOrder::Big),
     ("CDAB", WordOrder::Little, ByteOrder::Big),
     ("BADC", WordOrder::Big, ByteOrder::Little),
@@ -350,7 +350,7 @@ pub const ORDERS: [(&str, WordOrder, ByteOrder); 4] = [
 
 /// Registers read from `address`: each as hex, u16 and i16 (as sent and byte-swapped), then for every
 /// pair starting at each address, the 32-bit value as hex, u32, i32 and f32 in the four orders.
-pub fn render_registers(address: u16, words: &[u16]) -> String {
+fn render_registers(address: u16, words: &[u16]) -> String {
     let addr = |i: usize| (usize::from(address) + i).to_string();
     let rows: Vec<Vec<String>> = words
         .iter()
@@ -416,7 +416,7 @@ pub fn render_registers(address: u16, words: &[u16]) -> String {
 }
 
 /// Bits read from `address`, one per line.
-pub fn render_bits(address: u16, bits: &[bool]) -> String {
+fn render_bits(address: u16, bits: &[bool]) -> String {
     let rows: Vec<Vec<String>> = bits
         .iter()
         .enumerate()

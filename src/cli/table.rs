@@ -1,9 +1,10 @@
-//! The CLI's text layout: columns aligned for a terminal (double-width CJK counted as two) and short,
-//! readable durations.
+//! The CLI's text layout: columns aligned for a terminal (double-width CJK counted as two, as meter
+//! states and reading names often are) and short, readable durations. Pure functions of their input: no
+//! I/O, nothing of the daemon.
 
 /// Columns padded to the widest cell, two spaces apart, each line indented by two; the last column is
 /// not padded. Double-width characters count as two columns.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| width(h)).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -52,7 +53,7 @@ fn width(s: &str) -> usize {
 }
 
 /// A duration in seconds, short and readable: `0.4 s`, `42 s`, `12 min`, `5 h`, `3 d`.
-pub fn age(secs: f64) -> String {
+pub(crate) fn age(secs: f64) -> String {
     if !secs.is_finite() || secs < 0.0 {
         return "-".into();
     }
@@ -66,5 +67,35 @@ pub fn age(secs: f64) -> String {
         format!("{:.0} h", secs / 3600.0)
     } else {
         format!("{:.0} d", secs / 86400.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_line_up_with_chinese_text() {
+        let t = table(
+            &["METER", "STATE", "X"],
+            &[
+                vec!["M1".into(), "开启".into(), "a".into()],
+                vec!["M22".into(), "closed".into(), "b".into()],
+            ],
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "  METER  STATE   X");
+        assert_eq!(lines[1], "  M1     开启    a");
+        assert_eq!(lines[2], "  M22    closed  b");
+    }
+
+    #[test]
+    fn ages_read_like_a_person_would_say_them() {
+        assert_eq!(age(0.25), "0.2 s");
+        assert_eq!(age(42.0), "42 s");
+        assert_eq!(age(600.0), "10 min");
+        assert_eq!(age(5.0 * 3600.0), "5 h");
+        assert_eq!(age(3.0 * 86400.0), "3 d");
+        assert_eq!(age(f64::NAN), "-");
     }
 }

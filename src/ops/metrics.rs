@@ -18,56 +18,56 @@ use std::fmt::Write as _;
 
 use crate::delivery::sender::stats::SenderSnapshot;
 use crate::modbus::stats::BusStatsSnapshot;
-use crate::ops::admin::{self, AdminState, OutboxCounts, Status};
+use crate::ops::api::{OutboxCounts, Status};
+use crate::ops::health::health;
+use crate::ops::sources::AdminState;
 
 /// The `Content-Type` of the text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Values of the `kind` label of `fieldgate_bus_errors_total`.
-pub const ERROR_KINDS: [&str; 4] = ["exception", "timeout", "protocol", "transport"];
+const ERROR_KINDS: [&str; 4] = ["exception", "timeout", "protocol", "transport"];
 
 /// Values of the `outcome` label of `fieldgate_http_requests_total`.
-pub const HTTP_OUTCOMES: [&str; 5] = ["ok", "rejected", "transient", "unauthorized", "login_failed"];
+const HTTP_OUTCOMES: [&str; 5] = ["ok", "rejected", "transient", "unauthorized", "login_failed"];
 
 /// One meter's numbers.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MeterMetrics {
+struct MeterMetrics {
     /// `meter_no`.
-    pub meter: String,
+    meter: String,
     /// Answering.
-    pub online: bool,
+    online: bool,
     /// Seconds since the last answer; `None` before the first (the series is left out then).
-    pub last_sample_age: Option<f64>,
-    /// The slowest of its recent answer times, seconds (`crate::modbus::stats::MeterLink`); `None` before one.
-    pub answer_max: Option<f64>,
+    last_sample_age: Option<f64>,
+    /// The slowest of its recent answer times, seconds (`crate::modbus::bus::MeterLink`); `None` before one.
+    answer_max: Option<f64>,
     /// Its requests not answered within the bus timeout.
-    pub timeouts: u64,
+    timeouts: u64,
     /// Answers that came after the timeout (seen on RTU only).
-    pub late_answers: u64,
+    late_answers: u64,
 }
 
 /// Everything `/metrics` shows, copied out of the daemon at one moment.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Metrics {
+struct Metrics {
     /// The crate version.
-    pub version: String,
+    version: String,
     /// Health at this moment.
-    pub health: Status,
+    health: Status,
     /// (bus name, its counters), in configuration order.
-    pub buses: Vec<(String, BusStatsSnapshot)>,
+    buses: Vec<(String, BusStatsSnapshot)>,
     /// In configuration order.
-    pub meters: Vec<MeterMetrics>,
+    meters: Vec<MeterMetrics>,
     /// Valve transitions committed.
-    pub transitions: u64,
-    /// The outbox.
-    pub outbox: OutboxCounts,
-    /// The sender.
-    pub sender: SenderSnapshot,
+    transitions: u64,
+    outbox: OutboxCounts,
+    sender: SenderSnapshot,
 }
 
 /// Copy the numbers out of the running daemon.
-pub fn gather(state: &AdminState) -> Metrics {
-    let health = admin::health(state);
+fn gather(state: &AdminState) -> Metrics {
+    let health = health(state);
     let (buses, meters) = match state.field_view() {
         Some(field) => {
             let buses = field
@@ -104,19 +104,19 @@ pub fn gather(state: &AdminState) -> Metrics {
         health: health.status,
         buses,
         meters,
-        transitions: admin::transitions(state),
+        transitions: state.transitions(),
         outbox: health.outbox,
         sender: health.sender,
     }
 }
 
 /// `GET /metrics` of the running daemon.
-pub fn render(state: &AdminState) -> String {
+pub(crate) fn render(state: &AdminState) -> String {
     encode(&gather(state))
 }
 
 /// The text format of `m`.
-pub fn encode(m: &Metrics) -> String {
+fn encode(m: &Metrics) -> String {
     let mut w = Writer::default();
 
     w.family(

@@ -1,13 +1,26 @@
 //! Operating the running daemon: what an operator, systemd and Prometheus see.
 //!
-//! - [`admin`]: the admin HTTP API (loopback only unless `allow_remote`).
-//! - [`metrics`]: `GET /metrics` in the Prometheus text format.
+//! Reads the data path's counters and views through the daemon's own handles; changes nothing on it
+//! except an operator's requeue. Never opens the state database itself, and never stops the gateway
+//! (systemd does, when the watchdog's pings stop). The wire types are shared with the command line
+//! ([`crate::cli`]), which imports [`api`] (and `health::outbox_counts` for a stopped daemon's
+//! directory), never the server.
+//!
+//! Imports run one way: `api` ← `sources` ← `health` ← `metrics` ← `admin`; `watchdog` uses `api`,
+//! `sources` and `notify`.
+//!
+//! - [`api`]: the wire types of the admin API (the JSON answers and requests) and its listing bounds.
+//! - [`sources`]: [`sources::AdminState`], the daemon's handles the views read, and `sources::HealthCheck`.
+//! - [`health`]: the health rules: what is ok, degraded or critical, and why, in words.
+//! - `metrics`: `GET /metrics` in the Prometheus text format.
+//! - [`admin`]: the admin HTTP API: routes, handlers, the server (loopback only unless `allow_remote`).
 //! - [`notify`]: the systemd notification protocol.
 //! - [`watchdog`]: liveness of the buses and the recorder, and the systemd watchdog that depends on it.
-//!
-//! Reads the data path's counters and views; changes nothing on it except an operator's requeue.
 
 pub mod admin;
-pub mod metrics;
+pub mod api;
+pub mod health;
+pub(crate) mod metrics;
 pub mod notify;
+pub mod sources;
 pub mod watchdog;

@@ -6,7 +6,7 @@
 //! fails the gateway: without `$NOTIFY_SOCKET` (not under systemd, or `Type=` other than `notify`)
 //! every message is a no-op, and a send error is logged once, not returned.
 //!
-//! Never mutates the process environment: [`Notifier::from_env`] reads it once, and tests build a
+//! Never mutates the process environment: `Notifier::from_env` reads it once, and tests build a
 //! notifier with [`Notifier::new`] from an explicit socket and interval instead.
 
 use std::io;
@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Where systemd listens; set by systemd for `Type=notify` services.
-pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
+const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
 /// The watchdog timeout in microseconds; set by systemd when the unit has `WatchdogSec=`.
-pub const WATCHDOG_USEC_ENV: &str = "WATCHDOG_USEC";
+const WATCHDOG_USEC_ENV: &str = "WATCHDOG_USEC";
 /// The process the watchdog timeout is meant for; when set and not us, the watchdog is not ours.
-pub const WATCHDOG_PID_ENV: &str = "WATCHDOG_PID";
+const WATCHDOG_PID_ENV: &str = "WATCHDOG_PID";
 
 /// Sends notifications to systemd. Cheap to clone (shared socket).
 #[derive(Clone, Debug, Default)]
@@ -41,7 +41,7 @@ struct Inner {
 
 impl Notifier {
     /// A notifier that sends nothing (not under systemd).
-    pub fn disabled() -> Notifier {
+    pub(crate) fn disabled() -> Notifier {
         Notifier::default()
     }
 
@@ -49,7 +49,7 @@ impl Notifier {
     /// without `$NOTIFY_SOCKET`; without a valid `$WATCHDOG_USEC` (or with a `$WATCHDOG_PID` that is
     /// not this process) there is no watchdog. A socket that cannot be used is logged, and the
     /// notifier is disabled.
-    pub fn from_env() -> Notifier {
+    pub(crate) fn from_env() -> Notifier {
         let socket = std::env::var(NOTIFY_SOCKET_ENV).ok().filter(|s| !s.is_empty());
         let usec = std::env::var(WATCHDOG_USEC_ENV).ok();
         let pid = std::env::var(WATCHDOG_PID_ENV).ok();
@@ -90,42 +90,42 @@ impl Notifier {
     }
 
     /// Whether messages go anywhere.
-    pub fn is_enabled(&self) -> bool {
+    fn is_enabled(&self) -> bool {
         self.inner.is_some()
     }
 
     /// The watchdog timeout (`WatchdogSec`), if systemd asked for pings.
-    pub fn watchdog_timeout(&self) -> Option<Duration> {
+    pub(crate) fn watchdog_timeout(&self) -> Option<Duration> {
         self.watchdog.filter(|_| self.is_enabled())
     }
 
     /// How often to ping: half the watchdog timeout, as `sd_watchdog_enabled(3)` advises.
-    pub fn ping_interval(&self) -> Option<Duration> {
+    pub(crate) fn ping_interval(&self) -> Option<Duration> {
         self.watchdog_timeout().map(|t| (t / 2).max(Duration::from_millis(1)))
     }
 
     /// Startup is complete.
-    pub fn ready(&self, status: &str) {
+    pub(crate) fn ready(&self, status: &str) {
         self.send(&format!("READY=1\nSTATUS={}", one_line(status)));
     }
 
     /// A reload (SIGHUP) has begun; follow with [`Notifier::ready`].
-    pub fn reloading(&self) {
+    pub(crate) fn reloading(&self) {
         self.send("RELOADING=1\nSTATUS=Reloading the configuration.");
     }
 
     /// Shutdown has begun.
-    pub fn stopping(&self) {
+    pub(crate) fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=Stopping.");
     }
 
     /// The service is alive (every bus task is making progress).
-    pub fn watchdog(&self) {
+    pub(crate) fn watchdog(&self) {
         self.send("WATCHDOG=1");
     }
 
     /// A free-form status line (`systemctl status` shows it).
-    pub fn status(&self, status: &str) {
+    pub(crate) fn status(&self, status: &str) {
         self.send(&format!("STATUS={}", one_line(status)));
     }
 
@@ -149,7 +149,7 @@ impl Notifier {
 }
 
 /// The watchdog timeout from `$WATCHDOG_USEC` (and `$WATCHDOG_PID`, checked against `own_pid`).
-pub fn watchdog_from(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
+fn watchdog_from(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
     if let Some(pid) = pid {
         if pid.trim().parse::<u32>().ok() != Some(own_pid) {
             return None;

@@ -1,25 +1,26 @@
-//! Liveness of the bus tasks and of the station, and the systemd watchdog that depends on them.
+//! Liveness of the bus tasks and of the recorder, and the systemd watchdog that depends on them.
 //!
 //! Owns: [`Liveness`], a registry of the running bus tasks, [`RecorderHealth`], the record of the
-//! station thread's panics and restarts, and [`run_watchdog`], the task that sends `WATCHDOG=1` every
-//! `WatchdogSec/2` **only while every bus task is making progress and the station is not failing**.
+//! recorder thread's panics and restarts, and `run_watchdog`, the task that sends `WATCHDOG=1` every
+//! `WatchdogSec/2` **only while every bus task is making progress and the recorder is not failing**.
 //! Progress of a bus is a completed poll round (`BusStats::rounds` advancing, bumped by the bus loop
 //! every round). A round in which every meter is offline, or the port cannot be opened, still
 //! completes, so it is progress; a bus task stuck forever in an await completes no round, so the pings
 //! stop and systemd restarts the service `WatchdogSec` later.
 //!
-//! How long a round may take without counting as stuck ([`stall_bound`]) is derived from the bus's
+//! How long a round may take without counting as stuck (`stall_bound`) is derived from the bus's
 //! config: `poll_interval`, plus for every request of a round (and one open) twice the `timeout` (an
-//! open and the request) with `guard` and `frame_gap`, plus a slack for the station's fsync (a bus
-//! waits on a full channel while the station syncs).
+//! open and the request) with `guard` and `frame_gap`, plus a slack for the recorder's fsync (a bus
+//! waits on a full channel while the recorder syncs).
 //!
-//! The station thread is restarted in process after a panic (`crate::app`); one panic is a bug to
-//! report (`/healthz` `degraded`, `station_restarted`, for [`STATION_PANIC_SHOWN`]), but
-//! [`STATION_PANICS_FAILING`] panics within [`STATION_PANIC_WINDOW`] mean it cannot do its job in this
+//! The recorder thread is restarted in process after a panic (`crate::app`); one panic is a bug to
+//! report (`/healthz` `degraded`, `station_restarted`, for `STATION_PANIC_SHOWN`), but
+//! [`STATION_PANICS_FAILING`] panics within `STATION_PANIC_WINDOW` mean it cannot do its job in this
 //! process: `/healthz` `critical` (`station_failing`) and the pings stop, so systemd restarts the
-//! whole service.
+//! whole service. The finding codes, their messages, the `STATION_*` constants and [`Liveness::station`]
+//! keep the component's former name: they are wire names, or named by the tests.
 //!
-//! Never: pings while a bus is stalled or the station is failing, or stops the gateway itself
+//! Never: pings while a bus is stalled or the recorder is failing, or stops the gateway itself
 //! (systemd does that).
 
 use std::collections::VecDeque;
@@ -32,14 +33,15 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::modbus::plan::plan_reads;
 use crate::modbus::stats::BusStats;
-use crate::ops::admin::{Finding, HealthCheck, Status};
+use crate::ops::api::{Finding, Status};
 use crate::ops::notify::Notifier;
+use crate::ops::sources::HealthCheck;
 
-/// Slack added to every stall bound in production: room for the station's fsync on a slow SD card.
-pub const DEFAULT_STALL_SLACK: Duration = Duration::from_secs(10);
+/// Slack added to every stall bound in production: room for the recorder's fsync on a slow SD card.
+pub(crate) const DEFAULT_STALL_SLACK: Duration = Duration::from_secs(10);
 
 /// The longest a round of `cfg.buses[bus]` may take before its task counts as stuck.
-pub fn stall_bound(cfg: &Config, bus: usize, slack: Duration) -> Duration {
+pub(crate) fn stall_bound(cfg: &Config, bus: usize, slack: Duration) -> Duration {
     let Some(b) = cfg.buses.get(bus) else {
         return slack;
     };
@@ -62,12 +64,10 @@ pub fn stall_bound(cfg: &Config, bus: usize, slack: Duration) -> Duration {
 /// A bus whose task has completed no round for longer than its bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stall {
-    /// The bus name.
-    pub bus: String,
+    bus: String,
     /// Time since its last completed round (or since it was registered).
-    pub quiet_for: Duration,
-    /// Its bound.
-    pub bound: Duration,
+    quiet_for: Duration,
+    bound: Duration,
 }
 
 impl std::fmt::Display for Stall {
@@ -98,29 +98,27 @@ struct Watched {
     frozen: bool,
 }
 
-/// The running bus tasks and when each last completed a round, and the station's panics. Shared by
+/// The running bus tasks and when each last completed a round, and the recorder's panics. Shared by
 /// the gateway (which replaces the set of buses on reload) and the watchdog task (which asks
-/// [`Liveness::stalls`] and [`RecorderHealth::failing`]).
+/// [`Liveness::stalls`] and `RecorderHealth::failing`).
 #[derive(Debug, Default)]
 pub struct Liveness {
     buses: Mutex<Vec<Watched>>,
-    /// The station thread's panics; kept across reloads (its counts only grow).
-    station: Arc<RecorderHealth>,
-    /// Watchdog ticks that sent WATCHDOG=1 (a counter, for metrics and tests).
-    pings: AtomicU64,
-    /// Watchdog ticks that sent nothing because a bus was stalled or the station failing.
+    /// The recorder thread's panics; kept across reloads (its counts only grow).
+    recorder: Arc<RecorderHealth>,
+    /// Watchdog ticks that sent nothing because a bus was stalled or the recorder failing.
     withheld: AtomicU64,
 }
 
 impl Liveness {
     /// An empty registry (no bus: never stalled).
-    pub fn new() -> Arc<Liveness> {
+    pub(crate) fn new() -> Arc<Liveness> {
         Arc::new(Liveness::default())
     }
 
     /// Watch these buses from now on, instead of the previous ones: (name, counters, bound). Each
     /// starts fresh, so a reload does not count as a stall.
-    pub fn watch(&self, buses: Vec<(String, Arc<BusStats>, Duration)>) {
+    pub(crate) fn watch(&self, buses: Vec<(String, Arc<BusStats>, Duration)>) {
         let now = Instant::now();
         let watched = buses
             .into_iter()
@@ -172,24 +170,19 @@ impl Liveness {
         stalls
     }
 
-    /// The station thread's panics and restarts (also a [`HealthCheck`] for `/healthz`).
+    /// The recorder thread's panics and restarts (also a `HealthCheck` for `/healthz`).
     pub fn station(&self) -> &Arc<RecorderHealth> {
-        &self.station
+        &self.recorder
     }
 
     /// What keeps the watchdog from pinging now, in words (empty: nothing).
-    pub fn blockers(&self) -> Vec<String> {
+    fn blockers(&self) -> Vec<String> {
         let mut why: Vec<String> = self.stalls().iter().map(ToString::to_string).collect();
-        why.extend(self.station.failing());
+        why.extend(self.recorder.failing());
         why
     }
 
-    /// Watchdog pings sent so far.
-    pub fn pings_sent(&self) -> u64 {
-        self.pings.load(Ordering::Relaxed)
-    }
-
-    /// Watchdog ticks so far that sent no ping because a bus was stalled or the station failing.
+    /// Watchdog ticks so far that sent no ping because a bus was stalled or the recorder failing.
     pub fn pings_withheld(&self) -> u64 {
         self.withheld.load(Ordering::Relaxed)
     }
@@ -211,10 +204,10 @@ impl Liveness {
     }
 }
 
-/// Ping systemd every `notifier.ping_interval()` while no bus is stalled and the station is not
+/// Ping systemd every `notifier.ping_interval()` while no bus is stalled and the recorder is not
 /// failing ([`Liveness::blockers`]), until `stop`. Logs once when pings stop (with the reasons) and once
 /// when they resume. Returns at once if systemd asked for no watchdog.
-pub async fn run_watchdog(notifier: Notifier, liveness: Arc<Liveness>, stop: CancellationToken) {
+pub(crate) async fn run_watchdog(notifier: Notifier, liveness: Arc<Liveness>, stop: CancellationToken) {
     let Some(every) = notifier.ping_interval() else {
         return;
     };
@@ -235,7 +228,6 @@ pub async fn run_watchdog(notifier: Notifier, liveness: Arc<Liveness>, stop: Can
                 stalled = false;
             }
             notifier.watchdog();
-            liveness.pings.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         liveness.withheld.fetch_add(1, Ordering::Relaxed);
@@ -250,17 +242,17 @@ pub async fn run_watchdog(notifier: Notifier, liveness: Arc<Liveness>, stop: Can
     }
 }
 
-/// This many station panics within [`STATION_PANIC_WINDOW`] make the station `failing`: `/healthz`
+/// This many recorder panics within `STATION_PANIC_WINDOW` make the recorder `failing`: `/healthz`
 /// critical and no more watchdog pings (systemd restarts the service).
 pub const STATION_PANICS_FAILING: usize = 3;
 
 /// The window in which [`STATION_PANICS_FAILING`] panics count together.
-pub const STATION_PANIC_WINDOW: Duration = Duration::from_secs(10 * 60);
+const STATION_PANIC_WINDOW: Duration = Duration::from_secs(10 * 60);
 
-/// How long after its last panic a restarted station is reported (`station_restarted`, degraded).
-pub const STATION_PANIC_SHOWN: Duration = Duration::from_secs(60 * 60);
+/// How long after its last panic a restarted recorder is reported (`station_restarted`, degraded).
+const STATION_PANIC_SHOWN: Duration = Duration::from_secs(60 * 60);
 
-/// The station thread's panics, each followed by a restart in the same process (`crate::app`).
+/// The recorder thread's panics, each followed by a restart in the same process (`crate::app`).
 #[derive(Debug, Default)]
 pub struct RecorderHealth {
     record: Mutex<PanicRecord>,
@@ -277,8 +269,8 @@ struct PanicRecord {
 }
 
 impl RecorderHealth {
-    /// The station panicked with `message` (it is restarted); returns the panics since start.
-    pub fn panicked(&self, message: &str) -> u64 {
+    /// The recorder panicked with `message` (it is restarted); returns the panics since start.
+    pub(crate) fn panicked(&self, message: &str) -> u64 {
         self.panicked_at(Instant::now(), message)
     }
 
@@ -298,8 +290,8 @@ impl RecorderHealth {
         self.record.lock().unwrap_or_else(|e| e.into_inner()).total
     }
 
-    /// Why the station counts as failing (too many panics in a short time), if it does.
-    pub fn failing(&self) -> Option<String> {
+    /// Why the recorder counts as failing (too many panics in a short time), if it does.
+    fn failing(&self) -> Option<String> {
         self.failing_at(Instant::now())
     }
 
@@ -453,7 +445,7 @@ mod tests {
         let f = l.station().findings_at(now);
         assert_eq!((f[0].status, f[0].code.as_str()), (Status::Critical, "station_failing"));
         assert!(!l.blockers().is_empty(), "the watchdog withholds its pings");
-        // Spread over more than the window, the same number of panics is not a failing station.
+        // Spread over more than the window, the same number of panics is not a failing recorder.
         let h = RecorderHealth::default();
         for k in 0..STATION_PANICS_FAILING as u32 {
             h.panicked_at(t0 + STATION_PANIC_WINDOW * k, "boom");
