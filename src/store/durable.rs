@@ -2,10 +2,13 @@
 //!
 //! `flush()` writes sled's log with `sync_file_range`, which neither flushes the disk's cache nor
 //! the file's metadata, so every sync must end with an `fsync` (see shared/notes/sled-durability.md).
-//! On ext4 *every* `fsync` costs a flush of the disk's cache, even on a file with nothing to write
-//! (measured here: ~2.3 ms each for a clean file and a clean folder while the disk was busy), so
-//! syncing all four or five files and folders of the database per acknowledged batch cost four or
-//! five cache flushes where one carries the data (BENCHMARKS.md rows 2, 3 and 6).
+//!
+//! Why it is sparing: on ext4 *every* `fsync` costs a flush of the disk's cache, even on a file with
+//! nothing to write, so fsyncing all four or five files and folders of the database on each sync
+//! costs four or five cache flushes where one carries the data; listing a folder costs more than it
+//! looks (`read_dir` allocates and frees a 32 KiB buffer, and glibc then consolidates its free
+//! lists); and opening the folder and its log by path on every sync costs as much as the rest of the
+//! bookkeeping.
 //!
 //! What sled 0.34.7 writes, read from its source:
 //! - `db`: the log. Rewritten in place all the time: it is fsynced on **every** sync.
@@ -20,9 +23,7 @@
 //! or concurrent sync never hides work from the next one. The first sync of a process fsyncs
 //! everything.
 //!
-//! Listing a folder costs more than it looks: `read_dir` allocates and frees a 32 KiB buffer, and
-//! glibc then consolidates its free lists, ~10 % of a station cycle (BENCHMARKS.md row 2). A folder
-//! whose own stamp (inode, mtime, ctime) is unchanged had no entry added, removed or renamed, so it is
+//! A folder whose own stamp (inode, mtime, ctime) is unchanged had no entry added, removed or renamed, so it is
 //! listed again only when its stamp moves; its files are then only the log (always fsynced) and files
 //! sled never rewrites in place. The stamp is trusted only if it was already [`RACY`] old when
 //! recorded: a change within the same tick of the file system's clock could leave it as it was (the
@@ -65,7 +66,7 @@ impl Stamp {
     }
 }
 
-/// What was last made durable in one database folder (shared by every clone of the outbox).
+/// What was last made durable in one database folder (shared by every clone of the store).
 #[derive(Debug, Default)]
 pub struct Synced {
     seen: Mutex<Seen>,
@@ -73,9 +74,8 @@ pub struct Synced {
     fsyncs: AtomicU64,
     /// Folder listings made, for the tests.
     listings: AtomicU64,
-    /// Handles of the database folder last synced and of its log (kept while the folder stays
-    /// quiet): opening and looking up paths on every sync cost as much as the rest of the bookkeeping
-    /// (BENCHMARKS.md row 2).
+    /// Handles of the database folder last synced and of its log, kept while the folder stays quiet
+    /// (module docs).
     kept: Mutex<Option<Kept>>,
 }
 
@@ -271,7 +271,7 @@ impl Synced {
             }
         };
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
-        // Outside the lock: concurrent syncs (station, sender) may share one journal commit.
+        // Outside the lock: concurrent syncs (recorder, sender) may share one journal commit.
         file.sync_all().map_err(|e| {
             if let Some(kept) = self.kept().as_mut() {
                 kept.log = None;
