@@ -3,7 +3,7 @@
 //! ([`Store::corrupt`], `fieldgate outbox corrupt`), so that the rest of the queue and the other
 //! meters go on. A record that is not in the stored form of [`super::stored_record`] is such an entry.
 //!
-//! Never deletes, repairs or decodes an entry again into the queue: what is set aside stays as it was.
+//! Never deletes or repairs an entry and never puts it back: what is set aside stays as it was.
 
 use std::sync::atomic::Ordering;
 
@@ -21,11 +21,11 @@ pub struct CorruptEntry {
     /// What it was: `record 42`, `dead letter 42` or `state M1`.
     pub entry: String,
     /// Its size in bytes.
-    pub bytes: usize,
+    pub(crate) bytes: usize,
     /// Why it does not decode.
-    pub error: String,
+    pub(crate) error: String,
     /// Its first bytes, as text where they are text.
-    pub preview: String,
+    pub(crate) preview: String,
 }
 
 /// Which entry [`Store::damage`] overwrites.
@@ -40,7 +40,7 @@ pub enum DamageTarget<'a> {
 
 impl Store {
     /// Number of entries set aside as undecodable.
-    pub fn corrupt_len(&self) -> u64 {
+    pub(crate) fn corrupt_len(&self) -> u64 {
         self.shared.counts.corrupt.load(Ordering::Relaxed)
     }
 

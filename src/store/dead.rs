@@ -4,7 +4,7 @@
 //!
 //! Bound: at most `max_dead` dead letters (counted at open, then kept in memory); at the bound
 //! [`Store::bury`] refuses ([`StoreError::DeadFull`]) and the record stays queued. Dead letters do
-//! not count against the outbox bounds. Never deleted here: only requeued.
+//! not count against the outbox bounds. Never deleted: only requeued (or set aside when undecodable).
 
 use std::sync::atomic::Ordering;
 
@@ -32,7 +32,7 @@ impl Store {
     }
 
     /// Burials refused because `max_dead` dead letters were kept, since start.
-    pub fn dead_refused(&self) -> u64 {
+    pub(crate) fn dead_refused(&self) -> u64 {
         self.shared.counts.dead_refused.load(Ordering::Relaxed)
     }
 
@@ -44,7 +44,7 @@ impl Store {
     }
 
     /// [`Store::bury`], blocking.
-    pub fn bury_blocking(&self, id: u64, reason: &str, died_at: &str) -> Result<(), StoreError> {
+    pub(crate) fn bury_blocking(&self, id: u64, reason: &str, died_at: &str) -> Result<(), StoreError> {
         let max_dead = self.shared.limits.max_dead;
         let mut bad = None;
         let buried = self.write(|open, batch, stored| {
@@ -87,7 +87,7 @@ impl Store {
     }
 
     /// All dead letters, oldest first. Loads every one: for tools on a stopped state directory and
-    /// tests; the admin API pages with [`Store::dead_page`].
+    /// tests; the admin API pages with `Store::dead_page`.
     pub fn dead(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let mut out = Vec::new();
         let mut after = None;
@@ -103,7 +103,7 @@ impl Store {
 
     /// At most `limit` dead letters with ids after `after` (all when `None`), oldest first.
     /// Undecodable ones are set aside.
-    pub fn dead_page(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    pub(crate) fn dead_page(&self, after: Option<u64>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let open = self.handle()?;
         let from = id_key(DEAD, after.map_or(0, |a| a.saturating_add(1)));
         let mut out = Vec::new();
@@ -130,7 +130,7 @@ impl Store {
     }
 
     /// [`Store::requeue`], blocking.
-    pub fn requeue_blocking(&self, id: Option<u64>) -> Result<usize, StoreError> {
+    fn requeue_blocking(&self, id: Option<u64>) -> Result<usize, StoreError> {
         let mut moved = 0;
         let mut after = None;
         loop {

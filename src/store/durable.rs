@@ -23,9 +23,9 @@
 //! or concurrent sync never hides work from the next one. The first sync of a process fsyncs
 //! everything.
 //!
-//! A folder whose own stamp (inode, mtime, ctime) is unchanged had no entry added, removed or renamed, so it is
-//! listed again only when its stamp moves; its files are then only the log (always fsynced) and files
-//! sled never rewrites in place. The stamp is trusted only if it was already [`RACY`] old when
+//! A folder whose own stamp (inode, mtime, ctime) is unchanged had no entry added, removed or
+//! renamed, so it is listed again only when its stamp moves; its files are then only the log (always
+//! fsynced) and files sled never rewrites in place. The stamp is trusted only if it was already [`RACY`] old when
 //! recorded: a change within the same tick of the file system's clock could leave it as it was (the
 //! "racy timestamp" of git's index).
 
@@ -68,9 +68,9 @@ impl Stamp {
 
 /// What was last made durable in one database folder (shared by every clone of the store).
 #[derive(Debug, Default)]
-pub struct Synced {
+pub(crate) struct Synced {
     seen: Mutex<Seen>,
-    /// fsync calls made, for the metrics and the tests.
+    /// fsync calls made, for the tests.
     fsyncs: AtomicU64,
     /// Folder listings made, for the tests.
     listings: AtomicU64,
@@ -106,17 +106,17 @@ impl Seen {
 
 /// A file or folder that could not be fsynced.
 #[derive(Debug)]
-pub struct SyncFailed {
+pub(crate) struct SyncFailed {
     /// The file or folder.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// What `open` or `fsync` said.
-    pub source: std::io::Error,
+    pub(crate) source: std::io::Error,
 }
 
 impl Synced {
     /// Fsync `dir`'s log always, and every other file of `dir` and `dir/blobs` and the two folders
     /// when they changed since the last successful fsync.
-    pub fn sync(&self, dir: &Path) -> Result<(), SyncFailed> {
+    pub(crate) fn sync(&self, dir: &Path) -> Result<(), SyncFailed> {
         if self.sync_folder(dir, true)? {
             self.sync_folder(&dir.join(BLOBS), false)?;
         }
@@ -191,8 +191,9 @@ impl Synced {
         Ok(is_db)
     }
 
-    /// Folder listings made so far (for the tests).
-    pub fn listings(&self) -> u64 {
+    /// Folder listings made so far.
+    #[cfg(test)]
+    pub(crate) fn listings(&self) -> u64 {
         self.listings.load(Ordering::Relaxed)
     }
 
@@ -216,7 +217,8 @@ impl Synced {
     }
 
     /// fsync calls made so far.
-    pub fn fsyncs(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn fsyncs(&self) -> u64 {
         self.fsyncs.load(Ordering::Relaxed)
     }
 

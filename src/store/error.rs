@@ -1,7 +1,8 @@
-//! What can go wrong with the store ([`StoreError`]) and its bounded labels for metrics.
+//! What can go wrong with the store: [`StoreError`].
 //!
-//! Every error says what was (not) written: a refusal for lack of room ([`StoreError::is_no_room`])
-//! wrote nothing and the caller keeps what it had; [`StoreError::Failed`] touched nothing.
+//! Every error says what was (not) written: a refusal for lack of room ([`StoreError::Full`],
+//! [`StoreError::NoSpace`], [`StoreError::DeadFull`]) wrote nothing and the caller keeps what it had;
+//! [`StoreError::Failed`] touched nothing.
 
 use std::path::PathBuf;
 
@@ -77,8 +78,9 @@ impl From<SyncFailed> for StoreError {
 }
 
 impl StoreError {
-    /// A bounded label for metrics.
-    pub fn error_code(&self) -> &'static str {
+    /// A bounded label of the error's kind.
+    #[cfg(test)]
+    pub(crate) fn error_code(&self) -> &'static str {
         match self {
             StoreError::Locked(_) => "locked",
             StoreError::Db { .. } => "db",
@@ -89,11 +91,5 @@ impl StoreError {
             StoreError::NoSpace(_) => "no_space",
             StoreError::DeadFull { .. } => "dead_full",
         }
-    }
-
-    /// A refusal for lack of room (outbox bound or disk reserve): nothing was written, the caller
-    /// keeps what it had and tries again later.
-    pub fn is_no_room(&self) -> bool {
-        matches!(self, StoreError::Full { .. } | StoreError::NoSpace(_))
     }
 }

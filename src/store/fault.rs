@@ -21,21 +21,21 @@ use super::{Open, Store, StoreError};
 use crate::backoff::Backoff;
 
 /// First wait before opening a failed store again.
-pub const REOPEN_MIN: Duration = Duration::from_millis(500);
+const REOPEN_MIN: Duration = Duration::from_millis(500);
 /// Longest wait between two attempts to open a failed store again.
-pub const REOPEN_MAX: Duration = Duration::from_secs(30);
+const REOPEN_MAX: Duration = Duration::from_secs(30);
 
 /// A failed store as health, metrics and `fieldgate status` show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreFault {
     /// The error that failed it.
-    pub error: String,
+    pub(crate) error: String,
     /// Seconds since it failed (monotonic clock).
-    pub for_seconds: u64,
+    pub(crate) for_seconds: u64,
     /// Attempts to open it again so far.
-    pub reopen_attempts: u64,
+    pub(crate) reopen_attempts: u64,
     /// Why the last attempt failed, if one did.
-    pub reopen_error: Option<String>,
+    pub(crate) reopen_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -127,7 +127,7 @@ impl Fault {
 
     /// Whether a reopen may be tried now; if so the next one is scheduled (so two callers do not both
     /// try).
-    pub(crate) fn reopen_due(&self) -> bool {
+    fn reopen_due(&self) -> bool {
         let mut s = self.state();
         let now = Instant::now();
         if s.since.is_none() || s.next_try.is_some_and(|t| t > now) {
@@ -141,7 +141,7 @@ impl Fault {
     }
 
     /// A reopen failed; logged when its error differs from the last one.
-    pub(crate) fn reopen_failed(&self, dir: &std::path::Path, error: &str) {
+    fn reopen_failed(&self, dir: &std::path::Path, error: &str) {
         let mut s = self.state();
         if s.reopen_error.as_deref() != Some(error) {
             tracing::warn!(
@@ -157,7 +157,7 @@ impl Fault {
     }
 
     /// The store was opened again and works.
-    pub(crate) fn healed(&self, dir: &std::path::Path) {
+    fn healed(&self, dir: &std::path::Path) {
         let mut s = self.state();
         let Some(since) = s.since.take() else {
             return;
@@ -179,7 +179,7 @@ impl Fault {
     }
 
     /// The failure, as health shows it; `None` while the store works.
-    pub(crate) fn view(&self) -> Option<StoreFault> {
+    fn view(&self) -> Option<StoreFault> {
         if !self.is_failed() {
             return None;
         }
@@ -193,7 +193,7 @@ impl Fault {
     }
 
     /// (failures, reopens) since start.
-    pub(crate) fn totals(&self) -> (u64, u64) {
+    fn totals(&self) -> (u64, u64) {
         (
             self.failures.load(Ordering::Relaxed),
             self.reopens.load(Ordering::Relaxed),
@@ -204,7 +204,7 @@ impl Fault {
 impl Store {
     /// If the store failed, open it again once its backoff allows (blocking: call from a blocking
     /// thread, or use [`Store::heal`]). Returns whether the store works now.
-    pub fn heal_blocking(&self) -> bool {
+    pub(crate) fn heal_blocking(&self) -> bool {
         let sh = &self.shared;
         if !sh.fault.is_failed() {
             return true;
@@ -240,7 +240,7 @@ impl Store {
     }
 
     /// [`Store::heal_blocking`] off the async threads.
-    pub async fn heal(&self) -> bool {
+    pub(crate) async fn heal(&self) -> bool {
         if !self.shared.fault.is_failed() {
             return true;
         }
@@ -248,23 +248,23 @@ impl Store {
     }
 
     /// Whether the store is failed (waiting to be opened again).
-    pub fn is_failed(&self) -> bool {
+    pub(crate) fn is_failed(&self) -> bool {
         self.shared.fault.is_failed()
     }
 
     /// The failure of the store, if it is failed.
-    pub fn fault(&self) -> Option<StoreFault> {
+    pub(crate) fn fault(&self) -> Option<StoreFault> {
         self.shared.fault.view()
     }
 
     /// (failures, successful reopens) since start.
-    pub fn fault_totals(&self) -> (u64, u64) {
+    pub(crate) fn fault_totals(&self) -> (u64, u64) {
         self.shared.fault.totals()
     }
 
     /// How often the database was opened again after a failure: what a cache of its contents
     /// compares to know it must read them again.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.shared.generation.load(Ordering::SeqCst)
     }
 

@@ -20,14 +20,14 @@
 //!
 //! # Invariants
 //! - One tree, because a `sled::Batch` applied to one tree is atomic, across a crash too, and costs
-//!   what its inserts cost. Every change goes through [`Store::write`]: one lock held while the change
+//!   what its inserts cost. Every change goes through `Store::write`: one lock held while the change
 //!   reads what it needs and its batch is applied. That serialises writers (an ack racing a failure
 //!   note cannot bring a delivered record back) and keeps the stored counts exact.
 //! - A meter's new state (valve, link, rule memory) and its records are committed in one atomic batch
 //!   ([`Store::commit`]). If a crash loses the commit, it loses the state with it, and the transition
 //!   is detected again: nothing is repeated, nothing forgotten.
 //! - "Stored" means committed *and* [`Store::sync`]ed: sled's `flush()` is followed by `fsync` of the
-//!   database's log and of every other file and folder of it that changed ([`durable`]). The sender
+//!   database's log and of every other file and folder of it that changed (`durable.rs`). The sender
 //!   sees only records below the durable mark. Every open (the first and each reopen) makes the whole
 //!   database durable before anything found on it is handed out.
 //! - A record is removed only by [`Store::ack`] (the server answered `code: 0`), moved between outbox
@@ -37,8 +37,8 @@
 //! - Dead letters do not count against the outbox bounds; they have their own, `max_dead`.
 //! - Below `min_free` free bytes nothing new is committed; what empties the queue still writes.
 //! - After the first sled error or failed fsync the store is failed: every call returns
-//!   [`StoreError::Failed`] without touching the database until [`Store::heal`] has opened it again,
-//!   which bumps [`Store::generation`].
+//!   [`StoreError::Failed`] without touching the database until `Store::heal` has opened it again,
+//!   which bumps `Store::generation`.
 //!
 //! # Files
 //! - `mod.rs`: the [`Store`] handle, the key layout, the one writer.
@@ -55,12 +55,12 @@
 
 mod corrupt;
 mod dead;
-pub mod durable;
+pub(crate) mod durable;
 mod error;
-pub mod fault;
+pub(crate) mod fault;
 mod open;
 mod queue;
-pub mod space;
+pub(crate) mod space;
 mod states;
 pub mod stored_record;
 #[cfg(test)]
@@ -70,10 +70,9 @@ pub use corrupt::{CorruptEntry, DamageTarget};
 pub use dead::DeadLetter;
 pub use error::StoreError;
 pub use open::CACHE_CAPACITY;
-pub use queue::CHECK_EVERY;
 pub use states::StoredState;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -83,6 +82,86 @@ use crate::config::Limits;
 use durable::Synced;
 use fault::Fault;
 use space::Space;
+
+// The key layout (module docs).
+
+/// The one tree of the store (module docs).
+const STORE: &str = "store";
+/// First byte of a key: a meter's state.
+const STATE: u8 = b's';
+/// First byte of a key: a queued record.
+const QUEUE: u8 = b'q';
+/// First byte of a key: a dead letter.
+const DEAD: u8 = b'd';
+/// First byte of a key: an undecodable entry set aside (followed by its original key).
+const ASIDE: u8 = b'x';
+/// The stored counts (first byte `m`, metadata).
+const COUNTS_KEY: &[u8] = b"moutbox_counts";
+
+/// Key of a record (queued or dead) in the store: kind, then its id big-endian.
+fn id_key(kind: u8, id: u64) -> [u8; 9] {
+    let mut k = [kind; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The id in a key made by [`id_key`] (0 for anything else; ids start at 1).
+fn id_of(key: &[u8]) -> u64 {
+    key.get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Key of a meter's state in the store.
+fn state_key(meter_no: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + meter_no.len());
+    k.push(STATE);
+    k.extend_from_slice(meter_no.as_bytes());
+    k
+}
+
+/// An entry's key in words, for logs and listings.
+fn describe_key(key: &[u8]) -> String {
+    match key.first() {
+        Some(&QUEUE) => format!("record {}", id_of(key)),
+        Some(&DEAD) => format!("dead letter {}", id_of(key)),
+        Some(&STATE) => format!("state {}", String::from_utf8_lossy(key.get(1..).unwrap_or_default())),
+        _ => format!("key {}", String::from_utf8_lossy(key)),
+    }
+}
+
+/// The counts kept under [`COUNTS_KEY`] (see the module docs): records queued and their bytes, and one
+/// past the highest record id ever committed to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Stored {
+    records: u64,
+    bytes: u64,
+    top: u64,
+}
+
+impl Stored {
+    fn parse(v: &[u8]) -> Option<Stored> {
+        let v: &[u8; 24] = v.try_into().ok()?;
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        Some(Stored {
+            records: word(0),
+            bytes: word(1),
+            top: word(2),
+        })
+    }
+
+    fn to_bytes(self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&self.records.to_be_bytes());
+        b[8..16].copy_from_slice(&self.bytes.to_be_bytes());
+        b[16..].copy_from_slice(&self.top.to_be_bytes());
+        b
+    }
+}
 
 /// Handle to the store; cheap to clone, all clones share one database.
 #[derive(Clone)]
@@ -163,13 +242,8 @@ impl Store {
             .ok_or_else(failed)
     }
 
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.shared.dir
-    }
-
     /// The bounds this store was opened with.
-    pub fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         self.shared.limits
     }
 
@@ -195,7 +269,7 @@ impl Store {
         Ok(out)
     }
 
-    /// One entry of a scan, counted ([`Store::entries_read`]).
+    /// One entry of a scan, counted (`entries_read`).
     fn read(
         &self,
         open: &Open,
@@ -207,7 +281,8 @@ impl Store {
 
     /// Entries read by scans (queue, dead letters, set-aside entries) since open: what a request
     /// costs in store reads, independent of timing (tests compare it).
-    pub fn entries_read(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn entries_read(&self) -> u64 {
         self.shared.counts.entries_read.load(Ordering::Relaxed)
     }
 
@@ -218,7 +293,7 @@ impl Store {
 
     /// Run `f` with this store on tokio's blocking threads: sled blocks (I/O, locks, fsync) and must
     /// not stall an async worker. A call that panicked is an error like a failed write.
-    pub async fn off_async<T: Send + 'static>(
+    pub(crate) async fn off_async<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -230,84 +305,6 @@ impl Store {
                 source: std::io::Error::other(format!("the store call did not finish: {e}")),
             }),
         }
-    }
-}
-
-/// The one tree of the store (module docs).
-const STORE: &str = "store";
-/// First byte of a key: a meter's state.
-const STATE: u8 = b's';
-/// First byte of a key: a queued record.
-const QUEUE: u8 = b'q';
-/// First byte of a key: a dead letter.
-const DEAD: u8 = b'd';
-/// First byte of a key: an undecodable entry set aside (followed by its original key).
-const ASIDE: u8 = b'x';
-/// The stored counts (first byte `m`, metadata).
-const COUNTS_KEY: &[u8] = b"moutbox_counts";
-
-/// Key of a record (queued or dead) in the store: kind, then its id big-endian.
-fn id_key(kind: u8, id: u64) -> [u8; 9] {
-    let mut k = [kind; 9];
-    k[1..].copy_from_slice(&id.to_be_bytes());
-    k
-}
-
-/// The id in a key made by [`id_key`] (0 for anything else; ids start at 1).
-fn id_of(key: &[u8]) -> u64 {
-    key.get(1..9)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map_or(0, u64::from_be_bytes)
-}
-
-/// Key of a meter's state in the store.
-fn state_key(meter_no: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + meter_no.len());
-    k.push(STATE);
-    k.extend_from_slice(meter_no.as_bytes());
-    k
-}
-
-/// An entry's key in words, for logs and listings.
-fn describe_key(key: &[u8]) -> String {
-    match key.first() {
-        Some(&QUEUE) => format!("record {}", id_of(key)),
-        Some(&DEAD) => format!("dead letter {}", id_of(key)),
-        Some(&STATE) => format!("state {}", String::from_utf8_lossy(key.get(1..).unwrap_or_default())),
-        _ => format!("key {}", String::from_utf8_lossy(key)),
-    }
-}
-
-/// The counts kept under [`COUNTS_KEY`] (see the module docs): records queued and their bytes, and one
-/// past the highest record id ever committed to the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct Stored {
-    records: u64,
-    bytes: u64,
-    top: u64,
-}
-
-impl Stored {
-    fn parse(v: &[u8]) -> Option<Stored> {
-        let v: &[u8; 24] = v.try_into().ok()?;
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v[i * 8..i * 8 + 8]);
-            u64::from_be_bytes(b)
-        };
-        Some(Stored {
-            records: word(0),
-            bytes: word(1),
-            top: word(2),
-        })
-    }
-
-    fn to_bytes(self) -> [u8; 24] {
-        let mut b = [0u8; 24];
-        b[..8].copy_from_slice(&self.records.to_be_bytes());
-        b[8..16].copy_from_slice(&self.bytes.to_be_bytes());
-        b[16..].copy_from_slice(&self.top.to_be_bytes());
-        b
     }
 }
 

@@ -49,7 +49,7 @@ impl Store {
     /// [`Store::heal`] opens it once the cause is gone, so the gateway starts and polls anyway (a
     /// power cut while the disk is full must not leave it in a restart loop). Only
     /// [`StoreError::Locked`] (another instance) is an error.
-    pub fn open_or_failed(dir: &Path, limits: Limits) -> Result<Store, StoreError> {
+    pub(crate) fn open_or_failed(dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         let opened = std::panic::catch_unwind(|| {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Sync {
                 path: dir.to_path_buf(),

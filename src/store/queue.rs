@@ -21,7 +21,7 @@ use crate::events::record::{Draft, Record};
 /// most 247 units.
 const CHUNK: usize = 256;
 /// How often [`Store::check_blocking`] looks at most.
-pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Store {
     /// Commit a meter's new state and its records atomically. Returns the records with their ids.
@@ -42,7 +42,7 @@ impl Store {
     /// were not committed, earlier chunks may have been, so read states back. Not durable until
     /// [`Store::sync`]. A meter listed twice ends with its last state; its records keep order.
     ///
-    /// Each change is atomic; the changes are applied in chunks of [`CHUNK`]: one sled batch of
+    /// Each change is atomic; the changes are applied in chunks of `CHUNK`: one sled batch of
     /// thousands of writes keeps every node version it replaces until it ends. A bus cycle is below
     /// one chunk.
     #[allow(clippy::type_complexity)]
@@ -141,7 +141,7 @@ impl Store {
     }
 
     /// Make everything committed so far durable: sled flush, then fsync of its log and of whatever
-    /// else of the database changed ([`crate::store::durable`]). A failure fails the store (module docs):
+    /// else of the database changed (`durable.rs`). A failure fails the store (module docs):
     /// the records of this sync stay invisible to the sender until a reopen has synced them.
     /// Blocking; call from `spawn_blocking` in async code (or use [`Store::sync`]).
     pub fn sync_blocking(&self) -> Result<(), StoreError> {
@@ -161,7 +161,7 @@ impl Store {
     /// nothing) so that a disk that failed meanwhile is noticed, and healed, without waiting for the
     /// next transition. sled's own flusher writes every 500 ms, but its error reaches us only through
     /// a call that looks at it; writes to its memory do not. Blocking.
-    pub fn check_blocking(&self) {
+    pub(crate) fn check_blocking(&self) {
         {
             let mut checked = self.shared.checked.lock().unwrap_or_else(PoisonError::into_inner);
             if checked.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
@@ -180,12 +180,6 @@ impl Store {
         self.off_async(Store::sync_blocking).await
     }
 
-    /// Whether records were committed that are not yet durable (a sync is due).
-    pub fn unsynced(&self) -> bool {
-        let c = &self.shared.counts;
-        c.committed.load(Ordering::SeqCst) > c.durable.load(Ordering::SeqCst)
-    }
-
     /// Records queued.
     pub fn len(&self) -> u64 {
         self.shared.counts.records.load(Ordering::Relaxed)
@@ -202,12 +196,12 @@ impl Store {
     }
 
     /// Commits refused because the outbox was full, since open.
-    pub fn refused(&self) -> u64 {
+    pub(crate) fn refused(&self) -> u64 {
         self.shared.counts.refused.load(Ordering::Relaxed)
     }
 
     /// Commits refused because free space was below `min_free`, since open.
-    pub fn refused_space(&self) -> u64 {
+    pub(crate) fn refused_space(&self) -> u64 {
         self.shared.counts.refused_space.load(Ordering::Relaxed)
     }
 
@@ -240,7 +234,7 @@ impl Store {
     /// was stepped). Counted from when this process first saw it at the head (by this call or by
     /// [`Store::next_batch_where`]), so after a restart a backlog's wait counts from the start.
     /// `None` when nothing is queued or the store cannot be read.
-    pub fn oldest_waiting(&self) -> Option<std::time::Duration> {
+    pub(crate) fn oldest_waiting(&self) -> Option<std::time::Duration> {
         let head = self.list(1).ok()?.first()?.id;
         Some(self.seen_at_head(head).elapsed())
     }
@@ -269,7 +263,11 @@ impl Store {
     /// hold after a rejection). A skipped record blocks the later records of its meter like a record of
     /// another event does, so skipping never reorders a meter's records. A record that does not
     /// decode is set aside and blocks nothing.
-    pub fn next_batch_where(&self, max: usize, skip: impl Fn(&Record) -> bool) -> Result<Vec<Record>, StoreError> {
+    pub(crate) fn next_batch_where(
+        &self,
+        max: usize,
+        skip: impl Fn(&Record) -> bool,
+    ) -> Result<Vec<Record>, StoreError> {
         let open = self.handle()?;
         let mut batch: Vec<Record> = Vec::new();
         let mut blocked: HashSet<String> = HashSet::new();
@@ -319,7 +317,7 @@ impl Store {
         Ok(batch)
     }
 
-    /// [`Store::ack_blocking`] off the async threads.
+    /// `Store::ack_blocking` off the async threads.
     pub async fn ack(&self, ids: &[u64]) -> Result<(), StoreError> {
         let ids = ids.to_vec();
         self.off_async(move |o| o.ack_blocking(&ids)).await
@@ -327,7 +325,7 @@ impl Store {
 
     /// Remove delivered records (the server answered `code: 0`), then sync. An `Err` means the removal
     /// may not be stored: the caller must not send anything more until it is. Blocking.
-    pub fn ack_blocking(&self, ids: &[u64]) -> Result<(), StoreError> {
+    pub(crate) fn ack_blocking(&self, ids: &[u64]) -> Result<(), StoreError> {
         let removed = self.write(|open, batch, stored| {
             let mut removed = 0;
             for id in ids.iter().collect::<BTreeSet<_>>() {

@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 use super::Store;
 
 /// How often the free space is looked up at most.
-pub const LOOK_EVERY: Duration = Duration::from_secs(1);
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// Free space below the reserve: the reason a commit was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LowSpace {
     /// Bytes free for an unprivileged writer.
-    pub free: u64,
+    pub(crate) free: u64,
     /// The reserve (`[outbox] min_free`).
-    pub reserve: u64,
+    pub(crate) reserve: u64,
 }
 
 /// The free-space watch of one state directory.
@@ -49,7 +49,7 @@ impl Space {
 
     /// `Some` when the free space of `dir`'s file system is below the reserve; looks again when the
     /// last look is older than [`LOOK_EVERY`].
-    pub(crate) fn low(&self, dir: &Path) -> Option<LowSpace> {
+    fn low(&self, dir: &Path) -> Option<LowSpace> {
         let due = {
             let mut looked = self.looked.lock().unwrap_or_else(PoisonError::into_inner);
             let due = looked.is_none_or(|t| t.elapsed() >= LOOK_EVERY);
@@ -89,29 +89,28 @@ impl Space {
     }
 
     /// Free bytes at the last look; `None` before the first or when it failed.
-    pub(crate) fn free(&self) -> Option<u64> {
+    fn free(&self) -> Option<u64> {
         Some(self.free.load(Ordering::Relaxed)).filter(|f| *f != u64::MAX)
     }
 
-    /// The reserve.
-    pub(crate) fn reserve(&self) -> u64 {
+    fn reserve(&self) -> u64 {
         self.reserve
     }
 
     /// Whether the last look found less than the reserve.
-    pub(crate) fn is_low(&self) -> bool {
+    fn is_low(&self) -> bool {
         self.low.load(Ordering::Relaxed)
     }
 }
 
 impl Store {
     /// Free space below `min_free`, if it is (looked up at most once a second).
-    pub fn low_space(&self) -> Option<LowSpace> {
+    pub(crate) fn low_space(&self) -> Option<LowSpace> {
         self.shared.space.low(&self.shared.dir)
     }
 
     /// Free bytes of the state directory's file system at the last look, and the reserve.
-    pub fn space(&self) -> (Option<u64>, u64, bool) {
+    pub(crate) fn space(&self) -> (Option<u64>, u64, bool) {
         let s = &self.shared.space;
         (s.free(), s.reserve(), s.is_low())
     }

@@ -1,5 +1,5 @@
 //! The stored form of a queued [`Record`]: what the outbox keeps on disk for each record, and
-//! reading it back. A value in any other form (JSON included) is [`Malformed`]: the store sets it
+//! reading it back. A value in any other form (JSON included) is `Malformed`: the store sets it
 //! aside. Reading never panics on bad bytes.
 //!
 //! Why not JSON: BizData is itself a JSON text, so a JSON record escapes every one of its quotes when
@@ -22,18 +22,15 @@ const NONE: u32 = u32::MAX;
 /// A value that is not a stored record: what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct Malformed(String);
+pub(crate) struct Malformed(String);
 
 /// The fields of a stored record that choosing a batch needs; the rest (BizData above all) is not
 /// copied.
 #[derive(Debug)]
-pub struct Head<'a> {
-    /// The record's id.
-    pub id: u64,
-    /// Its `eventName`.
-    pub event_name: &'a str,
-    /// Its meter.
-    pub meter_no: &'a str,
+pub(crate) struct Head<'a> {
+    pub(crate) id: u64,
+    pub(crate) event_name: &'a str,
+    pub(crate) meter_no: &'a str,
 }
 
 /// The stored form of `r`.
@@ -44,12 +41,12 @@ pub fn encode(r: &Record) -> Vec<u8> {
 }
 
 /// Bytes of `r`'s stored form.
-pub fn encoded_len(r: &Record) -> usize {
+pub(crate) fn encoded_len(r: &Record) -> usize {
     17 + strings(r).iter().map(|s| 4 + s.len()).sum::<usize>() + 4 + r.last_error.as_ref().map_or(0, String::len)
 }
 
 /// Append `r`'s stored form to `out` (a buffer used again for each record of a commit).
-pub fn encode_into(out: &mut Vec<u8>, r: &Record) {
+pub(crate) fn encode_into(out: &mut Vec<u8>, r: &Record) {
     out.reserve(encoded_len(r));
     out.push(FORMAT);
     out.extend_from_slice(&r.id.to_be_bytes());
@@ -69,7 +66,7 @@ fn strings(r: &Record) -> [&String; 6] {
 }
 
 /// Read a stored record back.
-pub fn decode(v: &[u8]) -> Result<Record, Malformed> {
+pub(crate) fn decode(v: &[u8]) -> Result<Record, Malformed> {
     let mut r = Reader::new(v)?;
     let record = Record {
         id: r.u64()?,
@@ -91,7 +88,7 @@ pub fn decode(v: &[u8]) -> Result<Record, Malformed> {
 }
 
 /// Read the [`Head`] of a stored record without copying its strings.
-pub fn head(v: &[u8]) -> Result<Head<'_>, Malformed> {
+pub(crate) fn head(v: &[u8]) -> Result<Head<'_>, Malformed> {
     let mut r = Reader::new(v)?;
     let id = r.u64()?;
     r.take(8)?; // attempts, rejections
@@ -213,7 +210,7 @@ mod tests {
             prop_assert_eq!(v.len(), encoded_len(&r));
             prop_assert_eq!(decode(&v), Ok(r.clone()));
             let h = head(&v).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!((h.id, &*h.event_name, &*h.meter_no), (r.id, r.event_name.as_str(), r.meter_no.as_str()));
+            prop_assert_eq!((h.id, h.event_name, h.meter_no), (r.id, r.event_name.as_str(), r.meter_no.as_str()));
         }
 
         #[test]
