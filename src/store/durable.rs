@@ -2,10 +2,13 @@
 //!
 //! `flush()` writes sled's log with `sync_file_range`, which neither flushes the disk's cache nor
 //! the file's metadata, so every sync must end with an `fsync` (see shared/notes/sled-durability.md).
-//! On ext4 *every* `fsync` costs a flush of the disk's cache, even on a file with nothing to write
-//! (measured here: ~2.3 ms each for a clean file and a clean folder while the disk was busy), so
-//! syncing all four or five files and folders of the database per acknowledged batch cost four or
-//! five cache flushes where one carries the data (BENCHMARKS.md rows 2, 3 and 6).
+//!
+//! Why it is sparing: on ext4 *every* `fsync` costs a flush of the disk's cache, even on a file with
+//! nothing to write, so fsyncing all four or five files and folders of the database on each sync
+//! costs four or five cache flushes where one carries the data; listing a folder costs more than it
+//! looks (`read_dir` allocates and frees a 32 KiB buffer, and glibc then consolidates its free
+//! lists); and opening the folder and its log by path on every sync costs as much as the rest of the
+//! bookkeeping.
 //!
 //! What sled 0.34.7 writes, read from its source:
 //! - `db`: the log. Rewritten in place all the time: it is fsynced on **every** sync.
@@ -20,11 +23,9 @@
 //! or concurrent sync never hides work from the next one. The first sync of a process fsyncs
 //! everything.
 //!
-//! Listing a folder costs more than it looks: `read_dir` allocates and frees a 32 KiB buffer, and
-//! glibc then consolidates its free lists, ~10 % of a station cycle (BENCHMARKS.md row 2). A folder
-//! whose own stamp (inode, mtime, ctime) is unchanged had no entry added, removed or renamed, so it is
-//! listed again only when its stamp moves; its files are then only the log (always fsynced) and files
-//! sled never rewrites in place. The stamp is trusted only if it was already [`RACY`] old when
+//! A folder whose own stamp (inode, mtime, ctime) is unchanged had no entry added, removed or
+//! renamed, so it is listed again only when its stamp moves; its files are then only the log (always
+//! fsynced) and files sled never rewrites in place. The stamp is trusted only if it was already [`RACY`] old when
 //! recorded: a change within the same tick of the file system's clock could leave it as it was (the
 //! "racy timestamp" of git's index).
 
@@ -65,17 +66,16 @@ impl Stamp {
     }
 }
 
-/// What was last made durable in one database folder (shared by every clone of the outbox).
+/// What was last made durable in one database folder (shared by every clone of the store).
 #[derive(Debug, Default)]
-pub struct Synced {
+pub(crate) struct Synced {
     seen: Mutex<Seen>,
-    /// fsync calls made, for the metrics and the tests.
+    /// fsync calls made, for the tests.
     fsyncs: AtomicU64,
     /// Folder listings made, for the tests.
     listings: AtomicU64,
-    /// Handles of the database folder last synced and of its log (kept while the folder stays
-    /// quiet): opening and looking up paths on every sync cost as much as the rest of the bookkeeping
-    /// (BENCHMARKS.md row 2).
+    /// Handles of the database folder last synced and of its log, kept while the folder stays quiet
+    /// (module docs).
     kept: Mutex<Option<Kept>>,
 }
 
@@ -106,17 +106,17 @@ impl Seen {
 
 /// A file or folder that could not be fsynced.
 #[derive(Debug)]
-pub struct SyncFailed {
+pub(crate) struct SyncFailed {
     /// The file or folder.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// What `open` or `fsync` said.
-    pub source: std::io::Error,
+    pub(crate) source: std::io::Error,
 }
 
 impl Synced {
     /// Fsync `dir`'s log always, and every other file of `dir` and `dir/blobs` and the two folders
     /// when they changed since the last successful fsync.
-    pub fn sync(&self, dir: &Path) -> Result<(), SyncFailed> {
+    pub(crate) fn sync(&self, dir: &Path) -> Result<(), SyncFailed> {
         if self.sync_folder(dir, true)? {
             self.sync_folder(&dir.join(BLOBS), false)?;
         }
@@ -191,8 +191,9 @@ impl Synced {
         Ok(is_db)
     }
 
-    /// Folder listings made so far (for the tests).
-    pub fn listings(&self) -> u64 {
+    /// Folder listings made so far.
+    #[cfg(test)]
+    pub(crate) fn listings(&self) -> u64 {
         self.listings.load(Ordering::Relaxed)
     }
 
@@ -216,7 +217,8 @@ impl Synced {
     }
 
     /// fsync calls made so far.
-    pub fn fsyncs(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn fsyncs(&self) -> u64 {
         self.fsyncs.load(Ordering::Relaxed)
     }
 
@@ -271,7 +273,7 @@ impl Synced {
             }
         };
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
-        // Outside the lock: concurrent syncs (station, sender) may share one journal commit.
+        // Outside the lock: concurrent syncs (recorder, sender) may share one journal commit.
         file.sync_all().map_err(|e| {
             if let Some(kept) = self.kept().as_mut() {
                 kept.log = None;

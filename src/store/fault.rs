@@ -1,10 +1,14 @@
-//! The store's failure state. sled is failed for good after one failed write (its global error), and
-//! after a failed fsync the page cache can no longer be trusted, so the first such error marks the
-//! store failed; nothing is read or written until [`super::Store::heal`] has opened the database
-//! again. Reopen attempts back off from [`REOPEN_MIN`] to [`REOPEN_MAX`] on the monotonic clock.
+//! The store's failed state, and healing. sled is failed for good after one failed write (its global
+//! error), and after a failed fsync the page cache can no longer be trusted, so the first such error
+//! marks the store failed; nothing is read or written until [`Store::heal`] has opened the database
+//! again. Reopen attempts back off from [`REOPEN_MIN`] to [`REOPEN_MAX`] on the monotonic clock. A
+//! reopen bumps [`Store::generation`]: whoever keeps what the store held (the recorder's states)
+//! reads it again, because what sat in sled's failed buffer is gone. An error from a handle of a
+//! database already replaced does not fail its replacement.
 //!
 //! Logged once per change of state: the failure (with its error), a reopen that fails with a new
 //! error, and the recovery (with how many errors were suppressed meanwhile and how long it took).
+//! Never wipes or moves the database aside to get it open.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -12,24 +16,26 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::open::open_store;
+use super::{Open, Store, StoreError};
 use crate::backoff::Backoff;
 
 /// First wait before opening a failed store again.
-pub const REOPEN_MIN: Duration = Duration::from_millis(500);
+const REOPEN_MIN: Duration = Duration::from_millis(500);
 /// Longest wait between two attempts to open a failed store again.
-pub const REOPEN_MAX: Duration = Duration::from_secs(30);
+const REOPEN_MAX: Duration = Duration::from_secs(30);
 
 /// A failed store as health, metrics and `fieldgate status` show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreFault {
     /// The error that failed it.
-    pub error: String,
+    pub(crate) error: String,
     /// Seconds since it failed (monotonic clock).
-    pub for_seconds: u64,
+    pub(crate) for_seconds: u64,
     /// Attempts to open it again so far.
-    pub reopen_attempts: u64,
+    pub(crate) reopen_attempts: u64,
     /// Why the last attempt failed, if one did.
-    pub reopen_error: Option<String>,
+    pub(crate) reopen_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -121,7 +127,7 @@ impl Fault {
 
     /// Whether a reopen may be tried now; if so the next one is scheduled (so two callers do not both
     /// try).
-    pub(crate) fn reopen_due(&self) -> bool {
+    fn reopen_due(&self) -> bool {
         let mut s = self.state();
         let now = Instant::now();
         if s.since.is_none() || s.next_try.is_some_and(|t| t > now) {
@@ -135,7 +141,7 @@ impl Fault {
     }
 
     /// A reopen failed; logged when its error differs from the last one.
-    pub(crate) fn reopen_failed(&self, dir: &std::path::Path, error: &str) {
+    fn reopen_failed(&self, dir: &std::path::Path, error: &str) {
         let mut s = self.state();
         if s.reopen_error.as_deref() != Some(error) {
             tracing::warn!(
@@ -151,7 +157,7 @@ impl Fault {
     }
 
     /// The store was opened again and works.
-    pub(crate) fn healed(&self, dir: &std::path::Path) {
+    fn healed(&self, dir: &std::path::Path) {
         let mut s = self.state();
         let Some(since) = s.since.take() else {
             return;
@@ -173,7 +179,7 @@ impl Fault {
     }
 
     /// The failure, as health shows it; `None` while the store works.
-    pub(crate) fn view(&self) -> Option<StoreFault> {
+    fn view(&self) -> Option<StoreFault> {
         if !self.is_failed() {
             return None;
         }
@@ -187,7 +193,7 @@ impl Fault {
     }
 
     /// (failures, reopens) since start.
-    pub(crate) fn totals(&self) -> (u64, u64) {
+    fn totals(&self) -> (u64, u64) {
         (
             self.failures.load(Ordering::Relaxed),
             self.reopens.load(Ordering::Relaxed),
@@ -195,9 +201,105 @@ impl Fault {
     }
 }
 
+impl Store {
+    /// If the store failed, open it again once its backoff allows (blocking: call from a blocking
+    /// thread, or use [`Store::heal`]). Returns whether the store works now.
+    pub(crate) fn heal_blocking(&self) -> bool {
+        let sh = &self.shared;
+        if !sh.fault.is_failed() {
+            return true;
+        }
+        if !sh.fault.reopen_due() {
+            return false;
+        }
+        // No writer may run against a half-replaced store.
+        let writer = sh.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        // Our handles go first: sled lets go of its file lock only when the last one is dropped.
+        *sh.open.write().unwrap_or_else(PoisonError::into_inner) = None;
+        // Opening a damaged database can panic inside sled: that is a failed attempt, not our end.
+        let opened = std::panic::catch_unwind(|| open_store(&sh.dir));
+        drop(writer);
+        match opened {
+            Ok(Ok(opened)) => {
+                let generation = sh.generation.load(Ordering::SeqCst) + 1;
+                self.install(opened, generation);
+                sh.generation.store(generation, Ordering::SeqCst);
+                sh.fault.healed(&sh.dir);
+                true
+            }
+            Ok(Err(e)) => {
+                sh.fault.reopen_failed(&sh.dir, &e.to_string());
+                false
+            }
+            Err(_) => {
+                sh.fault
+                    .reopen_failed(&sh.dir, "sled panicked while opening the database");
+                false
+            }
+        }
+    }
+
+    /// [`Store::heal_blocking`] off the async threads.
+    pub(crate) async fn heal(&self) -> bool {
+        if !self.shared.fault.is_failed() {
+            return true;
+        }
+        self.off_async(|o| Ok(o.heal_blocking())).await.unwrap_or(false)
+    }
+
+    /// Whether the store is failed (waiting to be opened again).
+    pub(crate) fn is_failed(&self) -> bool {
+        self.shared.fault.is_failed()
+    }
+
+    /// The failure of the store, if it is failed.
+    pub(crate) fn fault(&self) -> Option<StoreFault> {
+        self.shared.fault.view()
+    }
+
+    /// (failures, successful reopens) since start.
+    pub(crate) fn fault_totals(&self) -> (u64, u64) {
+        self.shared.fault.totals()
+    }
+
+    /// How often the database was opened again after a failure: what a cache of its contents
+    /// compares to know it must read them again.
+    pub(crate) fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    /// A sled error from `open`: the store is failed from now on (module docs).
+    pub(super) fn db_error(&self, open: &Open, e: sled::Error) -> StoreError {
+        // sled shows an I/O error in Debug form; the OS's own words read better in health and logs.
+        let text = match &e {
+            sled::Error::Io(io) => io.to_string(),
+            other => other.to_string(),
+        };
+        self.fail_from(open, &text);
+        StoreError::Db {
+            path: self.shared.dir.clone(),
+            source: e,
+        }
+    }
+
+    /// Fail the store for an error of `open`, unless `open` was replaced meanwhile (the error is of a
+    /// database already given up, and its replacement may work).
+    pub(super) fn fail_from(&self, open: &Open, error: &str) {
+        self.fail_for(open.generation, error);
+    }
+
+    /// [`Store::fail_from`] for a database opened as `generation`.
+    fn fail_for(&self, generation: u64, error: &str) {
+        if generation == self.shared.generation.load(Ordering::SeqCst) {
+            self.shared.fault.fail(&self.shared.dir, error);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::*;
 
     #[test]
     fn a_failure_is_reported_once_and_reopens_are_spaced() {
@@ -219,5 +321,46 @@ mod tests {
         f.healed(dir);
         assert!(!f.is_failed() && f.view().is_none());
         assert_eq!(f.totals(), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_refuses_everything_until_it_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Store::open(dir.path(), BIG).unwrap();
+        let a = o.commit("M1", &state(1), vec![draft("开")]).unwrap()[0].id;
+        o.sync().await.unwrap();
+        let g = o.generation();
+        o.shared.fault.fail(dir.path(), "No space left on device (os error 28)");
+        assert!(o.is_failed());
+        assert!(matches!(o.next_batch(10), Err(StoreError::Failed { .. })));
+        assert!(matches!(o.ack(&[a]).await, Err(StoreError::Failed { .. })));
+        assert!(matches!(
+            o.commit("M1", &state(0), vec![]),
+            Err(StoreError::Failed { .. })
+        ));
+        let f = o.fault().unwrap();
+        assert!(f.error.contains("os error 28"), "{f:?}");
+        assert!(!o.heal_blocking(), "not before its backoff");
+        let start = std::time::Instant::now();
+        while !o.heal_blocking() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(30), "healed");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(o.generation(), g + 1);
+        assert!(o.fault().is_none());
+        // An operation that began on the failed database and errs now does not fail its replacement.
+        o.fail_for(g, "a late error of the old database");
+        assert!(
+            !o.is_failed(),
+            "an old handle's error fails the database that replaced it"
+        );
+        assert_eq!(o.state("M1").unwrap(), Some(state(1)));
+        assert_eq!(
+            o.next_batch(10).unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![a]
+        );
+        o.ack(&[a]).await.unwrap();
+        assert!(o.is_empty());
+        assert_eq!(o.fault_totals(), (1, 1));
     }
 }

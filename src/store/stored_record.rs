@@ -1,19 +1,16 @@
 //! The stored form of a queued [`Record`]: what the outbox keeps on disk for each record, and
-//! reading it back, including the JSON form that releases before wrote.
+//! reading it back. A value in any other form (JSON included) is `Malformed`: the store sets it
+//! aside. Reading never panics on bad bytes.
 //!
-//! Why not JSON: BizData is itself a JSON text, so a JSON record escapes every one of its quotes when it
-//! is committed and unescapes them again each time the sender reads it. That escaping was the largest
-//! cost of a commit after sled's own (BENCHMARKS.md row 2). Here every string is stored as its length
-//! and its bytes, copied, never escaped.
+//! Why not JSON: BizData is itself a JSON text, so a JSON record escapes every one of its quotes when
+//! it is committed and unescapes them again each time the sender reads it; that escaping costs more
+//! than anything else a commit does besides sled's own work. Here every string is stored as its
+//! length and its bytes, copied, never escaped.
 //!
-//! Layout (integers big-endian): byte `1` (the format; a JSON record starts with `{`), id (u64),
-//! attempts (u32), rejections (u32), then `event_name`, `meter_no`, `detected_at`, `from`, `to`,
-//! `biz_data`, each as a u32 length and UTF-8 bytes, then `last_error` the same way, or the length
-//! `u32::MAX` for none. Nothing may follow.
-
-use std::borrow::Cow;
-
-use serde::Deserialize;
+//! Layout (integers big-endian): byte `1` (the format), id (u64), attempts (u32), rejections (u32),
+//! then `event_name`, `meter_no`, `detected_at`, `from`, `to`, `biz_data`, each as a u32 length and
+//! UTF-8 bytes, then `last_error` the same way, or the length `u32::MAX` for none. Nothing may
+//! follow.
 
 use crate::events::record::Record;
 
@@ -25,20 +22,15 @@ const NONE: u32 = u32::MAX;
 /// A value that is not a stored record: what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct Malformed(String);
+pub(crate) struct Malformed(String);
 
 /// The fields of a stored record that choosing a batch needs; the rest (BizData above all) is not
 /// copied.
-#[derive(Debug, Deserialize)]
-pub struct Head<'a> {
-    /// The record's id.
-    pub id: u64,
-    /// Its `eventName`.
-    #[serde(borrow)]
-    pub event_name: Cow<'a, str>,
-    /// Its meter.
-    #[serde(borrow)]
-    pub meter_no: Cow<'a, str>,
+#[derive(Debug)]
+pub(crate) struct Head<'a> {
+    pub(crate) id: u64,
+    pub(crate) event_name: &'a str,
+    pub(crate) meter_no: &'a str,
 }
 
 /// The stored form of `r`.
@@ -49,12 +41,12 @@ pub fn encode(r: &Record) -> Vec<u8> {
 }
 
 /// Bytes of `r`'s stored form.
-pub fn encoded_len(r: &Record) -> usize {
+pub(crate) fn encoded_len(r: &Record) -> usize {
     17 + strings(r).iter().map(|s| 4 + s.len()).sum::<usize>() + 4 + r.last_error.as_ref().map_or(0, String::len)
 }
 
 /// Append `r`'s stored form to `out` (a buffer used again for each record of a commit).
-pub fn encode_into(out: &mut Vec<u8>, r: &Record) {
+pub(crate) fn encode_into(out: &mut Vec<u8>, r: &Record) {
     out.reserve(encoded_len(r));
     out.push(FORMAT);
     out.extend_from_slice(&r.id.to_be_bytes());
@@ -73,12 +65,9 @@ fn strings(r: &Record) -> [&String; 6] {
     [&r.event_name, &r.meter_no, &r.detected_at, &r.from, &r.to, &r.biz_data]
 }
 
-/// Read a stored record back (either form).
-pub fn decode(v: &[u8]) -> Result<Record, Malformed> {
-    if v.first() != Some(&FORMAT) {
-        return serde_json::from_slice(v).map_err(|e| Malformed(e.to_string()));
-    }
-    let mut r = Reader::new(v);
+/// Read a stored record back.
+pub(crate) fn decode(v: &[u8]) -> Result<Record, Malformed> {
+    let mut r = Reader::new(v)?;
     let record = Record {
         id: r.u64()?,
         attempts: r.u32()?,
@@ -98,18 +87,15 @@ pub fn decode(v: &[u8]) -> Result<Record, Malformed> {
     Ok(record)
 }
 
-/// Read the [`Head`] of a stored record (either form) without copying its strings.
-pub fn head(v: &[u8]) -> Result<Head<'_>, Malformed> {
-    if v.first() != Some(&FORMAT) {
-        return serde_json::from_slice(v).map_err(|e| Malformed(e.to_string()));
-    }
-    let mut r = Reader::new(v);
+/// Read the [`Head`] of a stored record without copying its strings.
+pub(crate) fn head(v: &[u8]) -> Result<Head<'_>, Malformed> {
+    let mut r = Reader::new(v)?;
     let id = r.u64()?;
     r.take(8)?; // attempts, rejections
     Ok(Head {
         id,
-        event_name: Cow::Borrowed(r.str()?),
-        meter_no: Cow::Borrowed(r.str()?),
+        event_name: r.str()?,
+        meter_no: r.str()?,
     })
 }
 
@@ -126,10 +112,14 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// After the format byte.
-    fn new(v: &'a [u8]) -> Reader<'a> {
-        Reader {
-            rest: v.get(1..).unwrap_or_default(),
+    /// After the format byte; a value that does not start with it is not in this form.
+    fn new(v: &'a [u8]) -> Result<Reader<'a>, Malformed> {
+        match v.split_first() {
+            Some((&FORMAT, rest)) => Ok(Reader { rest }),
+            Some((first, _)) => Err(Malformed(format!(
+                "not a stored record: first byte {first:#04x}, the format is {FORMAT:#04x}"
+            ))),
+            None => Err(Malformed("not a stored record: empty".into())),
         }
     }
 
@@ -220,15 +210,7 @@ mod tests {
             prop_assert_eq!(v.len(), encoded_len(&r));
             prop_assert_eq!(decode(&v), Ok(r.clone()));
             let h = head(&v).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!((h.id, &*h.event_name, &*h.meter_no), (r.id, r.event_name.as_str(), r.meter_no.as_str()));
-        }
-
-        #[test]
-        fn a_record_written_as_json_by_an_older_release_still_reads(r in record()) {
-            let v = serde_json::to_vec(&r).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!(decode(&v), Ok(r.clone()));
-            let h = head(&v).map_err(|e| TestCaseError::fail(e.to_string()))?;
-            prop_assert_eq!((h.id, &*h.meter_no), (r.id, r.meter_no.as_str()));
+            prop_assert_eq!((h.id, h.event_name, h.meter_no), (r.id, r.event_name.as_str(), r.meter_no.as_str()));
         }
 
         #[test]
