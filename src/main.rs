@@ -11,7 +11,7 @@ fn main() -> std::process::ExitCode {
 /// Draining a large backlog frees about as much as it allocates (sled reads each page of the queue
 /// into memory, the sender's acknowledgements free it again), but glibc keeps freed memory in its
 /// per-thread arenas and between live chunks: the gateway's RSS grew with the number of records
-/// drained while its live heap stayed flat (BENCHMARKS.md row 6: 160 MiB RSS after draining
+/// drained while its live heap stayed flat (160 MiB RSS after draining
 /// 1,000,000 records, live heap ~32 MiB). `malloc_trim(0)` returns every whole free page of every
 /// arena (~1 ms a call with a 1,000,000-record backlog, measured). It is called only when the RSS has
 /// grown by [`GROWTH`] since the last call, so a gateway whose memory is steady (polling, no backlog)

@@ -291,39 +291,6 @@ async fn a_cycle_that_overflows_the_outbox_keeps_the_refused_meter_for_later() {
     );
 }
 
-/// A station given up on (a stop or reload that ran out of grace) runs on a thread, which cannot be
-/// aborted: it must apply no further cycle, so it never commits beside its successor.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_abandoned_station_applies_no_further_cycle() {
-    use tokio_util::sync::CancellationToken;
-
-    let rig = RecorderRig::new(100);
-    let (outbox, station, cycle) = (rig.outbox.clone(), rig.station(), two_meter_cycle);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let abandon = CancellationToken::new();
-    let thread = tokio::task::spawn_blocking({
-        let abandon = abandon.clone();
-        move || station.run_blocking(rx, abandon)
-    });
-    tx.send(cycle([0, 0])).await.unwrap();
-    wait_until("the baselines are committed", || {
-        let o = outbox.clone();
-        async move { o.state("M2").ok().flatten().is_some() }
-    })
-    .await;
-    abandon.cancel();
-    tx.send(cycle([1, 1])).await.unwrap();
-    drop(tx);
-    thread.await.unwrap();
-    assert_eq!(
-        outbox.len(),
-        0,
-        "no transition committed after the station was abandoned"
-    );
-    assert_eq!(outbox.state("M1").unwrap().unwrap().raw, 0);
-    assert_eq!(outbox.state("M2").unwrap().unwrap().raw, 0);
-}
-
 /// A two-meter site (M1, M2) with its outbox, for driving a station by hand.
 struct RecorderRig {
     _site: Site,

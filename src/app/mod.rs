@@ -108,7 +108,7 @@ pub struct Gateway {
 pub struct Supervision {
     /// Where READY/STOPPING/WATCHDOG go; disabled outside systemd.
     pub notifier: Notifier,
-    /// Added to every bus's stall bound ([`crate::ops::watchdog::stall_bound`]).
+    /// Added to every bus's stall bound (`crate::ops::watchdog::stall_bound`).
     pub stall_slack: Duration,
 }
 

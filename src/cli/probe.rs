@@ -2,7 +2,7 @@
 //! order a meter uses, and, when it fails, what to check next.
 //!
 //! The line comes from a bus of the configuration (`--config F --bus B`) or from the command line
-//! (`--tcp`, `--serial`, `--rtu-over-tcp`). The read itself is [`crate::modbus::probe::read_once`]: the bus task's
+//! (`--tcp`, `--serial`, `--rtu-over-tcp`). The read itself is `crate::modbus::probe::read_once`: the bus task's
 //! own open, timeout and answer checks, not a second implementation. This module owns the arguments,
 //! the output (`render_registers`, `render_bits`, pure) and the advice for each failure
 //! (`advice`, pure; the caller lists `/dev/serial/by-id/`).

@@ -1,5 +1,5 @@
 //! Point definitions: where a value sits in a Modbus table and how its registers are laid out, as the
-//! configuration describes it. Decoding the registers read from a device is [`crate::modbus::point`].
+//! configuration describes it. Decoding the registers read from a device is `crate::modbus::point`.
 
 use std::fmt;
 

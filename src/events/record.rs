@@ -6,7 +6,7 @@
 //! follows it through logs, the admin API and dead letters. Pure: no I/O.
 //!
 //! BizData is rendered for every record at the rate transitions are detected, so it is written by
-//! hand, from a template prepared once per meter and rule ([`BizTemplate`]), and strings that need no
+//! hand, from a template prepared once per meter and rule (`BizTemplate`), and strings that need no
 //! escaping are copied as they are (serde_json's escaper goes byte by byte). The
 //! property tests check every rendering against a serde_json map.
 

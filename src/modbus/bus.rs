@@ -1,5 +1,5 @@
 //! The bus task: one per `[[bus]]` ([`run_bus`]), it polls its meters in rounds over the bus's
-//! [`Link`] and sends one [`Cycle`] per round to the recorder.
+//! `Link` and sends one `Cycle` per round to the recorder.
 //!
 //! Owns the online/offline state of each meter, the retry schedule of offline meters, the rounds and
 //! their pacing, and the publishing of each meter's figures to [`BusStats`]. Invariants: a meter's
@@ -13,7 +13,7 @@
 //! A meter that fails `offline_after` reads in a row is reported offline (one link change to the
 //! recorder). It is not given up on: a meter that fails a quarter of its reads at random fails three in a
 //! row now and then, and a transition it shows meanwhile must not be missed. Its retry period (see
-//! [`retry_period`]) is one poll round for its first `offline_after` retries, then doubles with every
+//! `retry_period`) is one poll round for its first `offline_after` retries, then doubles with every
 //! failed retry (2, 4, 8 … rounds) up to `offline_retry`; any answer resets it. Retries are due by
 //! round: a period of one round means "in the next round". So a dead meter costs one failed request
 //! (timeout, plus `guard` on RTU) per round for a few rounds, then at most one per `offline_retry`.

@@ -6,10 +6,10 @@
 //! work orders). Never touches the store and never decides an event: it reports what the meters said.
 //!
 //! Files, in the order a value travels:
-//! - [`plan`]: the read planner: a meter's points merged into as few requests as the tables allow.
-//! - [`link`]: the connection to a bus (TCP, RTU serial, RTU over TCP): opening it, one request with its
+//! - `plan`: the read planner: a meter's points merged into as few requests as the tables allow.
+//! - `link`: the connection to a bus (TCP, RTU serial, RTU over TCP): opening it, one request with its
 //!   timeout and answer checks, and when a connection is poisoned and reopened.
-//! - [`point`]: decoding raw registers or bits into a number and its decimal string (pure).
+//! - `point`: decoding raw registers or bits into a number and its decimal string (pure).
 //! - [`bus`]: the task of one `[[bus]]`: rounds, offline meters and their retry backoff.
 //! - [`stats`]: the bus counters and each meter's answer times and late answers.
 //! - [`cycle`]: what a round produces, handed to the recorder.

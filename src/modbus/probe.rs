@@ -1,6 +1,6 @@
-//! One read for `fieldgate probe` ([`read_once`]): open the line, read one block, close it again.
+//! One read for `fieldgate probe` (`read_once`): open the line, read one block, close it again.
 //!
-//! The read goes through the same [`Link`] as the bus task, so it opens, times out and checks an
+//! The read goes through the same `Link` as the bus task, so it opens, times out and checks an
 //! answer exactly as polling does: an answer of the wrong length or function is an error, never data.
 //! [`ProbeError`] says what failed in terms an engineer can act on. Never keeps the line open. It
 //! cannot tell whether the daemon polls the same bus: the caller must not probe such a bus (a serial
@@ -24,7 +24,7 @@ pub(crate) enum Readout {
     Registers(Vec<u16>),
 }
 
-/// Why [`read_once`] failed; each variant carries what the engineer needs to act on it.
+/// Why `read_once` failed; each variant carries what the engineer needs to act on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProbeError {
     /// The request itself is impossible (no I/O was done).

@@ -22,10 +22,10 @@
 //! answer is not seen: it is a timeout; `fieldgate probe` with a long `--timeout` measures such a meter.
 //!
 //! Per meter ([`MeterLink`], shown by `/meters` and `fieldgate status`): the last answer time, the
-//! slowest of the last [`ANSWER_WINDOW`] answers, the counts of timeouts and late answers, the last late
+//! slowest of the last `ANSWER_WINDOW` answers, the counts of timeouts and late answers, the last late
 //! answer's time, and a hint ([`MeterLink::hint`]) to raise the bus `timeout` when answers come near
-//! it (the slowest recent one at [`NEAR_TIMEOUT_PERCENT`] % of it or more) or past it (a late answer
-//! within the last [`LATE_WINDOW`] requests). The figures start afresh with every start of the bus task
+//! it (the slowest recent one at `NEAR_TIMEOUT_PERCENT` % of it or more) or past it (a late answer
+//! within the last `LATE_WINDOW` requests). The figures start afresh with every start of the bus task
 //! (daemon start and each reload), so a raised timeout clears the hint.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -145,7 +145,7 @@ const NEAR_TIMEOUT_PERCENT: u32 = 80;
 pub struct MeterLink {
     /// The answer time of the meter's last answered request.
     pub answer_last: Option<Duration>,
-    /// The slowest answer time of its last [`ANSWER_WINDOW`] answered requests.
+    /// The slowest answer time of its last `ANSWER_WINDOW` answered requests.
     pub answer_max: Option<Duration>,
     /// Requests answered within the timeout (data or exception).
     answers: u64,

@@ -19,7 +19,7 @@
 //!
 //! No request loads an unbounded list: every listing has a bound, and health and `/metrics` take their
 //! numbers from the store's counts (dead letters, set-aside entries) without reading the entries. A
-//! failed store (waiting to be opened again, see [`crate::store::fault`]) answers the routes that read
+//! failed store (waiting to be opened again, see `crate::store::fault`) answers the routes that read
 //! it with HTTP 503 and the error in words; `/healthz` and `/metrics` still answer (`store_failed`).
 //! Handlers that read the store run it on the blocking pool (sled blocks).
 //!

@@ -30,9 +30,9 @@
 //! Files:
 //! - `mod.rs`: [`Recorder`]: applying a cycle (links, samples, the `for` clock of offline meters),
 //!   valve transitions (baseline, debounce) and the start and end of outages.
-//! - [`rules`]: the `[[event]]` rules (link, threshold, `rises_by`) against a meter's state, and the
+//! - `rules`: the `[[event]]` rules (link, threshold, `rises_by`) against a meter's state, and the
 //!   drafts of the work orders that fire (detection time, BizData).
-//! - [`commit`]: staging each meter's change, one transaction per cycle, the committed states kept in
+//! - `commit`: staging each meter's change, one transaction per cycle, the committed states kept in
 //!   memory, and what a refused commit or a reopened store means.
 //! - [`live`]: the live view of the meters for the admin API.
 
@@ -46,8 +46,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use tokio::sync::{mpsc, Notify};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::clock::BootStamp;
 use crate::config::{Config, EventKind};
@@ -154,27 +153,6 @@ impl Recorder {
             spare_biz: RefCell::default(),
             last_stamp: RefCell::default(),
             unsynced: std::cell::Cell::new(false),
-        }
-    }
-
-    /// Apply cycles until every bus has dropped its sender (so no cycle is left behind at
-    /// shutdown), then sync. Stops before the next cycle once `abandon` is cancelled (a shutdown or
-    /// reload that gave up waiting for it: it must not commit beside its successor).
-    ///
-    /// Blocking, on a thread of its own (`spawn_blocking`): the recorder's work is the disk's, one
-    /// commit and one fsync per cycle.
-    pub fn run_blocking(mut self, mut cycles: mpsc::Receiver<Cycle>, abandon: CancellationToken) {
-        while let Some(cycle) = cycles.blocking_recv() {
-            if abandon.is_cancelled() {
-                tracing::warn!(
-                    message = "Recorder abandoned; the states of cycles not applied are read again by the next polls."
-                );
-                return;
-            }
-            self.apply(cycle);
-        }
-        if let Err(e) = self.outbox.sync_blocking() {
-            tracing::error!(message = "Final sync of the state database failed.", error = %e);
         }
     }
 

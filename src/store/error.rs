@@ -31,6 +31,14 @@ pub enum StoreError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The directory holds the trees of the pre-release layout; nothing in it was read or changed.
+    #[error("the state directory {path} was written by a pre-release fieldgate (trees {trees}), which this release does not read; it is kept as it is: deliver its queue with that release, or move the directory aside to start empty")]
+    PreRelease {
+        /// The state directory.
+        path: PathBuf,
+        /// The old trees that hold entries.
+        trees: String,
+    },
     /// The store failed earlier and has not been opened again yet: nothing was read or written.
     #[error("the state database failed ({error}) and is not open again yet; nothing was written")]
     Failed {
@@ -85,6 +93,7 @@ impl StoreError {
             StoreError::Locked(_) => "locked",
             StoreError::Db { .. } => "db",
             StoreError::Sync { .. } => "sync",
+            StoreError::PreRelease { .. } => "pre_release",
             StoreError::Failed { .. } => "store_failed",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::Full { .. } => "full",

@@ -108,8 +108,31 @@ impl Store {
 
 /// Open the database in `dir`, read or rebuild its counts, and make it durable (module docs) before
 /// anything on it is handed out.
+/// Trees of the pre-release layout (one tree per kind). No installed gateway has them; a directory
+/// that does is refused rather than read as empty, so its queue is never silently left behind.
+const PRE_RELEASE_TREES: [&str; 4] = ["state", "outbox", "dead", "meta"];
+
+fn refuse_pre_release(dir: &Path, db: &sled::Db) -> Result<(), StoreError> {
+    let mut found = Vec::new();
+    for name in PRE_RELEASE_TREES {
+        if db.tree_names().iter().any(|n| n == name.as_bytes())
+            && !db.open_tree(name).map_err(|e| open_error(dir, e))?.is_empty()
+        {
+            found.push(name);
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::PreRelease {
+        path: dir.to_path_buf(),
+        trees: found.join(", "),
+    })
+}
+
 pub(super) fn open_store(dir: &Path) -> Result<Opened, StoreError> {
     let db = open_db(dir)?;
+    refuse_pre_release(dir, &db)?;
     let store = db.open_tree(STORE).map_err(|e| open_error(dir, e))?;
     // Whatever is on disk at open is durable once the sync below is done, dead letters included
     // (they may be requeued): every id sled ever gave out is below the next one it gives (its ids
@@ -399,5 +422,32 @@ mod tests {
         let _first = Store::open(dir.path(), BIG).unwrap();
         let err = Store::open(dir.path(), BIG).err().unwrap();
         assert!(matches!(err, StoreError::Locked(_)), "{err}");
+    }
+
+    #[test]
+    fn a_directory_of_the_pre_release_layout_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open_db(dir.path()).unwrap();
+            db.open_tree("outbox")
+                .unwrap()
+                .insert(7u64.to_be_bytes(), &b"{\"id\":7}"[..])
+                .unwrap();
+            db.open_tree("state").unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path(), BIG).err().unwrap();
+        assert!(
+            matches!(&err, StoreError::PreRelease { trees, .. } if trees == "outbox"),
+            "only the tree that holds entries is named: {err}"
+        );
+        // The daemon starts with the store failed (polling, health critical with the reason) and the
+        // old queue untouched.
+        let o = Store::open_or_failed(dir.path(), BIG).unwrap();
+        assert!(o.fault().is_some_and(|f| f.error.contains("pre-release")));
+        drop(o);
+        let db = open_db(dir.path()).unwrap();
+        assert_eq!(db.open_tree("outbox").unwrap().len(), 1);
+        assert!(db.open_tree(STORE).unwrap().is_empty());
     }
 }

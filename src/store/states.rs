@@ -49,7 +49,7 @@ pub struct StoredState {
     /// `back_since` on the boot clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub back_boot: Option<BootStamp>,
-    /// Memory of each event rule, by [`crate::config::EventRule::key`]. Rules no longer configured
+    /// Memory of each event rule, by `crate::config::EventRule::key`. Rules no longer configured
     /// are dropped on the next write.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rules: BTreeMap<String, RuleMemory>,

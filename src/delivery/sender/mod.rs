@@ -16,7 +16,7 @@
 //! | 3xx ([`DeliveryError::Redirect`]) | never followed (no request goes to the `Location`); transient: records kept, backoff; [`SenderStats::last_error`] (health `delivery_failing`) and the log name the `Location` and say to fix `panda.base_url` |
 //! | 404, 405 and every other 4xx without a `code` | transient (the URL or request does not fit the server: `panda.base_url`, `panda.project`): records kept, never counted as a refusal |
 //! | 401 | the client fetches one token for all waiters and resends once; a second 401 is a failure like a transient one |
-//! | GenerateToken `errMsg` | credentials wrong: [`SenderStats::login_failing`] set, one error log per change of `errMsg`, backoff up to [`LOGIN_BACKOFF_MAX`](crate::config::LOGIN_BACKOFF_MAX); records kept |
+//! | GenerateToken `errMsg` | credentials wrong: `SenderStats::login_failing` set, one error log per change of `errMsg`, backoff up to `LOGIN_BACKOFF_MAX`; records kept |
 //! | anything else (5xx, HTML, empty/truncated body, timeout, refused/reset connection, DNS) | transient: records kept, full-jitter exponential backoff `retry_min` → `max_backoff`, forever |
 //!
 //! Every delay (backoff, holds, `Retry-After`, log intervals) is kept on the monotonic clock (tokio's
@@ -104,7 +104,7 @@ pub struct SenderConfig {
     /// First retry delay.
     pub retry_min: Duration,
     /// Largest retry delay (a refused login waits at most
-    /// [`LOGIN_BACKOFF_MAX`](crate::config::LOGIN_BACKOFF_MAX)).
+    /// `LOGIN_BACKOFF_MAX`).
     pub max_backoff: Duration,
     /// How long a request in flight may finish after shutdown was asked.
     pub grace: Duration,
