@@ -67,6 +67,28 @@ async fn health_until(addr: &str, what: &str, deadline: Duration, mut done: impl
     }
 }
 
+/// Wait until the recorder has applied a cycle that began after `since`: the one before it, and so
+/// every commit logged before `since`, has then been synced (the recorder fsyncs each cycle before it
+/// takes the next) or has failed the store. Polls alone do not show it: the buses run ahead of a
+/// recorder whose fsync is slow.
+async fn wait_recorded_since(addr: &str, since: Instant) {
+    wait_until("the recorder applied a cycle after the commits", || async {
+        let asked = since.elapsed().as_secs_f64();
+        let meters: Value = reqwest::get(format!("http://{addr}/meters"))
+            .await
+            .expect("GET /meters")
+            .json()
+            .await
+            .expect("meters JSON");
+        let ages: Vec<f64> = meters
+            .as_array()
+            .map(|a| a.iter().filter_map(|m| m["last_sample_age_seconds"].as_f64()).collect())
+            .unwrap_or_default();
+        ages.len() == METERS as usize && ages.iter().all(|age| *age < asked)
+    })
+    .await;
+}
+
 fn codes(h: &Value) -> BTreeSet<String> {
     h["reasons"]
         .as_array()
@@ -201,11 +223,13 @@ async fn a_full_disk_loses_nothing_sends_nothing_twice_and_the_gateway_recovers_
     rig.panda.set_unavailable(true);
     let mut flips = 0;
     flip_all(&rig, &d, &mut flips).await;
+    let committed = Instant::now();
     let stored_before = standing(&rig);
     wait_until("4 records queued", || async {
         health(&addr).await["outbox"]["records"] == METERS
     })
     .await;
+    wait_recorded_since(&addr, committed).await;
 
     // Another program takes the last bytes of the disk; valves go on moving.
     let filler = fs.fill();
@@ -275,13 +299,13 @@ async fn a_disk_that_fails_with_eio_and_comes_back_is_reopened_by_the_same_proce
 
     rig.panda.set_unavailable(true);
     flip_all(&rig, &d, &mut flips).await;
+    let committed = Instant::now();
     let stored_before = standing(&rig);
     wait_until("4 records queued", || async {
         health(&addr).await["outbox"]["records"] == METERS
     })
     .await;
-    // Synced: the station fsyncs each cycle before it goes on; one more round makes sure.
-    wait_polls(&rig, 2 * METERS as u64).await;
+    wait_recorded_since(&addr, committed).await;
 
     // The disk dies (every read, write and fsync: EIO) while valves move.
     fs.shutdown();
@@ -478,11 +502,13 @@ async fn a_gateway_started_on_a_full_disk_polls_and_opens_its_store_once_space_r
     site_on(&rig, &fs, "1MiB");
     rig.panda.set_unavailable(true);
     let mut d = Daemon::spawn(&rig.site.config_path(), &[]);
+    let addr = admin_addr(&d).await;
     d.wait_log("Baseline valve state stored.", METERS as usize).await;
     let mut flips = 0;
     flip_all(&rig, &d, &mut flips).await;
+    let committed = Instant::now();
     let stored_before = standing(&rig);
-    wait_polls(&rig, 2 * METERS as u64).await;
+    wait_recorded_since(&addr, committed).await;
     // A power cut; when the gateway boots again, the disk is full (sled cannot even open its log).
     d.signal("KILL");
     d.wait_exit();
