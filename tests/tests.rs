@@ -8,6 +8,9 @@ mod admin;
 mod bus;
 /// Config and mapping files: every error class, encodings, profiles; `fieldgate check`.
 mod config;
+/// The fleet files in `contrib/` (Prometheus rules and their unit tests, Grafana dashboard) against a
+/// live gateway's `/metrics`, with `promtool` and a real Prometheus (Debian package `prometheus`).
+mod contrib;
 /// `fieldgate run` killed with SIGKILL at random moments.
 mod crash;
 /// Disk faults under the real binary: a full disk, a disk that fails with EIO.

@@ -5,7 +5,8 @@
 //! family has `# HELP` and `# TYPE` lines. Label sets are bounded: `bus` and `meter` come from the
 //! configuration, `kind` and `outcome` from fixed lists ([`ERROR_KINDS`], [`HTTP_OUTCOMES`]). Counters
 //! start at zero with the process. A value that is not known is left out, its family still declared (a
-//! meter's age before its first answer, the free space when it cannot be read).
+//! meter's age before its first answer, the free space when it cannot be read, the clock's sync state
+//! where the kernel cannot be asked).
 //!
 //! Gathering reads the store's counts only (queued, dead letters, set-aside entries are counted in
 //! memory) and at most one queued record (the oldest): a scrape costs the same with 10 dead letters or
@@ -16,6 +17,7 @@
 
 use std::fmt::Write as _;
 
+use crate::clock::ClockSync;
 use crate::delivery::sender::stats::SenderSnapshot;
 use crate::modbus::stats::BusStatsSnapshot;
 use crate::ops::api::{OutboxCounts, Status};
@@ -55,6 +57,8 @@ struct Metrics {
     version: String,
     /// Health at this moment.
     health: Status,
+    /// The system clock's sync state, as `/healthz` reports it.
+    clock: ClockSync,
     /// (bus name, its counters), in configuration order.
     buses: Vec<(String, BusStatsSnapshot)>,
     /// In configuration order.
@@ -102,6 +106,7 @@ fn gather(state: &AdminState) -> Metrics {
     Metrics {
         version: env!("CARGO_PKG_VERSION").to_string(),
         health: health.status,
+        clock: health.clock.sync,
         buses,
         meters,
         transitions: state.transitions(),
@@ -136,6 +141,18 @@ fn encode(m: &Metrics) -> String {
         Status::Critical => 2.0,
     };
     w.sample("fieldgate_health_status", &[], level);
+    // Its own series, not a label of the health: fleet alerts want "unsynchronized for 15 min" and the
+    // kernel's flag says nothing about the rest of health. Unknown (not Linux with glibc) is left out.
+    w.family(
+        "fieldgate_clock_synchronized",
+        Kind::Gauge,
+        "1 while the kernel reports the system clock synchronized (NTP), 0 while not: detection times are labels from that clock (absent where the kernel cannot be asked).",
+    );
+    match m.clock {
+        ClockSync::Synchronized => w.sample("fieldgate_clock_synchronized", &[], 1.0),
+        ClockSync::Unsynchronized => w.sample("fieldgate_clock_synchronized", &[], 0.0),
+        ClockSync::Unknown => {}
+    }
 
     // === buses ===
     let bus_counter = |w: &mut Writer, name: &str, help: &str, f: fn(&BusStatsSnapshot) -> u64| {
@@ -314,6 +331,13 @@ fn encode(m: &Metrics) -> String {
         "fieldgate_outbox_oldest_age_seconds",
         "Age of the oldest queued record (0 when empty).",
         o.oldest_age_seconds.unwrap_or(0) as f64,
+    );
+    // The state, not only the counters: a quiet station that refused its last commit stays refusing
+    // (the next change is not recorded) while its counters stand still.
+    w.gauge(
+        "fieldgate_outbox_refusing",
+        "1 while the last commit was refused (outbox full, or free disk space below outbox.min_free) and nothing was removed since: new valve states are not recorded.",
+        bool_value(o.refusing),
     );
     w.counter(
         "fieldgate_outbox_refused_total",
@@ -505,6 +529,7 @@ mod tests {
         Metrics {
             version: "1.2.3".into(),
             health: Status::Degraded,
+            clock: ClockSync::Unsynchronized,
             buses: vec![(
                 "line-a".into(),
                 BusStatsSnapshot {
@@ -584,6 +609,7 @@ mod tests {
         for line in [
             "fieldgate_build_info{version=\"1.2.3\"} 1",
             "fieldgate_health_status 1",
+            "fieldgate_clock_synchronized 0",
             "fieldgate_bus_requests_total{bus=\"line-a\"} 10",
             "fieldgate_bus_errors_total{bus=\"line-a\",kind=\"exception\"} 1",
             "fieldgate_bus_errors_total{bus=\"line-a\",kind=\"timeout\"} 2",
@@ -617,6 +643,7 @@ mod tests {
             "fieldgate_store_failures_total 3",
             "fieldgate_store_reopens_total 2",
             "fieldgate_outbox_refused_space_total 4",
+            "fieldgate_outbox_refusing 0",
             "fieldgate_outbox_corrupt_entries 2",
             "fieldgate_dead_letters_max 10000",
             "fieldgate_dead_letters_refused_total 6",
@@ -667,6 +694,32 @@ mod tests {
             "no sample when unknown:\n{text}"
         );
         assert!(text.lines().any(|l| l == "fieldgate_store_failed 0"), "{text}");
+    }
+
+    #[test]
+    fn the_clock_gauge_follows_the_kernels_sync_state_and_is_left_out_when_unknown() {
+        let mut m = sample_metrics();
+        let samples = |m: &Metrics| -> Vec<String> {
+            let text = encode(m);
+            assert!(text.contains("\n# TYPE fieldgate_clock_synchronized gauge\n"), "{text}");
+            text.lines()
+                .filter(|l| l.starts_with("fieldgate_clock_synchronized"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(samples(&m), ["fieldgate_clock_synchronized 0"]);
+        m.clock = ClockSync::Synchronized;
+        assert_eq!(samples(&m), ["fieldgate_clock_synchronized 1"]);
+        m.clock = ClockSync::Unknown;
+        assert_eq!(samples(&m), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_refusing_outbox_shows_as_one() {
+        let mut m = sample_metrics();
+        m.outbox.refusing = true;
+        let text = encode(&m);
+        assert!(text.lines().any(|l| l == "fieldgate_outbox_refusing 1"), "{text}");
     }
 
     #[test]
