@@ -514,6 +514,7 @@ fn probe_args(line: (&str, String), unit: u8, table: TableArg, address: u16, cou
         baud: 9600,
         parity: ParityArg::None,
         stop_bits: 1,
+        rs485: None,
         rtu_over_tcp: None,
         unit,
         table,

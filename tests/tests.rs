@@ -26,6 +26,9 @@ mod flaky;
 mod ops;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
 mod outbox_model;
+/// RS-485 mode on a pty that refuses it (ENOTTY): the bus down with the kernel's answer in the log,
+/// `/healthz` and `/buses`, retried with backoff, polling after a reload without it; `probe --rs485`.
+mod rs485;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
 mod sender;
 /// The small file systems the disk-fault tests mount.

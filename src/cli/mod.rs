@@ -138,6 +138,9 @@ fn check(path: &std::path::Path) -> ExitCode {
                 cfg.mapping.len(),
                 cfg.site.mapping.display()
             );
+            for note in crate::cli::probe::check_notes(&cfg, path) {
+                println!("note: {note}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -2,10 +2,13 @@
 //! order a meter uses, and, when it fails, what to check next.
 //!
 //! The line comes from a bus of the configuration (`--config F --bus B`) or from the command line
-//! (`--tcp`, `--serial`, `--rtu-over-tcp`). The read itself is `crate::modbus::probe::read_once`: the bus task's
-//! own open, timeout and answer checks, not a second implementation. This module owns the arguments,
+//! (`--tcp`, `--serial`, `--rtu-over-tcp`; `--rs485` puts a serial port in the kernel's RS-485 mode as
+//! a bus's `rs485` does, and replaces that of a configured bus). The read itself is
+//! `crate::modbus::probe::read_once`: the bus task's own open, timeout and answer checks, not a second
+//! implementation. This module owns the arguments,
 //! the output (`render_registers`, `render_bits`, pure) and the advice for each failure
-//! (`advice`, pure; the caller lists `/dev/serial/by-id/`).
+//! (`advice`, pure; the caller lists `/dev/serial/by-id/`), and `fieldgate check`'s notes on the serial
+//! buses with `rs485` (`check_notes`).
 //!
 //! Never run it against a line the daemon is polling: a serial port has one user, and stop the service
 //! first (`systemctl stop fieldgate`).
@@ -16,7 +19,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 
 use crate::config::point::{ByteOrder, PointSpec, Table, ValueType, WordOrder};
-use crate::config::{self, ConfigError, Parity, Transport};
+use crate::config::{self, ConfigError, Parity, Rs485, Transport};
 use crate::modbus::point::{self, Raw};
 use crate::modbus::probe::{read_once, ProbeError, Readout};
 
@@ -53,6 +56,22 @@ pub struct ProbeArgs {
     /// Serial stop bits.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub stop_bits: u8,
+    /// Put the serial port in the kernel's RS-485 mode after opening it, as a bus's `rs485` does: for
+    /// the on-board UARTs of ARM boards (i.MX, AM335x, Raspberry Pi HATs), whose RTS switches the
+    /// transceiver's direction. Not for USB adapters: they switch direction by themselves and refuse
+    /// it (ENOTTY). Alone: RTS high while sending, low after, no delays; or the keys of `rs485`,
+    /// e.g. `--rs485 rts_on_send=false,delay_before_send=1ms` (rts_on_send, rts_after_send: true|false,
+    /// each defaulting to the other's opposite; delay_before_send, delay_after_send: 0ms..100ms). With
+    /// --config it replaces the bus's own `rs485`.
+    #[arg(
+        long,
+        value_name = "KEY=VALUE,...",
+        num_args = 0..=1,
+        default_missing_value = "",
+        value_parser = config::parse_rs485_option,
+        conflicts_with_all = ["tcp", "rtu_over_tcp"]
+    )]
+    pub rs485: Option<Rs485>,
     /// Modbus RTU frames over TCP (an RS-485 device server) at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "config")]
     pub rtu_over_tcp: Option<String>,
@@ -128,6 +147,12 @@ pub enum ProbeCliError {
         /// The names there are.
         known: String,
     },
+    /// `--rs485` for a bus of the configuration that is not a serial line.
+    #[error("--rs485 is for serial lines; bus `{bus}` is not one")]
+    Rs485NotSerial {
+        /// The bus's name.
+        bus: String,
+    },
     /// Neither a configuration nor a line.
     #[error("say which line to read: --config F [--bus B], --tcp HOST:PORT, --serial PATH [--baud N --parity P], or --rtu-over-tcp HOST:PORT")]
     NoLine,
@@ -150,6 +175,7 @@ impl ProbeCliError {
             ProbeCliError::Config(_) => "config",
             ProbeCliError::NoBus { .. } => "no_bus",
             ProbeCliError::ChooseBus { .. } => "choose_bus",
+            ProbeCliError::Rs485NotSerial { .. } => "rs485_not_serial",
             ProbeCliError::NoLine => "no_line",
             ProbeCliError::Read { error, .. } => error.error_code(),
         }
@@ -224,7 +250,14 @@ fn line(args: &ProbeArgs) -> Result<(Transport, Option<Duration>), ProbeCliError
             None if cfg.buses.len() == 1 => cfg.buses.first().ok_or(ProbeCliError::NoLine)?,
             None => return Err(ProbeCliError::ChooseBus { known }),
         };
-        return Ok((bus.transport.clone(), Some(bus.timeout)));
+        let mut transport = bus.transport.clone();
+        if let Some(wanted) = args.rs485 {
+            match &mut transport {
+                Transport::Serial { rs485, .. } => *rs485 = Some(wanted),
+                _ => return Err(ProbeCliError::Rs485NotSerial { bus: bus.name.clone() }),
+            }
+        }
+        return Ok((transport, Some(bus.timeout)));
     }
     if let Some(addr) = &args.tcp {
         return Ok((Transport::Tcp(addr.clone()), None));
@@ -244,6 +277,7 @@ fn line(args: &ProbeArgs) -> Result<(Transport, Option<Duration>), ProbeCliError
                 },
                 data_bits: 8,
                 stop_bits: args.stop_bits,
+                rs485: args.rs485,
             },
             None,
         ));
@@ -261,13 +295,24 @@ fn describe(t: &Transport) -> String {
             parity,
             data_bits,
             stop_bits,
+            rs485,
         } => {
             let p = match parity {
                 Parity::None => 'N',
                 Parity::Even => 'E',
                 Parity::Odd => 'O',
             };
-            format!("serial {path} {baud} {data_bits}{p}{stop_bits}")
+            let mode = rs485.map_or_else(String::new, |r| {
+                let level = |high: bool| if high { "high" } else { "low" };
+                format!(
+                    " rs485 (RTS {} while sending, {} after; delays {}ms / {}ms)",
+                    level(r.rts_on_send),
+                    level(r.rts_after_send),
+                    r.delay_before_send.as_millis(),
+                    r.delay_after_send.as_millis()
+                )
+            });
+            format!("serial {path} {baud} {data_bits}{p}{stop_bits}{mode}")
         }
     }
 }
@@ -294,6 +339,49 @@ fn serial_by_id() -> Vec<String> {
     out
 }
 
+/// `fieldgate check`'s notes on the serial buses of a valid configuration: for each bus with `rs485`,
+/// what happens when the port refuses RS-485 mode, and a warning when the device is a USB adapter
+/// (which always refuses it). Reads only where the device path leads (no port is opened: the daemon
+/// may hold it).
+pub(crate) fn check_notes(cfg: &config::Config, config_path: &std::path::Path) -> Vec<String> {
+    cfg.buses
+        .iter()
+        .filter_map(|bus| match &bus.transport {
+            Transport::Serial {
+                path, rs485: Some(_), ..
+            } => {
+                let resolved = std::fs::canonicalize(path).ok();
+                Some(rs485_note(&bus.name, path, resolved.as_deref(), config_path))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The note on one bus with `rs485` on `path` (which leads to `resolved`, when it exists).
+fn rs485_note(bus: &str, path: &str, resolved: Option<&std::path::Path>, config_path: &std::path::Path) -> String {
+    let usb = resolved
+        .and_then(|r| r.file_name())
+        .and_then(|n| n.to_str())
+        .filter(|n| n.starts_with("ttyUSB") || n.starts_with("ttyACM"));
+    if let (Some(real), Some(name)) = (resolved, usb) {
+        return format!(
+            "bus `{bus}`: rs485 is set, but {path} is a USB adapter ({name}, {}): USB adapters switch direction by \
+             themselves and refuse the kernel's RS-485 mode (ENOTTY, \"Inappropriate ioctl for device\"), so the \
+             bus would stay down: remove `rs485` from this bus",
+            real.display()
+        );
+    }
+    format!(
+        "bus `{bus}`: rs485 is set: {path} is put in the kernel's RS-485 mode each time it opens. A port that \
+         refuses it keeps the bus down (retried with backoff; the kernel's answer in the log and /healthz): \
+         ENOTTY (\"Inappropriate ioctl for device\") means it is not a UART with RS-485 support, e.g. a USB \
+         adapter that switches direction by itself: remove `rs485`; EINVAL means the UART driver refuses these \
+         settings. Try it with the service stopped: fieldgate probe --config {} --bus {bus} --unit N --address A",
+        config_path.display()
+    )
+}
+
 /// What to check next after `e`, in plain words. `by_id` lists `/dev/serial/by-id/` (for a missing device).
 fn advice(e: &ProbeError, transport: &Transport, unit: u8, by_id: &[String]) -> String {
     let serial = matches!(transport, Transport::Serial { .. });
@@ -314,6 +402,7 @@ fn advice(e: &ProbeError, transport: &Transport, unit: u8, by_id: &[String]) -> 
         ProbeError::Open {
             kind: "permission", ..
         } => "Your user may not open the port: add it to the dialout group (`sudo usermod -aG dialout $USER`, then log in again), or run the probe with sudo. The service gets it through SupplementaryGroups=dialout.".into(),
+        ProbeError::Open { kind: "rs485", .. } => "The port refused the kernel's RS-485 mode (the reason is above). A USB RS-485 adapter switches direction by itself: probe without --rs485 (and leave `rs485` out of its bus). On a board's own UART, check that its driver has RS-485 enabled (device tree) and try the opposite RTS levels: --rs485 rts_on_send=false.".into(),
         ProbeError::Open { kind: "busy", .. } => "Another program holds the port: if the fieldgate daemon polls this line, `sudo systemctl stop fieldgate` while probing.".into(),
         ProbeError::Open { kind: "refused", .. } => "Nothing listens at that address: check the IP address and port (Modbus TCP is usually 502) and that the device or device server is powered and configured.".into(),
         ProbeError::Open {
@@ -526,6 +615,7 @@ mod tests {
             parity: Parity::None,
             data_bits: 8,
             stop_bits: 1,
+            rs485: None,
         };
         let missing = ProbeError::Open {
             kind: "missing",
@@ -555,6 +645,76 @@ mod tests {
         assert!(a.contains("--address") && a.contains("--table"), "{a}");
         let e = ProbeError::Exception { code: 2 };
         assert!(e.to_string().contains("illegal data address"), "{e}");
+    }
+
+    #[test]
+    fn check_warns_of_rs485_on_a_usb_adapter_and_explains_it_otherwise() {
+        let cfg = std::path::Path::new("/etc/fieldgate/fieldgate.toml");
+        let by_id = "/dev/serial/by-id/usb-FTDI_FT232R-if00-port0";
+        let usb = rs485_note("b", by_id, Some(std::path::Path::new("/dev/ttyUSB0")), cfg);
+        assert!(
+            usb.starts_with(&format!(
+                "bus `b`: rs485 is set, but {by_id} is a USB adapter (ttyUSB0, /dev/ttyUSB0)"
+            )),
+            "{usb}"
+        );
+        assert!(
+            usb.contains("ENOTTY") && usb.contains("remove `rs485` from this bus"),
+            "{usb}"
+        );
+        let uart = rs485_note("b", "/dev/ttymxc2", Some(std::path::Path::new("/dev/ttymxc2")), cfg);
+        assert!(
+            uart.contains("/dev/ttymxc2 is put in the kernel's RS-485 mode"),
+            "{uart}"
+        );
+        assert!(uart.contains("ENOTTY") && uart.contains("EINVAL"), "{uart}");
+        assert!(
+            uart.contains("fieldgate probe --config /etc/fieldgate/fieldgate.toml --bus b"),
+            "{uart}"
+        );
+        // A device that is not there (yet) gets the general note.
+        assert!(rs485_note("b", "/dev/ttyS9", None, cfg).contains("/dev/ttyS9 is put in"));
+    }
+
+    #[test]
+    fn rs485_parses_alone_or_with_keys_and_only_for_serial_lines() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["x", "--serial", "/dev/ttymxc2", "--unit", "1", "--address", "0"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.args)
+        };
+        assert_eq!(parse(&[]).unwrap().rs485, None);
+        assert_eq!(parse(&["--rs485"]).unwrap().rs485, Some(Rs485::DEFAULT));
+        let a = parse(&["--rs485", "rts_on_send=false,delay_after_send=2ms"]).unwrap();
+        let want = Rs485 {
+            rts_on_send: false,
+            rts_after_send: true,
+            delay_before_send: Duration::ZERO,
+            delay_after_send: Duration::from_millis(2),
+        };
+        assert_eq!(a.rs485, Some(want));
+        assert!(matches!(line(&a).unwrap().0, Transport::Serial { rs485: Some(r), .. } if r == want));
+        assert!(describe(&line(&a).unwrap().0).ends_with("rs485 (RTS low while sending, high after; delays 0ms / 2ms)"));
+        // `--rs485` alone before another option takes no value.
+        let mut argv = vec![
+            "x",
+            "--serial",
+            "/dev/ttymxc2",
+            "--rs485",
+            "--unit",
+            "1",
+            "--address",
+            "0",
+        ];
+        assert_eq!(Cli::try_parse_from(&argv).unwrap().args.rs485, Some(Rs485::DEFAULT));
+        argv[3] = "--rs485=delay_before_send=101ms";
+        let e = Cli::try_parse_from(&argv)
+            .err()
+            .expect("a delay past 100ms is refused")
+            .to_string();
+        assert!(e.contains("allowed 0ms to 100ms"), "{e}");
+        let tcp = Cli::try_parse_from(["x", "--tcp", "h:502", "--rs485", "--unit", "1", "--address", "0"]);
+        assert!(tcp.is_err(), "--rs485 is for serial lines");
     }
 
     #[test]

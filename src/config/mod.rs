@@ -31,9 +31,10 @@ mod validate;
 pub(crate) use self::error::read_error;
 pub use self::error::{ConfigError, ConfigIssue};
 pub use self::types::{
-    AdminConfig, Auth, BusConfig, Config, Limits, MeterConfig, OutboxConfig, PandaConfig, Parity, ReadingSpec,
+    AdminConfig, Auth, BusConfig, Config, Limits, MeterConfig, OutboxConfig, PandaConfig, Parity, ReadingSpec, Rs485,
     SiteConfig, Threshold, Transport, ValveSpec,
 };
 pub(crate) use self::types::{EventKind, EventRule, Side, LOGIN_BACKOFF_MAX, OFFLINE, ONLINE};
 pub(crate) use self::units::format_byte_size;
+pub(crate) use self::validate::parse_rs485_option;
 pub use self::validate::{load, parse};

@@ -1,7 +1,8 @@
 //! The raw form: the serde structs exactly as the TOML is written. Unknown keys are refused
 //! (`deny_unknown_fields`, so a misspelt key is an error, not a silent default) and the values an
-//! issue may be reported at keep their span (`Spanned`), so the validator can name the line. Nothing
-//! here checks a value: that is the validator's job (`validate/`).
+//! issue may be reported at keep their span (`Spanned`), so the validator can name the line (the
+//! `rs485` and `fields` tables are read as plain tables, [`RawTable`]: the validator checks their
+//! keys). Nothing here checks a value: that is the validator's job (`validate/`).
 
 use std::collections::BTreeMap;
 
@@ -132,7 +133,15 @@ pub(super) struct RawBus {
     pub(super) frame_gap: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) guard: Option<Spanned<String>>,
+    /// `rs485 = { rts_on_send = true, … }`, read as a plain table (keys checked by the validator): the
+    /// same type as `[[event]] fields`, so no second TOML deserializer is compiled in (the binary's size
+    /// bound, BENCHMARKS.md row 7).
+    #[serde(default)]
+    pub(super) rs485: Option<Spanned<RawTable>>,
 }
+
+/// An inline table read as it is written: keys to values, each value with its span.
+pub(super) type RawTable = BTreeMap<String, Spanned<toml::Value>>;
 
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -206,5 +215,5 @@ pub(super) struct RawEvent {
     #[serde(default)]
     pub(super) while_valve: Option<Spanned<String>>,
     #[serde(default)]
-    pub(super) fields: Option<Spanned<BTreeMap<String, Spanned<toml::Value>>>>,
+    pub(super) fields: Option<Spanned<RawTable>>,
 }

@@ -207,6 +207,9 @@ pub enum Transport {
         data_bits: u8,
         /// 1 or 2.
         stop_bits: u8,
+        /// `rs485`: the kernel's RS-485 mode, set when the port opens; `None`: the port's mode is
+        /// left as it is (USB adapters switch direction by themselves).
+        rs485: Option<Rs485>,
     },
     /// Modbus RTU frames over a TCP socket (RS-485 device server).
     RtuOverTcp(String),
@@ -226,6 +229,36 @@ impl Transport {
         !matches!(self, Transport::Tcp(_))
     }
 }
+
+/// `[[bus]] rs485`: the kernel's RS-485 mode of an on-board UART (i.MX, AM335x, Raspberry Pi HATs), whose
+/// transceiver's direction (DE/RE) the UART drives with RTS. USB adapters switch direction by themselves
+/// and have no such mode. Applied with `TIOCSRS485` after every open of the port (`modbus::rs485`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rs485 {
+    /// RTS level while sending (`true`: high). Default `true`.
+    pub rts_on_send: bool,
+    /// RTS level after sending. Default: the opposite of `rts_on_send` (the kernel refuses both equal).
+    pub rts_after_send: bool,
+    /// RTS is set this long before the first bit is sent (whole milliseconds, at most 100 ms, the
+    /// kernel's limit). Default 0.
+    pub delay_before_send: Duration,
+    /// RTS is held this long after the last bit (whole milliseconds, at most 100 ms). Default 0.
+    pub delay_after_send: Duration,
+}
+
+impl Rs485 {
+    /// `rs485 = {}`: RTS high while sending, low after, no delays.
+    pub const DEFAULT: Rs485 = Rs485 {
+        rts_on_send: true,
+        rts_after_send: false,
+        delay_before_send: Duration::ZERO,
+        delay_after_send: Duration::ZERO,
+    };
+}
+
+/// The longest `rs485` delay: the kernel's own limit (`RS485_MAX_RTS_DELAY`, 100 ms; it clamps longer
+/// ones), so what is configured is what the port does.
+pub(crate) const MAX_RS485_DELAY: Duration = Duration::from_millis(100);
 
 /// `[[bus]]`.
 #[derive(Debug, Clone)]

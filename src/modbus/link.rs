@@ -14,6 +14,8 @@
 //! - RTU waits `frame_gap` after every answer (tokio-modbus does not keep the 3.5-character gap).
 //! - A failed open is retried with backoff, no sooner; an open that succeeds after failed ones tells
 //!   the bus task (`came_up`) so it retries its offline meters at once.
+//! - A serial bus with `rs485` gets the kernel's RS-485 mode right after every open (`rs485.rs`); a port
+//!   that refuses it is a failed open, like a missing device.
 //! - Opening, clearing and closing a serial port are blocking system calls (open, ioctl, termios; a USB
 //!   adapter's driver talks to the adapter in them, and a tty close may wait for output to drain): they
 //!   run in `spawn_blocking`, never on an async worker. TCP connects are asynchronous already.
@@ -37,7 +39,7 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::point::Table;
-use crate::config::{BusConfig, Parity, Transport};
+use crate::config::{BusConfig, Parity, Rs485, Transport};
 use crate::modbus::plan::Block;
 use crate::modbus::stats::{bump, BusStats, Seen};
 
@@ -187,6 +189,7 @@ impl Link {
                     bump(&self.stats.reconnects);
                 }
                 self.stats.up.store(true, Ordering::Relaxed);
+                self.stats.set_open_error(None);
                 self.retry_at = None;
                 self.backoff.reset();
                 if self.up != Some(true) {
@@ -202,6 +205,7 @@ impl Link {
             Err(e) => {
                 bump(&self.stats.connect_failures);
                 self.stats.up.store(false, Ordering::Relaxed);
+                self.stats.set_open_error(Some(&e.message));
                 let delay = self.backoff.next_delay();
                 self.retry_at = Some(Instant::now() + delay);
                 if self.up != Some(false) || self.down_kind != Some(e.kind) {
@@ -391,6 +395,7 @@ pub(super) async fn open(transport: &Transport, limit: Duration) -> Result<Conte
             parity,
             data_bits,
             stop_bits,
+            rs485,
         } => {
             let builder = tokio_serial::new(path.as_str(), *baud)
                 .parity(match parity {
@@ -408,10 +413,10 @@ pub(super) async fn open(transport: &Transport, limit: Duration) -> Result<Conte
                 } else {
                     tokio_serial::StopBits::One
                 });
-            let owned = path.clone();
+            let (owned, rs485) = (path.clone(), *rs485);
             // Blocking system calls: off the async workers (module doc). The blocking pool has the
             // runtime's context, so the stream registers with its reactor there.
-            let port = tokio::task::spawn_blocking(move || open_serial(&builder, &owned))
+            let port = tokio::task::spawn_blocking(move || open_serial(&builder, &owned, rs485.as_ref()))
                 .await
                 .map_err(|e| OpenError {
                     kind: "serial",
@@ -422,9 +427,21 @@ pub(super) async fn open(transport: &Transport, limit: Duration) -> Result<Conte
     }
 }
 
-/// Open a serial port and discard its input buffer. Blocking: call it in `spawn_blocking`.
-fn open_serial(builder: &tokio_serial::SerialPortBuilder, path: &str) -> Result<tokio_serial::SerialStream, OpenError> {
+/// Open a serial port, put it in RS-485 mode if the bus says so, and discard its input buffer.
+/// Blocking: call it in `spawn_blocking`. A port that refuses RS-485 mode is a failed open (kind
+/// `rs485`, retried with backoff like a missing device): on a real UART the bus would stay silent.
+fn open_serial(
+    builder: &tokio_serial::SerialPortBuilder,
+    path: &str,
+    rs485: Option<&Rs485>,
+) -> Result<tokio_serial::SerialStream, OpenError> {
     let port = tokio_serial::SerialStream::open(builder).map_err(|e| serial_open_error(path, &e))?;
+    if let Some(cfg) = rs485 {
+        crate::modbus::rs485::apply(&port, path, cfg).map_err(|e| OpenError {
+            kind: "rs485",
+            message: e.to_string(),
+        })?;
+    }
     // Stale bytes survive close and reopen (notes §4.3): discard them before the first request.
     port.clear(tokio_serial::ClearBuffer::Input).map_err(|e| OpenError {
         kind: "clear",

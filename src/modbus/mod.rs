@@ -9,6 +9,7 @@
 //! - `plan`: the read planner: a meter's points merged into as few requests as the tables allow.
 //! - `link`: the connection to a bus (TCP, RTU serial, RTU over TCP): opening it, one request with its
 //!   timeout and answer checks, and when a connection is poisoned and reopened.
+//! - `rs485`: the kernel's RS-485 mode of an on-board UART (`TIOCSRS485`), set by `link` on every open.
 //! - `point`: decoding raw registers or bits into a number and its decimal string (pure).
 //! - [`bus`]: the task of one `[[bus]]`: rounds, offline meters and their retry backoff.
 //! - [`stats`]: the bus counters and each meter's answer times and late answers.
@@ -21,4 +22,5 @@ pub(crate) mod link;
 pub(crate) mod plan;
 pub(crate) mod point;
 pub mod probe;
+pub(crate) mod rs485;
 pub mod stats;

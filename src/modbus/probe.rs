@@ -42,8 +42,8 @@ pub enum ProbeError {
     /// The port or connection cannot be opened.
     #[error("{message}")]
     Open {
-        /// A bounded kind: `missing`, `permission`, `busy`, `serial`, `clear`, `refused`, `connect`,
-        /// `connect_timeout`.
+        /// A bounded kind: `missing`, `permission`, `busy`, `serial`, `clear`, `rs485` (the port refused
+        /// RS-485 mode), `refused`, `connect`, `connect_timeout`.
         kind: &'static str,
         /// What failed, in words.
         message: String,

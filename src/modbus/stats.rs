@@ -65,6 +65,8 @@ pub struct BusStats {
     /// Answer times, late answers and retry period of each meter of the bus, by `meter_no`; replaced
     /// when the bus task starts (daemon start, reload).
     pub(super) meters: Mutex<BTreeMap<String, MeterLink>>,
+    /// Why the last open failed, in words (`None` once an open succeeds): health and `/buses` show it.
+    open_error: Mutex<Option<String>>,
 }
 
 /// A plain copy of [`BusStats`].
@@ -102,6 +104,20 @@ impl BusStats {
             None => {
                 meters.insert(meter_no.to_string(), link);
             }
+        }
+    }
+
+    /// Why the port or connection could not be opened the last time it was tried; `None` while it is up
+    /// (or before the first try).
+    pub(crate) fn open_error(&self) -> Option<String> {
+        self.open_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Set on a failed open (written only when it changes: a bus down retries with backoff).
+    pub(super) fn set_open_error(&self, error: Option<&str>) {
+        let mut slot = self.open_error.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_deref() != error {
+            *slot = error.map(str::to_string);
         }
     }
 

@@ -172,6 +172,7 @@ fn buses(state: &AdminState) -> Vec<BusView> {
                 endpoint: bus.transport.endpoint().to_string(),
                 up: s.up,
                 tried: s.connects + s.connect_failures > 0,
+                open_error: stats.open_error(),
                 meters: on_bus().count(),
                 meters_online: on_bus().filter(|(v, _)| v.online).count(),
                 requests: s.requests,

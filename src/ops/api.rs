@@ -246,6 +246,9 @@ pub(crate) struct BusView {
     pub(crate) up: bool,
     /// Whether an open was tried at all yet (`up` means nothing before).
     pub(crate) tried: bool,
+    /// Why the last open failed, while the bus is down (e.g. a port that refuses RS-485 mode).
+    #[serde(default)]
+    pub(crate) open_error: Option<String>,
     /// Meters on the bus.
     pub(crate) meters: usize,
     /// Of them, online.

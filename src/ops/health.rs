@@ -192,11 +192,14 @@ fn field_findings(field: &FieldView) -> Vec<Finding> {
             if let Some(d) = down.get_mut(i) {
                 *d = true;
             }
+            let why = stats
+                .open_error()
+                .map_or_else(|| "see the log for why".to_string(), |e| format!("last error: {e}"));
             out.push(Finding {
                 status: Status::Critical,
                 code: "bus_down".into(),
                 message: format!(
-                    "bus {} ({}) cannot be opened: its meters are not read; it is retried by itself (see the log for why)",
+                    "bus {} ({}) cannot be opened: its meters are not read; it is retried by itself ({why})",
                     bus.name,
                     bus.transport.endpoint()
                 ),

@@ -24,6 +24,7 @@ use crate::config::types::Config;
 use crate::config::units::parse_byte_size;
 
 mod buses;
+pub(crate) use self::buses::parse_rs485_option;
 mod events;
 mod meters;
 mod sections;
@@ -264,7 +265,7 @@ impl<'a> Validator<'a> {
 mod tests {
     use super::test_sites::with_events;
     use super::*;
-    use crate::config::types::EventKind;
+    use crate::config::types::{EventKind, Rs485, Transport};
 
     #[test]
     fn an_unquoted_chinese_key_gets_a_hint() {
@@ -416,6 +417,18 @@ to = "离线"
             ("SERIAL", "baud = 4000001", "bus[1].baud", "allowed 300..=4000000"),
             ("SERIAL", "data_bits = 9", "bus[1].data_bits", "allowed 7..=8"),
             ("SERIAL", "stop_bits = 3", "bus[1].stop_bits", "allowed 1..=2"),
+            (
+                "SERIAL",
+                "rs485 = { delay_before_send = \"101ms\" }",
+                "bus[1].rs485.delay_before_send",
+                "allowed 0ms to 100ms",
+            ),
+            (
+                "SERIAL",
+                "rs485 = { delay_after_send = \"1000000000years\" }",
+                "bus[1].rs485.delay_after_send",
+                "allowed 0ms to 100ms",
+            ),
             ("PROFILE", "confirm = 101", "meter[1].confirm", "allowed 1..=100"),
             ("METER", "confirm = 1000000", "meter[0].confirm", "allowed 1..=100"),
             (
@@ -445,6 +458,142 @@ to = "离线"
                 "{line}: says what is allowed ({allowed})\n{e}"
             );
             assert!(issue.to_string().contains("fieldgate.toml:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn rs485_is_read_with_its_defaults_and_absent_leaves_the_port_alone() {
+        let serial = |r: Result<Config, ConfigError>| match r.unwrap_or_else(|e| panic!("{e}")).buses[1].transport {
+            Transport::Serial { rs485, .. } => rs485,
+            ref other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            serial(with_line("NONE", "").1),
+            None,
+            "absent: the port's mode is not touched"
+        );
+        assert_eq!(serial(with_line("SERIAL", "rs485 = {}").1), Some(Rs485::DEFAULT));
+        let ms = Duration::from_millis;
+        let cases = [
+            ("rs485 = { rts_on_send = false }", (false, true, 0, 0)),
+            ("rs485 = { rts_after_send = true }", (false, true, 0, 0)),
+            ("rs485 = { rts_after_send = false }", (true, false, 0, 0)),
+            (
+                "rs485 = { rts_on_send = true, rts_after_send = false, delay_before_send = \"0ms\", delay_after_send = \"0ms\" }",
+                (true, false, 0, 0),
+            ),
+            (
+                "rs485 = { delay_before_send = \"2ms\", delay_after_send = \"100ms\" }",
+                (true, false, 2, 100),
+            ),
+        ];
+        for (line, (on, after, before_ms, after_ms)) in cases {
+            assert_eq!(
+                serial(with_line("SERIAL", line).1),
+                Some(Rs485 {
+                    rts_on_send: on,
+                    rts_after_send: after,
+                    delay_before_send: ms(before_ms),
+                    delay_after_send: ms(after_ms),
+                }),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_rs485_mistake_is_one_error_at_its_own_line() {
+        // (marker, the line, field, words of the message)
+        let cases = [
+            ("BUS", "rs485 = {}", "bus[0].rs485", "rs485 is for serial buses only"),
+            (
+                "SERIAL",
+                "rs485 = { rts_on_send = true, rts_after_send = true }",
+                "bus[1].rs485.rts_after_send",
+                "are both true",
+            ),
+            (
+                "SERIAL",
+                "rs485 = { rts_on_send = false, rts_after_send = false }",
+                "bus[1].rs485.rts_after_send",
+                "are both false",
+            ),
+            (
+                "SERIAL",
+                "rs485 = { delay_before_send = \"1500us\" }",
+                "bus[1].rs485.delay_before_send",
+                "`1500us` is not a whole number of milliseconds: allowed 0ms to 100ms",
+            ),
+            (
+                "SERIAL",
+                "rs485 = { delay_after_send = \"soon\" }",
+                "bus[1].rs485.delay_after_send",
+                "`soon` is not a duration",
+            ),
+        ];
+        for (marker, line, field, words) in cases {
+            let (text, r) = with_line(marker, line);
+            let e = r.expect_err(line);
+            assert_eq!(e.issues.len(), 1, "{line}: one error\n{e}");
+            let issue = &e.issues[0];
+            let want = text.lines().position(|l| l == line).map(|i| i + 1);
+            assert_eq!(issue.line, want, "{line}: at its own line\n{e}");
+            assert_eq!(issue.field, field, "{line}\n{e}");
+            assert!(issue.message.contains(words), "{line}: says `{words}`\n{e}");
+        }
+        // Keys and types: each error names the key and what is allowed, at the key's own line.
+        let cases = [
+            (
+                "[bus.rs485]\nrts_on_sent = true",
+                "rts_on_sent = true",
+                "bus[1].rs485.rts_on_sent",
+                "unknown key: the keys of rs485 are rts_on_send, rts_after_send, delay_before_send, delay_after_send",
+            ),
+            (
+                "[bus.rs485]\nrts_on_send = 1",
+                "rts_on_send = 1",
+                "bus[1].rs485.rts_on_send",
+                "`1` is not true or false",
+            ),
+            (
+                "[bus.rs485]\ndelay_after_send = 2",
+                "delay_after_send = 2",
+                "bus[1].rs485.delay_after_send",
+                "`2` is not a duration: write it as text, e.g. \"2ms\"",
+            ),
+        ];
+        for (lines, line, field, words) in cases {
+            let (text, r) = with_line("SERIAL", lines);
+            let e = r.expect_err(lines);
+            assert_eq!(e.issues.len(), 1, "{lines}: one error\n{e}");
+            let want = text.lines().position(|l| l == line).map(|i| i + 1);
+            assert_eq!(e.issues[0].line, want, "{lines}: at its own line\n{e}");
+            assert_eq!(e.issues[0].field, field, "{e}");
+            assert!(e.issues[0].message.contains(words), "{lines}: says `{words}`\n{e}");
+        }
+    }
+
+    #[test]
+    fn the_probe_option_takes_the_same_keys_defaults_and_bounds() {
+        assert_eq!(parse_rs485_option(""), Ok(Rs485::DEFAULT));
+        assert_eq!(
+            parse_rs485_option("rts_on_send=false, delay_before_send=\"3ms\",delay_after_send=1ms"),
+            Ok(Rs485 {
+                rts_on_send: false,
+                rts_after_send: true,
+                delay_before_send: Duration::from_millis(3),
+                delay_after_send: Duration::from_millis(1),
+            })
+        );
+        for (bad, words) in [
+            ("delay_before_send=200ms", "allowed 0ms to 100ms"),
+            ("rts_on_send=yes", "`yes` is not true or false"),
+            ("rts_on_send=true,rts_after_send=true", "are both true"),
+            ("rts", "is not KEY=VALUE"),
+            ("speed=fast", "speed: unknown key: the keys of rs485 are rts_on_send,"),
+        ] {
+            let e = parse_rs485_option(bad).expect_err(bad);
+            assert!(e.contains(words), "{bad}: {e}");
         }
     }
 
