@@ -23,6 +23,9 @@ mod flaky;
 mod ops;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
 mod outbox_model;
+/// `fieldgate scan` against the simulator over TCP and on socat ptys: units found, `--json`,
+/// `--emit-config` validated, a garbled setting given up.
+mod scan;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
 mod sender;
 /// The small file systems the disk-fault tests mount.

@@ -36,4 +36,5 @@ pub use self::types::{
 };
 pub(crate) use self::types::{EventKind, EventRule, Side, LOGIN_BACKOFF_MAX, OFFLINE, ONLINE};
 pub(crate) use self::units::format_byte_size;
+pub(crate) use self::validate::frame_gap_for;
 pub use self::validate::{load, parse};

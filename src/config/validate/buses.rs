@@ -130,8 +130,9 @@ impl Validator<'_> {
     }
 }
 
-/// t3.5 for a baud rate, as the Modbus serial line spec fixes it (1.75 ms above 19200).
-fn frame_gap_for(baud: u32) -> Duration {
+/// t3.5 for a baud rate, as the Modbus serial line spec fixes it (1.75 ms above 19200). Also the gap
+/// `fieldgate scan` keeps and counts in its timeout.
+pub(crate) fn frame_gap_for(baud: u32) -> Duration {
     if baud > 19200 {
         Duration::from_micros(1750)
     } else {
