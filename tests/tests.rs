@@ -29,6 +29,9 @@ mod outbox_model;
 /// RS-485 mode on a pty that refuses it (ENOTTY): the bus down with the kernel's answer in the log,
 /// `/healthz` and `/buses`, retried with backoff, polling after a reload without it; `probe --rs485`.
 mod rs485;
+/// `fieldgate scan` against the simulator over TCP and on socat ptys: units found, `--json`,
+/// `--emit-config` validated, a garbled setting given up.
+mod scan;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
 mod sender;
 /// The small file systems the disk-fault tests mount.

@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `status`, `probe`, `outbox`, `demo`, `simulate`, `mock-panda`. Thin:
+//! The command line: `run`, `check`, `status`, `probe`, `scan`, `outbox`, `demo`, `simulate`, `mock-panda`. Thin:
 //! each subcommand parses its arguments and calls the library. Exit codes: 0 done, 1 failed at run time,
 //! 2 bad configuration or arguments.
 //!
@@ -10,9 +10,10 @@
 //! - [`status`]: `fieldgate status`, the daemon's health, buses, meters and outbox as tables.
 //! - [`outbox`]: `fieldgate outbox …`, on a stopped daemon's state directory or through the admin API.
 //! - [`probe`]: `fieldgate probe`, one Modbus read printed in every word and byte order.
+//! - [`scan`]: `fieldgate scan`, the units that answer on a line, at which settings, with what.
 //! - `table`: the text layout they share (aligned columns, short durations).
 //!
-//! Imports run one way: `table` ← `status` ← `outbox`, `table` ← `probe`, and `admin_client` ← `status`
+//! Imports run one way: `table` ← `status` ← `outbox`, `table` ← `probe` ← `scan`, and `admin_client` ← `status`
 //! and `outbox`. The admin API's answers are read as [`crate::ops::api`] types; the server
 //! ([`crate::ops::admin`]) is never imported.
 //!
@@ -29,6 +30,7 @@ use crate::config;
 pub mod admin_client;
 pub mod outbox;
 pub mod probe;
+pub mod scan;
 pub mod status;
 pub(crate) mod table;
 
@@ -82,6 +84,8 @@ enum Command {
     Status(crate::cli::status::StatusArgs),
     /// Read registers or bits once and print them in every word and byte order (commissioning).
     Probe(crate::cli::probe::ProbeArgs),
+    /// Find the meters on a line: which unit ids answer, at which baud rate and parity, with what.
+    Scan(crate::cli::scan::ScanArgs),
 }
 
 /// Entry point of the binary.
@@ -89,6 +93,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Demo(_) => "warn",
+        // A wrong baud rate garbles every answer, and tokio-modbus logs each one it cannot decode: the
+        // scan counts and reports them itself.
+        Command::Scan(_) => "warn,tokio_modbus=off",
         _ => "info",
     };
     init_logging(cli.log_format, default_level);
@@ -112,6 +119,7 @@ async fn dispatch(command: Command) -> ExitCode {
         Command::Outbox(args) => report(crate::cli::outbox::outbox_main(args).await),
         Command::Status(args) => report(crate::cli::status::status_main(args).await),
         Command::Probe(args) => report(crate::cli::probe::probe_main(args).await),
+        Command::Scan(args) => report(crate::cli::scan::scan_main(args).await),
     }
 }
 

@@ -327,7 +327,7 @@ fn span(address: u16, count: u16) -> String {
 }
 
 /// Entries of `/dev/serial/by-id/`, sorted; empty when there are none (or no such folder).
-fn serial_by_id() -> Vec<String> {
+pub(super) fn serial_by_id() -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(SERIAL_BY_ID)
         .map(|dir| {
             dir.filter_map(Result::ok)
@@ -383,7 +383,7 @@ fn rs485_note(bus: &str, path: &str, resolved: Option<&std::path::Path>, config_
 }
 
 /// What to check next after `e`, in plain words. `by_id` lists `/dev/serial/by-id/` (for a missing device).
-fn advice(e: &ProbeError, transport: &Transport, unit: u8, by_id: &[String]) -> String {
+pub(super) fn advice(e: &ProbeError, transport: &Transport, unit: u8, by_id: &[String]) -> String {
     let serial = matches!(transport, Transport::Serial { .. });
     match e {
         ProbeError::Range { .. } => "Ask for 1..125 registers or 1..2000 bits, within addresses 0..65535.".into(),

@@ -36,5 +36,6 @@ pub use self::types::{
 };
 pub(crate) use self::types::{EventKind, EventRule, Side, LOGIN_BACKOFF_MAX, OFFLINE, ONLINE};
 pub(crate) use self::units::format_byte_size;
+pub(crate) use self::validate::frame_gap_for;
 pub(crate) use self::validate::parse_rs485_option;
 pub use self::validate::{load, parse};

@@ -1,6 +1,6 @@
 //! The link: one port or connection to a bus (Modbus TCP, RTU on a serial device, RTU over TCP), a
 //! request with its timeout and answer checks, and the rules for when the connection is poisoned and
-//! reopened. [`Link::read`] is the one way the bus task and `fieldgate probe` read a block.
+//! reopened. [`Link::read`] is the one way the bus task, `fieldgate probe` and `fieldgate scan` read a block.
 //!
 //! Invariants, because a silently wrong register value makes false or missed work orders
 //! (`shared/notes/tokio-modbus.md` is the evidence for each):
@@ -380,15 +380,35 @@ async fn pause(d: Duration) {
 ///
 /// A free function, so no `&Link` (which holds a non-`Sync` context) lives across its awaits.
 pub(super) async fn open(transport: &Transport, limit: Duration) -> Result<Context, OpenError> {
+    Ok(match open_port(transport, limit).await? {
+        Port::Tcp(stream) => attach(transport, stream),
+        Port::Serial(port) => attach(transport, port),
+    })
+}
+
+/// An opened port or connection, before the Modbus framing is put on it (`fieldgate scan` wraps it
+/// to count the bytes that come back, so that garbage is told from silence).
+#[derive(Debug)]
+pub(super) enum Port {
+    Tcp(tokio::net::TcpStream),
+    Serial(tokio_serial::SerialStream),
+}
+
+/// Put the transport's framing on an opened port: Modbus TCP, or RTU (serial and RTU over TCP).
+pub(super) fn attach<T>(transport: &Transport, stream: T) -> Context
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Unpin + Send + 'static,
+{
     match transport {
-        Transport::Tcp(addr) => {
-            let stream = connect_tcp(addr, limit).await?;
-            Ok(tcp::attach_slave(stream, Slave(1)))
-        }
-        Transport::RtuOverTcp(addr) => {
-            let stream = connect_tcp(addr, limit).await?;
-            Ok(rtu::attach_slave(stream, Slave(1)))
-        }
+        Transport::Tcp(_) => tcp::attach_slave(stream, Slave(1)),
+        Transport::RtuOverTcp(_) | Transport::Serial { .. } => rtu::attach_slave(stream, Slave(1)),
+    }
+}
+
+/// Open the port or connection of `transport` (a connect is bounded by `limit`); see [`open`].
+pub(super) async fn open_port(transport: &Transport, limit: Duration) -> Result<Port, OpenError> {
+    match transport {
+        Transport::Tcp(addr) | Transport::RtuOverTcp(addr) => Ok(Port::Tcp(connect_tcp(addr, limit).await?)),
         Transport::Serial {
             path,
             baud,
@@ -422,7 +442,7 @@ pub(super) async fn open(transport: &Transport, limit: Duration) -> Result<Conte
                     kind: "serial",
                     message: format!("opening {path} failed: {e}"),
                 })??;
-            Ok(rtu::attach_slave(port, Slave(1)))
+            Ok(Port::Serial(port))
         }
     }
 }

@@ -15,6 +15,8 @@
 //! - [`stats`]: the bus counters and each meter's answer times and late answers.
 //! - [`cycle`]: what a round produces, handed to the recorder.
 //! - [`probe`]: `read_once` for `fieldgate probe`, through the same link.
+//! - `scan`: one try of one unit for `fieldgate scan` (answer, exception, late, garbage or silence) on a
+//!   line kept open between tries, through the same link; the timeout from the wire time.
 
 pub mod bus;
 pub mod cycle;
@@ -23,4 +25,5 @@ pub(crate) mod plan;
 pub(crate) mod point;
 pub mod probe;
 pub(crate) mod rs485;
+pub(crate) mod scan;
 pub mod stats;

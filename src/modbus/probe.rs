@@ -80,7 +80,7 @@ impl ProbeError {
 }
 
 /// The name the Modbus application protocol gives an exception code.
-fn exception_name(code: u8) -> &'static str {
+pub(crate) fn exception_name(code: u8) -> &'static str {
     match code {
         0x01 => "illegal function",
         0x02 => "illegal data address",

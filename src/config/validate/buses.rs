@@ -267,8 +267,9 @@ pub(crate) fn parse_rs485_option(text: &str) -> Result<Rs485, String> {
     draft.finish()
 }
 
-/// t3.5 for a baud rate, as the Modbus serial line spec fixes it (1.75 ms above 19200).
-fn frame_gap_for(baud: u32) -> Duration {
+/// t3.5 for a baud rate, as the Modbus serial line spec fixes it (1.75 ms above 19200). Also the gap
+/// `fieldgate scan` keeps and counts in its timeout.
+pub(crate) fn frame_gap_for(baud: u32) -> Duration {
     if baud > 19200 {
         Duration::from_micros(1750)
     } else {

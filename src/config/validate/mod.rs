@@ -31,6 +31,8 @@ mod sections;
 #[cfg(test)]
 mod test_sites;
 
+pub(crate) use buses::frame_gap_for;
+
 /// The name of the environment variable that may carry the Panda password.
 const PASSWORD_ENV: &str = "FIELDGATE_PANDA_PASSWORD";
 
