@@ -23,6 +23,8 @@ mod flaky;
 mod ops;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
 mod outbox_model;
+/// The status page in headless Chromium (needs `chromium`, `chromium-driver`); what a requeue must show.
+mod page;
 /// The sender against the strict mock Panda over real HTTP, with a real sled outbox.
 mod sender;
 /// The small file systems the disk-fault tests mount.
