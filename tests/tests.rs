@@ -26,6 +26,8 @@ mod flaky;
 mod ops;
 /// The outbox against an in-memory model (proptest): no record lost, duplicated or reordered.
 mod outbox_model;
+/// The status page in headless Chromium (needs `chromium`, `chromium-driver`); what a requeue must show.
+mod page;
 /// RS-485 mode on a pty that refuses it (ENOTTY): the bus down with the kernel's answer in the log,
 /// `/healthz` and `/buses`, retried with backoff, polling after a reload without it; `probe --rs485`.
 mod rs485;

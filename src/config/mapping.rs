@@ -15,6 +15,32 @@ pub(crate) const METER_COLUMN: &str = "水表表号";
 /// The BizData key of the valve's new state (never a mapping column: the gateway fills it).
 pub(crate) const VALVE_STATE_KEY: &str = "阀门当前状态";
 
+/// The column with the customer's name, in the utility's export (a site's file may lack it).
+const CUSTOMER_NAME_COLUMN: &str = "用户名称";
+
+/// The column with the customer's number, in the utility's export (a site's file may lack it).
+const CUSTOMER_ID_COLUMN: &str = "用户编号";
+
+/// A short label of the customer among `cells` (a mapping row, or a work order's BizData): `name
+/// (number)` from the columns `用户名称` and `用户编号`, either alone if the other is missing or empty,
+/// `None` if both are. For people to read (the status page); BizData carries every column.
+pub(crate) fn customer_label<'a>(cells: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<String> {
+    let (mut name, mut id) = ("", "");
+    for (column, value) in cells {
+        match column {
+            CUSTOMER_NAME_COLUMN => name = value.trim(),
+            CUSTOMER_ID_COLUMN => id = value.trim(),
+            _ => {}
+        }
+    }
+    match (name.is_empty(), id.is_empty()) {
+        (false, false) => Some(format!("{name} ({id})")),
+        (false, true) => Some(name.to_string()),
+        (true, false) => Some(id.to_string()),
+        (true, true) => None,
+    }
+}
+
 /// A loaded mapping: header order is kept, because BizData keys follow it.
 #[derive(Debug, Clone, Default)]
 pub struct Mapping {
@@ -184,6 +210,18 @@ fn decode(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_customer_label_is_name_and_number_or_whichever_exists() {
+        let row = [("用户编号", "U1"), ("用户名称", " 张三 "), ("水表表号", "M1")];
+        assert_eq!(customer_label(row).as_deref(), Some("张三 (U1)"));
+        assert_eq!(
+            customer_label([("用户名称", "张三"), ("用户编号", "")]).as_deref(),
+            Some("张三")
+        );
+        assert_eq!(customer_label([("用户编号", "U1")]).as_deref(), Some("U1"));
+        assert_eq!(customer_label([("水表表号", "M1"), ("用户地址", "东风路")]), None);
+    }
 
     const CSV: &str = "用户编号,用户名称,水表表号,阀门口径\nU1, 张三 ,M1,DN20\nU2,李四,M2,\n";
 

@@ -17,6 +17,7 @@
 //!   - `sender/stats.rs`: [`sender::stats::SenderStats`] and
 //!     [`sender::stats::SenderSnapshot`].
 //!   - `sender/failure_log.rs`: when a failure is logged.
+//!   - `sender/recent.rs`: the last work orders delivered (bounded, in memory), for the status page.
 
 pub mod panda;
 pub mod sender;

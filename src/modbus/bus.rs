@@ -43,7 +43,7 @@ use crate::modbus::cycle::{Cycle, Sample};
 use crate::modbus::link::{Data, Failure, Link};
 use crate::modbus::plan::{plan_reads, ReadPlan, Slot};
 use crate::modbus::point::{self, Raw};
-use crate::modbus::stats::{bump, BusStats, Observed, Seen};
+use crate::modbus::stats::{bump, BusStats, LastFailure, Observed, Seen};
 
 /// The retry period of an offline meter after `failed` failed retries (0: it has just gone offline):
 /// one round (`poll`) for the first `one_round` retries, then doubling (2, 4, 8 … rounds) up to
@@ -271,6 +271,14 @@ impl BusTask {
             }
             Err(failure) => {
                 m.failures = m.failures.saturating_add(1);
+                m.observed.link.last_failure = Some(LastFailure {
+                    kind: failure.kind(),
+                    exception: match &failure {
+                        Failure::Exception(code) => Some(u8::from(*code)),
+                        _ => None,
+                    },
+                    at: Instant::now(),
+                });
                 match &failure {
                     Failure::Exception(code) if m.logged_exception != Some(*code) => {
                         m.logged_exception = Some(*code);

@@ -23,10 +23,11 @@
 //!
 //! Per meter ([`MeterLink`], shown by `/meters` and `fieldgate status`): the last answer time, the
 //! slowest of the last `ANSWER_WINDOW` answers, the counts of timeouts and late answers, the last late
-//! answer's time, and a hint ([`MeterLink::hint`]) to raise the bus `timeout` when answers come near
-//! it (the slowest recent one at `NEAR_TIMEOUT_PERCENT` % of it or more) or past it (a late answer
-//! within the last `LATE_WINDOW` requests). The figures start afresh with every start of the bus task
-//! (daemon start and each reload), so a raised timeout clears the hint.
+//! answer's time, the kind of its last failed read ([`LastFailure`]), and a hint
+//! ([`MeterLink::hint`]) to raise the bus `timeout` when answers come near it (the slowest recent one
+//! at `NEAR_TIMEOUT_PERCENT` % of it or more) or past it (a late answer within the last `LATE_WINDOW`
+//! requests). The figures start afresh with every start of the bus task (daemon start and each
+//! reload), so a raised timeout clears the hint.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -181,6 +182,20 @@ pub struct MeterLink {
     pub sees_late: bool,
     /// While the meter is offline: its current retry period. `None` while online.
     pub retry_every: Option<Duration>,
+    /// The meter's last failed read (kept after it answers again; its time tells how long ago).
+    pub last_failure: Option<LastFailure>,
+}
+
+/// A meter's last failed read: what kind of failure (a bounded name: `timeout`, `exception`,
+/// `protocol`, `transport`, `bus_down`, `decode`; the details are in the log) and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastFailure {
+    /// The kind.
+    pub kind: &'static str,
+    /// The exception code, for `exception`.
+    pub exception: Option<u8>,
+    /// When, on the monotonic clock.
+    pub at: tokio::time::Instant,
 }
 
 impl MeterLink {

@@ -3,6 +3,7 @@
 //! [`crate::ops::api`], how health is judged in [`crate::ops::health`].
 //!
 //! Routes (JSON unless said otherwise):
+//! - `GET /`: the status page (HTML; its files under `/page/`, see `crate::ops::page`).
 //! - `GET /healthz`: `ok` / `degraded` / `critical` with the reasons; HTTP 200, or 503 when critical.
 //! - `GET /metrics`: Prometheus text format (`crate::ops::metrics`).
 //! - `GET /buses`: each bus: up, requests, errors by kind, reconnects, last round time.
@@ -15,7 +16,11 @@
 //!   is the last page.
 //! - `GET /outbox/corrupt[?limit=N]`: entries of the state database that could not be read and were set
 //!   aside ([`CorruptEntry`]: what it was, size, why, first bytes); same `limit` default and bound.
+//! - `GET /deliveries`: the work orders delivered last (at most 50, newest first, kept in memory).
 //! - `POST /outbox/requeue` with `{"id": N}` or `{"all": true}`: dead letters back into the outbox.
+//!
+//! A `POST` must be JSON and, from a browser, come from the page it was sent to: every POST handler
+//! starts with `same_origin::check` (`crate::ops::same_origin`); another site's page cannot requeue.
 //!
 //! No request loads an unbounded list: every listing has a bound, and health and `/metrics` take their
 //! numbers from the store's counts (dead letters, set-aside entries) without reading the entries. A
@@ -32,7 +37,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -40,12 +45,14 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::mapping::customer_label;
 use crate::config::{AdminConfig, Transport};
 use crate::ops::api::{
-    BusView, DeadView, MeterInfo, OutboxView, RecordView, RequeueAnswer, RequeueRequest, Status, LIST_MAX,
+    BusView, DeadView, FailureView, MeterInfo, OutboxView, RecordView, RequeueAnswer, RequeueRequest, Status, LIST_MAX,
     OLDEST_SHOWN, PAGE_DEFAULT, PAGE_MAX,
 };
 use crate::ops::health::{health, outbox_counts};
+use crate::ops::page::page_file;
 use crate::ops::sources::AdminState;
 use crate::store::{CorruptEntry, StoreError};
 
@@ -120,6 +127,10 @@ pub(crate) async fn bind(cfg: &AdminConfig) -> Result<TcpListener, AdminError> {
 /// The admin routes over `state`; merge more routes into it before serving if needed.
 fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(page_file))
+        .route("/page/style.css", get(page_file))
+        .route("/page/app.js", get(page_file))
+        .route("/deliveries", get(get_deliveries))
         .route("/healthz", get(get_health))
         .route("/metrics", get(get_metrics))
         .route("/buses", get(get_buses))
@@ -133,7 +144,8 @@ fn router(state: AdminState) -> Router {
 
 /// Serve the admin routes over `state` on `listener` until `shutdown`.
 pub async fn serve_admin(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
-    serve_router(listener, router(state), shutdown).await
+    let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
+    serve_router(listener, router(state.on_loopback(loopback)), shutdown).await
 }
 
 /// Serve `router` on `listener` until `shutdown`.
@@ -185,6 +197,7 @@ fn buses(state: &AdminState) -> Vec<BusView> {
                 connect_failures: s.connect_failures,
                 rounds: s.rounds,
                 last_round_seconds: s.last_round_micros as f64 / 1e6,
+                poll_interval_seconds: bus.poll_interval.as_secs_f64(),
             }
         })
         .collect()
@@ -212,7 +225,19 @@ fn meters(state: &AdminState) -> Vec<MeterInfo> {
                 .collect();
             let link = field.buses.get(m.bus).and_then(|b| b.meter_link(&m.meter_no));
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let tz = field.cfg.site.timezone;
+            let offline_since = stored
+                .as_ref()
+                .and_then(|s| s.offline_since)
+                .map(|t| t.with_timezone(&tz).to_rfc3339_opts(chrono::SecondsFormat::Secs, false));
             MeterInfo {
+                customer: field.cfg.mapping.get(&m.meter_no).and_then(customer_label),
+                offline_since,
+                last_failure: link.and_then(|l| l.last_failure).map(|f| FailureView {
+                    kind: f.kind.to_string(),
+                    exception: f.exception,
+                    age_seconds: f.at.elapsed().as_secs_f64(),
+                }),
                 meter_no: m.meter_no.clone(),
                 bus: field.cfg.buses.get(m.bus).map(|b| b.name.clone()).unwrap_or_default(),
                 unit: m.unit,
@@ -272,6 +297,10 @@ async fn get_meters(State(state): State<AdminState>) -> Response {
     Json(meters(&state)).into_response()
 }
 
+async fn get_deliveries(State(state): State<AdminState>) -> Response {
+    Json(state.recent_deliveries()).into_response()
+}
+
 async fn get_outbox(State(state): State<AdminState>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(OLDEST_SHOWN).min(LIST_MAX);
     let read = off_the_runtime(move || {
@@ -304,7 +333,14 @@ async fn get_corrupt(State(state): State<AdminState>, Query(q): Query<PageQuery>
     }
 }
 
-async fn post_requeue(State(state): State<AdminState>, body: Result<Json<RequeueRequest>, JsonRejection>) -> Response {
+async fn post_requeue(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<RequeueRequest>, JsonRejection>,
+) -> Response {
+    if let Err(refusal) = crate::ops::same_origin::check(&headers, state.loopback) {
+        return refusal.answer("/outbox/requeue");
+    }
     let req = match body {
         Ok(Json(r)) => r,
         Err(e) => {

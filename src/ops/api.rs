@@ -5,10 +5,12 @@
 //! first release defaults when absent, so a command line of this release reads an older daemon's answer.
 //!
 //! Never: decides anything (the health rules are in [`crate::ops::health`]), reads the store, or serves
-//! a route. The `From` conversions only copy fields.
+//! a route. The `From` conversions only copy fields (a delivery's customer is read from its BizData).
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::mapping::customer_label;
+use crate::delivery::sender::recent::Delivered;
 use crate::delivery::sender::stats::SenderSnapshot;
 use crate::events::record::Record;
 use crate::store::fault::StoreFault;
@@ -273,6 +275,9 @@ pub(crate) struct BusView {
     pub(crate) rounds: u64,
     /// Duration of the last round, seconds.
     pub(crate) last_round_seconds: f64,
+    /// `poll_interval`, seconds: a round that takes longer delays the next one.
+    #[serde(default)]
+    pub(crate) poll_interval_seconds: f64,
 }
 
 /// One meter in `GET /meters`.
@@ -322,6 +327,65 @@ pub struct MeterInfo {
     /// Advice when answers come near or after the timeout (raise the bus `timeout`).
     #[serde(default)]
     pub(crate) hint: Option<String>,
+    /// The customer from the mapping row (`用户名称 (用户编号)`, see
+    /// `crate::config::mapping::customer_label`); `None` when the meter has no row or neither column.
+    #[serde(default)]
+    pub(crate) customer: Option<String>,
+    /// Since when it counts as offline (RFC 3339 in the site's zone, from the stored state); `None`
+    /// while online.
+    #[serde(default)]
+    pub(crate) offline_since: Option<String>,
+    /// Its last failed read (also after it answers again); `None` if none since the bus task started.
+    #[serde(default)]
+    pub(crate) last_failure: Option<FailureView>,
+}
+
+/// A meter's last failed read in `GET /meters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FailureView {
+    /// `timeout`, `exception`, `protocol`, `transport`, `bus_down` or `decode` (the log has the details).
+    pub(crate) kind: String,
+    /// The Modbus exception code, for `exception`.
+    pub(crate) exception: Option<u8>,
+    /// How long ago, seconds.
+    pub(crate) age_seconds: f64,
+}
+
+/// One work order in `GET /deliveries`: delivered (the server answered `code: 0`), newest first.
+/// Serialize only: no command reads it back (the page and scripts do).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct DeliveryView {
+    /// Record id.
+    pub(crate) id: u64,
+    /// `eventName`.
+    pub(crate) event_name: String,
+    pub(crate) meter_no: String,
+    /// The customer in its BizData (`用户名称 (用户编号)`), as it was sent.
+    pub(crate) customer: Option<String>,
+    /// What it reports: the new valve state, link, or `<field>=<value>`.
+    pub(crate) to: String,
+    /// When it was detected (RFC 3339).
+    pub(crate) detected_at: String,
+    /// When the server's acknowledgement was stored (RFC 3339).
+    pub(crate) delivered_at: String,
+}
+
+impl From<&Delivered> for DeliveryView {
+    fn from(d: &Delivered) -> DeliveryView {
+        let r = &d.record;
+        // Read only here, at most RECENT_DELIVERIES at a time, never on the sender's path.
+        let biz: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&r.biz_data).unwrap_or_default();
+        let customer = customer_label(biz.iter().filter_map(|(k, v)| Some((k.as_str(), v.as_str()?))));
+        DeliveryView {
+            id: r.id,
+            event_name: r.event_name.clone(),
+            meter_no: r.meter_no.clone(),
+            customer,
+            to: r.to.clone(),
+            detected_at: r.detected_at.clone(),
+            delivered_at: d.delivered_at.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,13 +7,15 @@
 //! directory), never the server.
 //!
 //! Imports run one way: `api` ← `sources` ← `health` ← `metrics` ← `admin`; `watchdog` uses `api`,
-//! `sources` and `notify`.
+//! `sources` and `notify`; `page` and `same_origin` are used by `admin` only.
 //!
 //! - [`api`]: the wire types of the admin API (the JSON answers and requests) and its listing bounds.
 //! - [`sources`]: [`sources::AdminState`], the daemon's handles the views read, and `sources::HealthCheck`.
 //! - [`health`]: the health rules: what is ok, degraded or critical, and why, in words.
 //! - `metrics`: `GET /metrics` in the Prometheus text format.
 //! - [`admin`]: the admin HTTP API: routes, handlers, the server (loopback only unless `allow_remote`).
+//! - `page`: the status page (`GET /`: HTML, CSS and JS embedded, refreshing from the JSON routes).
+//! - `same_origin`: what a state-changing request must show (JSON, same origin, loopback host).
 //! - [`notify`]: the systemd notification protocol.
 //! - [`watchdog`]: liveness of the buses and the recorder, and the systemd watchdog that depends on it.
 
@@ -22,5 +24,7 @@ pub mod api;
 pub mod health;
 pub(crate) mod metrics;
 pub mod notify;
+mod page;
+mod same_origin;
 pub mod sources;
 pub mod watchdog;

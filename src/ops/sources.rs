@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::delivery::sender::stats::SenderStats;
 use crate::modbus::stats::BusStats;
-use crate::ops::api::Finding;
+use crate::ops::api::{DeliveryView, Finding};
 use crate::recorder::live::Live;
 use crate::store::Store;
 
@@ -52,6 +52,9 @@ pub struct AdminState {
     pub(crate) checks: Vec<Arc<dyn HealthCheck>>,
     /// Buses and meters, when the daemon runs them. Shared with the daemon, which swaps it on reload.
     field: Option<SharedField>,
+    /// The admin API listens on a loopback address (what a state-changing request's `Host` must then
+    /// name, see `crate::ops::same_origin`).
+    pub(crate) loopback: bool,
 }
 
 /// A [`FieldView`] the daemon replaces when a reload changes buses or meters.
@@ -67,7 +70,14 @@ impl AdminState {
             wake: None,
             checks: Vec::new(),
             field: None,
+            loopback: true,
         }
+    }
+
+    /// Whether the admin API listens on a loopback address (set by the server when it starts).
+    pub(crate) fn on_loopback(mut self, loopback: bool) -> AdminState {
+        self.loopback = loopback;
+        self
     }
 
     /// Serve buses and meters from a view the daemon keeps current across reloads.
@@ -93,6 +103,16 @@ impl AdminState {
     pub(crate) fn with_check(mut self, check: Arc<dyn HealthCheck>) -> AdminState {
         self.checks.push(check);
         self
+    }
+
+    /// The work orders delivered last, newest first (`GET /deliveries`).
+    pub(crate) fn recent_deliveries(&self) -> Vec<DeliveryView> {
+        self.sender
+            .recent
+            .newest_first()
+            .iter()
+            .map(DeliveryView::from)
+            .collect()
     }
 
     /// Valve transitions committed since start (0 without a field view).

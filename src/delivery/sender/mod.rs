@@ -55,6 +55,7 @@
 //! - [`stats`]: the counters ([`SenderStats`]) and their copy for the admin API
 //!   ([`stats::SenderSnapshot`]).
 //! - `failure_log.rs`: when a failure is logged (once per change of state, at most once a minute).
+//! - `recent.rs`: the last work orders delivered (a bounded ring in [`SenderStats`], for the status page).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -76,6 +77,7 @@ use crate::store::Store;
 mod failure_log;
 mod hold;
 mod outcome;
+pub(crate) mod recent;
 pub mod stats;
 
 use failure_log::FailureLog;
@@ -330,7 +332,7 @@ impl Sender {
                     for id in &ids {
                         self.suspects.remove(id);
                     }
-                    if !self.delivered(&ids).await {
+                    if !self.delivered(part).await {
                         return Flow::Stop;
                     }
                 }

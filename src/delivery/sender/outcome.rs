@@ -10,9 +10,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use chrono::{SecondsFormat, Utc};
+
 use crate::backoff::Backoff;
 use crate::config::LOGIN_BACKOFF_MAX;
 use crate::delivery::panda::answer::DeliveryError;
+use crate::events::record::Record;
 use crate::store::Store;
 
 use super::{wait, Sender, STORE_RETRY_MAX, STORE_RETRY_MIN};
@@ -58,11 +61,12 @@ impl Sender {
         }
     }
 
-    /// The server accepted `ids`: remove them (stored before anything more is sent). `false` on
-    /// shutdown before the removal was stored.
-    pub(super) async fn delivered(&mut self, ids: &[u64]) -> bool {
+    /// The server accepted `records`: remove them (stored before anything more is sent), then list
+    /// them among the recent deliveries. `false` on shutdown before the removal was stored.
+    pub(super) async fn delivered(&mut self, records: Vec<Record>) -> bool {
+        let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
         // Acknowledge right after the answer: this is what keeps the duplicate window small.
-        let owned = ids.to_vec();
+        let owned = ids.clone();
         let acked = self
             .until_stored("the removal of delivered records", |o| {
                 let ids = owned.clone();
@@ -74,6 +78,10 @@ impl Sender {
         }
         tracing::info!(message = "Work orders delivered.", records = ids.len(), ids = ?ids);
         self.stats.set_last_error(None);
+        let at = Utc::now()
+            .with_timezone(&self.cfg.tz)
+            .to_rfc3339_opts(SecondsFormat::Secs, false);
+        self.stats.recent.push(records, &at);
         // Last, so that a reader who sees the count also sees the rest of this delivery.
         self.stats.delivered.fetch_add(ids.len() as u64, Ordering::Relaxed);
         self.log.success(ids.len());

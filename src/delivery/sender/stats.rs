@@ -4,7 +4,8 @@
 //! Invariants: every request is counted once by its outcome (`ok`, `rejected`, `transient`,
 //! `unauthorized`, `login_failed`), and a throttled, redirected or refused one once more in its detail
 //! counter. Counters only grow, except the gauges `held` and `failures_in_a_row`. Nothing here decides
-//! what the sender sends.
+//! what the sender sends. Beside the counters: the ring of the work orders delivered last
+//! (`recent.rs`), read by the status page.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -12,6 +13,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::delivery::panda::answer::DeliveryError;
+
+use super::recent::RecentDeliveries;
 
 /// Counters of the sender, shared with the admin API and tests.
 #[derive(Debug, Default)]
@@ -55,6 +58,9 @@ pub struct SenderStats {
     pub login_failing: AtomicBool,
     /// The last delivery error, cleared on success.
     last_error: Mutex<Option<String>>,
+    /// The work orders delivered last (bounded), for the status page; not a counter, but shared the
+    /// same way.
+    pub(crate) recent: RecentDeliveries,
 }
 
 /// A copy of [`SenderStats`] at one moment, for the admin API.
