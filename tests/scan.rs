@@ -395,3 +395,43 @@ async fn bad_arguments_and_a_missing_device_are_clear_errors() {
     );
     assert!(out.stdout.is_empty());
 }
+
+/// `--rs485` on a port that refuses the kernel's RS-485 mode (a pty: ENOTTY) is a clear error naming
+/// the device and the kernel's answer, before any unit is tried; without it the same line scans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs485_on_a_port_that_refuses_it_is_a_clear_error() {
+    let plant = Plant::with_meters(2);
+    let pty = Pty::start(&plant).await;
+    let before = plant.requests(1) + plant.requests(2);
+    let out = scan_binary(
+        ["--serial", &pty.gw, "--units", "1-2", "--rs485"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} refused RS-485 mode (TIOCSRS485: ENOTTY", pty.gw)),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    assert_eq!(plant.requests(1) + plant.requests(2), before, "no request went out");
+
+    let out = scan_binary(
+        ["--serial", &pty.gw, "--units", "1-2", "--json"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let units: Vec<u64> = found
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter_map(|u| u["unit"].as_u64())
+        .collect();
+    assert_eq!(units, [1, 2], "{stderr}");
+}
