@@ -25,6 +25,8 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
+use crate::util::socat::Socat;
+
 /// How long any condition may take before the test fails (generous: 2 busy cores).
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -954,42 +956,6 @@ async fn recv_cycle(cycles: &mut mpsc::Receiver<Cycle>, stats: &BusStats) -> Cyc
     match tokio::time::timeout(DEADLINE, cycles.recv()).await {
         Ok(Some(c)) => c,
         _ => panic!("no cycle within {DEADLINE:?}; stats {:?}", stats.snapshot()),
-    }
-}
-
-/// A `socat` pty pair with stable link names, killed with SIGTERM on drop.
-struct Socat {
-    child: std::process::Child,
-}
-
-impl Socat {
-    async fn start(a: &Path, b: &Path) -> Socat {
-        let arg = |p: &Path| format!("pty,raw,echo=0,link={}", p.display());
-        let child = match std::process::Command::new("socat").arg(arg(a)).arg(arg(b)).spawn() {
-            Ok(c) => c,
-            Err(e) => panic!("this test needs socat (apt-get install socat): {e}"),
-        };
-        let end = Instant::now() + DEADLINE;
-        while !(a.exists() && b.exists()) {
-            assert!(Instant::now() < end, "socat did not create its links");
-            sleep(Duration::from_millis(20)).await;
-        }
-        Socat { child }
-    }
-
-    /// SIGTERM, so socat removes its links, then wait for it.
-    fn stop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

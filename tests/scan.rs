@@ -7,7 +7,6 @@
 //! Nothing here is timed: a scan runs to its end and its report is checked. The pty tests need `socat`
 //! (`.ci/run` installs it).
 
-use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -20,7 +19,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::util::{wait_until, Site};
+use crate::util::socat::Socat;
+use crate::util::Site;
 
 #[derive(clap::Parser)]
 struct Cli {
@@ -154,33 +154,6 @@ async fn the_binary_prints_json_of_the_units_found_and_nothing_else_on_stdout() 
     assert_eq!(without_answer_times(v), json!([valve(1), valve(2), valve(5)]));
     assert!(stderr.contains("3 unit(s) answered: 1, 2, 5."), "{stderr}");
     server.abort();
-}
-
-/// A `socat` pty pair with stable link names, killed with SIGTERM on drop.
-struct Socat {
-    child: std::process::Child,
-}
-
-impl Socat {
-    async fn start(a: &Path, b: &Path) -> Socat {
-        let arg = |p: &Path| format!("pty,raw,echo=0,link={}", p.display());
-        let child = match Command::new("socat").arg(arg(a)).arg(arg(b)).spawn() {
-            Ok(c) => c,
-            Err(e) => panic!("this test needs socat (apt-get install socat): {e}"),
-        };
-        wait_until("socat's pty links", || async { a.exists() && b.exists() }).await;
-        Socat { child }
-    }
-}
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
 }
 
 /// A simulator serving `plant` on one end of a socat pty pair; the scan's end is `gw`.

@@ -4,6 +4,7 @@
 pub mod daemon;
 /// Real small file systems (tmpfs, loop-mounted ext4) to fill or shut down under a state directory.
 pub mod smallfs;
+pub mod socat;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
