@@ -287,21 +287,7 @@ fn line(args: &ProbeArgs) -> Result<(Transport, Option<Duration>), ProbeCliError
 
 fn describe(t: &Transport) -> String {
     match t {
-        Transport::Tcp(a) => format!("tcp {a}"),
-        Transport::RtuOverTcp(a) => format!("rtu-over-tcp {a}"),
-        Transport::Serial {
-            path,
-            baud,
-            parity,
-            data_bits,
-            stop_bits,
-            rs485,
-        } => {
-            let p = match parity {
-                Parity::None => 'N',
-                Parity::Even => 'E',
-                Parity::Odd => 'O',
-            };
+        Transport::Serial { path, rs485, .. } => {
             let mode = rs485.map_or_else(String::new, |r| {
                 let level = |high: bool| if high { "high" } else { "low" };
                 format!(
@@ -312,8 +298,24 @@ fn describe(t: &Transport) -> String {
                     r.delay_after_send.as_millis()
                 )
             });
-            format!("serial {path} {baud} {data_bits}{p}{stop_bits}{mode}")
+            format!("serial {path} {}{mode}", setting_label(t))
         }
+        other => setting_label(other),
+    }
+}
+
+/// `9600 8N1`, `tcp HOST:PORT`, `rtu-over-tcp HOST:PORT`.
+pub(super) fn setting_label(t: &Transport) -> String {
+    match t {
+        Transport::Serial {
+            baud,
+            parity,
+            data_bits,
+            stop_bits,
+            ..
+        } => format!("{baud} {data_bits}{}{stop_bits}", parity.letter()),
+        Transport::Tcp(a) => format!("tcp {a}"),
+        Transport::RtuOverTcp(a) => format!("rtu-over-tcp {a}"),
     }
 }
 

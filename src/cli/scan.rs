@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::cli::probe::{ParityArg, TableArg};
+use crate::cli::probe::{setting_label, ParityArg, TableArg};
 use crate::cli::table::table;
 use crate::config::point::Table;
 use crate::config::{Parity, Rs485, Transport};
@@ -549,7 +549,7 @@ impl ScanReport {
                     o.insert("rs485".into(), json!(rs485_toml(r)));
                 }
                 o.insert("baud".into(), json!(baud));
-                o.insert("parity".into(), json!(parity_word(*parity)));
+                o.insert("parity".into(), json!(parity.word()));
                 o.insert("data_bits".into(), json!(data_bits));
                 o.insert("stop_bits".into(), json!(stop_bits));
             }
@@ -786,7 +786,7 @@ impl ScanReport {
                 out.push_str(&format!(
                     "serial = {}\nbaud = {baud}\nparity = \"{}\"\ndata_bits = {data_bits}\nstop_bits = {stop_bits}\n",
                     toml_str(path),
-                    parity_word(*parity)
+                    parity.word()
                 ));
                 if let Some(r) = rs485 {
                     out.push_str(&format!("rs485 = {}\n", rs485_toml(r)));
@@ -897,41 +897,11 @@ fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-fn parity_word(p: Parity) -> &'static str {
-    match p {
-        Parity::None => "none",
-        Parity::Even => "even",
-        Parity::Odd => "odd",
-    }
-}
-
 /// The first (only) item read, as a number.
 fn first_value(readout: &Readout) -> u16 {
     match readout {
         Readout::Registers(w) => w.first().copied().unwrap_or(0),
         Readout::Bits(b) => u16::from(b.first().copied().unwrap_or(false)),
-    }
-}
-
-/// `9600 8N1`, `tcp HOST:PORT`, `rtu-over-tcp HOST:PORT`.
-fn setting_label(t: &Transport) -> String {
-    match t {
-        Transport::Serial {
-            baud,
-            parity,
-            data_bits,
-            stop_bits,
-            ..
-        } => {
-            let p = match parity {
-                Parity::None => 'N',
-                Parity::Even => 'E',
-                Parity::Odd => 'O',
-            };
-            format!("{baud} {data_bits}{p}{stop_bits}")
-        }
-        Transport::Tcp(a) => format!("tcp {a}"),
-        Transport::RtuOverTcp(a) => format!("rtu-over-tcp {a}"),
     }
 }
 
@@ -953,7 +923,7 @@ fn probe_line_args(t: &Transport) -> String {
             stop_bits,
             ..
         } => {
-            let mut s = format!("--serial {path} --baud {baud} --parity {}", parity_word(*parity));
+            let mut s = format!("--serial {path} --baud {baud} --parity {}", parity.word());
             if *stop_bits != 1 {
                 s.push_str(&format!(" --stop-bits {stop_bits}"));
             }

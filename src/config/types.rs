@@ -190,6 +190,26 @@ pub enum Parity {
     Odd,
 }
 
+impl Parity {
+    /// As written in the TOML and on the command line: `none`, `even`, `odd`.
+    pub(crate) fn word(self) -> &'static str {
+        match self {
+            Parity::None => "none",
+            Parity::Even => "even",
+            Parity::Odd => "odd",
+        }
+    }
+
+    /// The letter of the `8N1` notation.
+    pub(crate) fn letter(self) -> char {
+        match self {
+            Parity::None => 'N',
+            Parity::Even => 'E',
+            Parity::Odd => 'O',
+        }
+    }
+}
+
 /// Where a bus's requests go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {

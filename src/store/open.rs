@@ -113,10 +113,10 @@ impl Store {
 const PRE_RELEASE_TREES: [&str; 4] = ["state", "outbox", "dead", "meta"];
 
 fn refuse_pre_release(dir: &Path, db: &sled::Db) -> Result<(), StoreError> {
+    let names = db.tree_names();
     let mut found = Vec::new();
     for name in PRE_RELEASE_TREES {
-        if db.tree_names().iter().any(|n| n == name.as_bytes())
-            && !db.open_tree(name).map_err(|e| open_error(dir, e))?.is_empty()
+        if names.iter().any(|n| n == name.as_bytes()) && !db.open_tree(name).map_err(|e| open_error(dir, e))?.is_empty()
         {
             found.push(name);
         }
